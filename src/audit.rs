@@ -1,0 +1,325 @@
+//! The audit log: one JSON line per request and per token event, written by a dedicated thread so
+//! the request path only serializes and enqueues. Never holds a secret: tokens appear only as
+//! 8-hex-character fingerprints, client keys not at all.
+
+use crate::token::{Grant, TokenState};
+use serde::Serialize;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Records queued beyond this make writers wait: audit completeness over latency.
+const QUEUE: usize = 65_536;
+
+/// One request, as the audit log records it.
+#[derive(Debug, Default, Serialize)]
+pub struct RequestRecord<'a> {
+    pub time: String,
+    pub kind: &'static str,
+    pub request_id: &'a str,
+    pub upstream_request_id: Option<&'a str>,
+    pub client: Option<&'a str>,
+    pub integration: Option<&'a str>,
+    pub organization: Option<&'a str>,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub status: u16,
+    pub upstream_status: Option<u16>,
+    /// `forwarded`, `answered` (by the proxy itself, e.g. the organization list), `denied`, `error`.
+    pub decision: &'static str,
+    pub reason: Option<&'a str>,
+    pub retried_after_401: bool,
+    pub redirects_followed: u32,
+    pub token_fingerprint: Option<&'a str>,
+    pub duration_ms: f64,
+    pub upstream_duration_ms: Option<f64>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub source: Option<String>,
+    pub user_agent: Option<&'a str>,
+}
+
+/// A grant or token event.
+#[derive(Debug, Serialize)]
+pub struct TokenEvent {
+    pub time: String,
+    pub kind: &'static str,
+    /// `grant_added`, `token_refreshed`, `refresh_failed`, `needs_reauthorization`, `grant_revoked`.
+    pub event: &'static str,
+    pub integration: String,
+    pub organization: String,
+    pub grant_id: i64,
+    pub rotated: Option<bool>,
+    pub token_fingerprint: Option<String>,
+    pub expires_at: Option<String>,
+    pub detail: Option<String>,
+}
+
+impl TokenEvent {
+    fn new(event: &'static str, grant: &Grant, org: &str) -> Self {
+        TokenEvent {
+            time: now_rfc3339(),
+            kind: "token",
+            event,
+            integration: grant.integration.name.clone(),
+            organization: org.to_owned(),
+            grant_id: grant.id,
+            rotated: None,
+            token_fingerprint: None,
+            expires_at: None,
+            detail: None,
+        }
+    }
+
+    /// A refresh succeeded.
+    pub fn refreshed(grant: &Grant, org: &str, st: &TokenState, rotated: bool) -> Self {
+        TokenEvent {
+            rotated: Some(rotated),
+            token_fingerprint: st.fingerprint(),
+            expires_at: Some(rfc3339(st.expires_at)),
+            ..Self::new("token_refreshed", grant, org)
+        }
+    }
+
+    /// A refresh failed for a reason other than `invalid_grant`.
+    pub fn failed(grant: &Grant, org: &str, label: &str, detail: &str) -> Self {
+        TokenEvent {
+            detail: Some(format!("{label}: {detail}")),
+            ..Self::new("refresh_failed", grant, org)
+        }
+    }
+
+    /// The AS said `invalid_grant`.
+    pub fn needs_reauth(grant: &Grant, org: &str, detail: &str) -> Self {
+        TokenEvent {
+            detail: Some(format!("invalid_grant: {detail}")),
+            ..Self::new("needs_reauthorization", grant, org)
+        }
+    }
+
+    /// A grant was stored (`how`: import, connect).
+    pub fn added(grant: &Grant, how: &str) -> Self {
+        TokenEvent {
+            detail: Some(how.to_owned()),
+            ..Self::new("grant_added", grant, &grant.organizations.join(","))
+        }
+    }
+
+    /// A grant was revoked and deleted.
+    pub fn revoked(grant: &Grant) -> Self {
+        Self::new("grant_revoked", grant, &grant.organizations.join(","))
+    }
+}
+
+/// The audit log.
+pub struct Audit {
+    tx: SyncSender<String>,
+    reopen: Arc<AtomicBool>,
+    written: Arc<AtomicU64>,
+}
+
+impl Audit {
+    /// Opens the log (`None`: standard output) and starts its writer thread.
+    pub fn open(path: Option<&Path>) -> io::Result<Audit> {
+        let sink = Sink::open(path.map(Path::to_path_buf))?;
+        let (tx, rx) = sync_channel(QUEUE);
+        let reopen = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicU64::new(0));
+        let (r, w) = (reopen.clone(), written.clone());
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer(sink, rx, r, w))?;
+        Ok(Audit {
+            tx,
+            reopen,
+            written,
+        })
+    }
+
+    /// Queues a request record.
+    pub fn request(&self, record: &RequestRecord<'_>) {
+        self.send(serde_json::to_string(record));
+    }
+
+    /// Queues a token event.
+    pub fn token_event(&self, event: TokenEvent) {
+        self.send(serde_json::to_string(&event));
+    }
+
+    fn send(&self, line: serde_json::Result<String>) {
+        let line = match line {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "could not serialize an audit record");
+                return;
+            }
+        };
+        match self.tx.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(line)) => {
+                // The disk is slower than the traffic: wait rather than drop a record.
+                let _ = self.tx.send(line);
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                tracing::error!("audit writer is gone; record lost")
+            }
+        }
+    }
+
+    /// Reopens the file at its path (after log rotation moved it), before the next write.
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::SeqCst);
+        // Wake the writer even when no traffic comes.
+        let _ = self.tx.try_send(String::new());
+    }
+
+    /// Records written so far.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+}
+
+enum Sink {
+    Stdout(io::Stdout),
+    File { path: PathBuf, out: BufWriter<File> },
+}
+
+impl Sink {
+    fn open(path: Option<PathBuf>) -> io::Result<Sink> {
+        Ok(match path {
+            None => Sink::Stdout(io::stdout()),
+            Some(path) => {
+                let f = OpenOptions::new().create(true).append(true).open(&path)?;
+                Sink::File {
+                    path,
+                    out: BufWriter::new(f),
+                }
+            }
+        })
+    }
+
+    fn write_line(&mut self, line: &str) -> io::Result<()> {
+        match self {
+            Sink::Stdout(s) => {
+                let mut l = s.lock();
+                l.write_all(line.as_bytes())?;
+                l.write_all(b"\n")
+            }
+            Sink::File { out, .. } => {
+                out.write_all(line.as_bytes())?;
+                out.write_all(b"\n")
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Stdout(s) => s.flush(),
+            Sink::File { out, .. } => out.flush(),
+        }
+    }
+}
+
+fn writer(mut sink: Sink, rx: Receiver<String>, reopen: Arc<AtomicBool>, written: Arc<AtomicU64>) {
+    loop {
+        let first = match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(l) => Some(l),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        if reopen.swap(false, Ordering::SeqCst) {
+            let _ = sink.flush();
+            if let Sink::File { path, .. } = &sink {
+                match Sink::open(Some(path.clone())) {
+                    Ok(s) => sink = s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not reopen the audit log; still writing to the old file")
+                    }
+                }
+            }
+        }
+        let mut batch = first
+            .into_iter()
+            .chain(std::iter::from_fn(|| rx.try_recv().ok()));
+        let mut any = false;
+        for line in batch.by_ref() {
+            if line.is_empty() {
+                continue;
+            }
+            any = true;
+            if let Err(e) = sink.write_line(&line) {
+                tracing::error!(error = %e, "audit write failed");
+            } else {
+                written.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if any {
+            if let Err(e) = sink.flush() {
+                tracing::error!(error = %e, "audit flush failed");
+            }
+        }
+    }
+    let _ = sink.flush();
+}
+
+/// Now, RFC 3339, UTC.
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Unix seconds as RFC 3339, UTC.
+pub fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_reach_the_file_and_survive_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let audit = Audit::open(Some(&path)).unwrap();
+        let rec = RequestRecord {
+            kind: "request",
+            method: "GET",
+            path: "/organizations",
+            status: 200,
+            ..Default::default()
+        };
+        audit.request(&rec);
+        wait_for(|| audit.written() == 1);
+        std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
+        audit.reopen();
+        audit.request(&rec);
+        wait_for(|| audit.written() == 2);
+        let new = std::fs::read_to_string(&path).unwrap();
+        let old = std::fs::read_to_string(dir.path().join("audit.jsonl.1")).unwrap();
+        assert_eq!((old.lines().count(), new.lines().count()), (1, 1));
+        let v: serde_json::Value = serde_json::from_str(new.lines().next().unwrap()).unwrap();
+        assert_eq!(v["status"], 200);
+    }
+
+    fn wait_for(f: impl Fn() -> bool) {
+        for _ in 0..200 {
+            if f() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("condition not reached");
+    }
+}

@@ -1,0 +1,202 @@
+//! The command line: `run` (default), `check`, `hash-key`, `grants list|import`.
+
+use crate::config::Config;
+use crate::secret::Secret;
+use crate::token::now_unix;
+use clap::{Parser, Subcommand};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// meraki-oauth-proxy: Meraki API-key scripts in, OAuth 2.0 bearer tokens out.
+#[derive(Parser, Debug)]
+#[command(name = "meraki-oauth-proxy", version, about)]
+pub struct Cli {
+    /// The configuration file.
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "proxy.toml",
+        env = "MERAKI_PROXY_CONFIG"
+    )]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the configuration and print what it would serve (no secrets).
+    Check,
+    /// Read a client key from standard input and print its SHA-256 for `key_sha256`.
+    HashKey,
+    /// Manage OAuth grants.
+    #[command(subcommand)]
+    Grants(GrantsCommand),
+}
+
+/// `grants` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum GrantsCommand {
+    /// List grants (no secrets).
+    List,
+    /// Seed a grant from an existing refresh token: it is refreshed at once and the rotated
+    /// token stored.
+    Import {
+        /// The integration the refresh token belongs to.
+        #[arg(long)]
+        integration: String,
+        /// An organization the grant serves (repeat for several).
+        #[arg(long = "org", required = true)]
+        orgs: Vec<String>,
+        /// File holding the refresh token ("-": standard input).
+        #[arg(long)]
+        refresh_token_file: PathBuf,
+    },
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("meraki-oauth-proxy: {msg}");
+    ExitCode::FAILURE
+}
+
+/// Runs the command line.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::HashKey => {
+            let mut key = String::new();
+            if let Err(e) = std::io::stdin().read_to_string(&mut key) {
+                return fail(format!("cannot read standard input: {e}"));
+            }
+            if key.trim().is_empty() {
+                return fail("no key on standard input");
+            }
+            println!("{}", crate::identity::hash_key(&key));
+            ExitCode::SUCCESS
+        }
+        command => {
+            let config = match Config::load(&cli.config) {
+                Ok(c) => c,
+                Err(e) => return fail(e),
+            };
+            match command {
+                Command::Check => {
+                    print!("{config}");
+                    println!("configuration OK");
+                    ExitCode::SUCCESS
+                }
+                Command::Run => run(config),
+                Command::Grants(g) => grants(config, g),
+                Command::HashKey => ExitCode::SUCCESS,
+            }
+        }
+    }
+}
+
+fn run(config: Config) -> ExitCode {
+    match crate::server::build(config) {
+        Ok(server) => server.run_forever(),
+        Err(e) => fail(e),
+    }
+}
+
+fn grants(config: Config, cmd: GrantsCommand) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(e),
+    };
+    rt.block_on(async move {
+        let parts = match crate::server::parts(&config) {
+            Ok(p) => p,
+            Err(e) => return fail(e),
+        };
+        match cmd {
+            GrantsCommand::List => {
+                let now = now_unix();
+                println!("{:<6} {:<16} {:<24} {:<24} {:<12} {:<22} {}", "ID", "INTEGRATION", "ORGANIZATIONS", "STATUS", "TOKEN", "EXPIRES", "LAST USED");
+                for g in parts.grants.all() {
+                    let st = g.state();
+                    let expires = if st.expires_at == 0 {
+                        "-".to_string()
+                    } else if st.expires_at <= now {
+                        "expired".to_string()
+                    } else {
+                        format!("in {} min", (st.expires_at - now) / 60)
+                    };
+                    let last = match g.last_used() {
+                        0 => "never".to_string(),
+                        t => crate::audit::rfc3339(t),
+                    };
+                    println!(
+                        "{:<6} {:<16} {:<24} {:<24} {:<12} {:<22} {}",
+                        g.id,
+                        g.integration.name,
+                        g.organizations.join(","),
+                        st.status.as_str(),
+                        st.fingerprint().unwrap_or_else(|| "-".into()),
+                        expires,
+                        last
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            GrantsCommand::Import { integration, orgs, refresh_token_file } => {
+                for o in &orgs {
+                    if !crate::config::valid_org_id(o) {
+                        return fail(format!("--org: expected a Meraki organization ID (digits), got {o:?}"));
+                    }
+                }
+                let mut token = String::new();
+                let read = if refresh_token_file.as_os_str() == "-" {
+                    std::io::stdin().read_to_string(&mut token).map(|_| ())
+                } else {
+                    std::fs::read_to_string(&refresh_token_file).map(|t| token = t)
+                };
+                if let Err(e) = read {
+                    return fail(format!("--refresh-token-file {}: {e}", refresh_token_file.display()));
+                }
+                let token = token.trim();
+                if token.is_empty() {
+                    return fail(format!("--refresh-token-file {}: empty", refresh_token_file.display()));
+                }
+                match parts.grants.import(&integration, &orgs, Secret::new(token)).await {
+                    Ok(g) => {
+                        let st = g.state();
+                        println!(
+                            "imported grant {} for integration {} organizations {}: refreshed, token {} valid until {}",
+                            g.id,
+                            integration,
+                            orgs.join(","),
+                            st.fingerprint().unwrap_or_default(),
+                            crate::audit::rfc3339(st.expires_at)
+                        );
+                        // Let the audit writer drain before exit.
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(e),
+                }
+            }
+        }
+    })
+}
+
+fn init_logging() {
+    let _ = tracing_log::LogTracer::init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

@@ -1,0 +1,97 @@
+//! The serde-facing shape of `proxy.toml`. Nothing here is validated beyond types; see
+//! [`super::Config`] for the checked configuration the program uses.
+
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    pub server: Server,
+    pub upstream: Upstream,
+    #[serde(default)]
+    pub store: Store,
+    #[serde(default)]
+    pub audit: Audit,
+    #[serde(default)]
+    pub tokens: Tokens,
+    #[serde(default)]
+    pub integrations: Vec<Integration>,
+    #[serde(default)]
+    pub clients: Vec<Client>,
+}
+
+/// `[server]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    pub listen: String,
+    pub admin_listen: Option<String>,
+    pub threads: Option<usize>,
+    /// Hard cap on one upstream exchange, seconds.
+    pub upstream_timeout_secs: Option<u64>,
+}
+
+/// `[upstream]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub api_base: String,
+    pub token_url: String,
+    pub authorize_url: Option<String>,
+    pub revoke_url: Option<String>,
+    /// Hosts the proxy may follow redirects to; default: Meraki's API domains.
+    pub redirect_hosts: Option<Vec<String>>,
+    /// How long a network/device → organization lookup stays cached, seconds.
+    pub lookup_cache_ttl_secs: Option<u64>,
+    /// How many lookups the cache holds.
+    pub lookup_cache_capacity: Option<u64>,
+}
+
+/// `[store]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Store {
+    pub path: Option<String>,
+}
+
+/// `[audit]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Audit {
+    pub path: Option<String>,
+}
+
+/// `[tokens]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tokens {
+    /// Refresh an access token this many seconds before it expires.
+    pub refresh_ahead_secs: Option<u64>,
+    /// Timeout of one call to the token endpoint, seconds.
+    pub token_timeout_secs: Option<u64>,
+}
+
+/// `[[integrations]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Integration {
+    pub name: String,
+    pub client_id: String,
+    pub client_secret_env: Option<String>,
+    pub client_secret_file: Option<String>,
+    pub redirect_uri: Option<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+/// `[[clients]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Client {
+    pub name: String,
+    pub key_sha256: String,
+    pub integration: String,
+    pub organizations: Vec<String>,
+    pub methods: Option<Vec<String>>,
+}

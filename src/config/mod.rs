@@ -1,0 +1,674 @@
+//! Configuration: `proxy.toml` parsed ([`file`]) and validated into [`Config`], which is what the
+//! rest of the program reads. Every error names the file, the key and what was expected.
+
+pub mod file;
+
+use crate::secret::Secret;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use url::Url;
+
+/// A configuration error: which file, which key, what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key, a missing key or a wrong type.
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    /// A value that parsed but makes no sense.
+    #[error("{file}: {key}: {problem}")]
+    Invalid {
+        file: String,
+        key: String,
+        problem: String,
+    },
+}
+
+/// Meraki's API domains: the default allow-list for upstream redirects.
+pub const MERAKI_API_DOMAINS: &[&str] = &[
+    "meraki.com",
+    "meraki.ca",
+    "meraki.cn",
+    "meraki.in",
+    "gov-meraki.com",
+];
+
+/// HTTP methods a client may be limited to.
+const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"];
+
+/// Scopes Meraki defines (SPEC.md): `dashboard:{general,iam,licensing}:...` and product scopes.
+fn scope_is_known(scope: &str) -> bool {
+    let parts: Vec<&str> = scope.split(':').collect();
+    let (area, rest) = match parts.as_slice() {
+        ["dashboard", area, kind, access] => (*area, [*kind, *access]),
+        [product, kind, access] => (*product, [*kind, *access]),
+        _ => return false,
+    };
+    let area_ok = if parts[0] == "dashboard" {
+        matches!(area, "general" | "iam" | "licensing")
+    } else {
+        matches!(
+            area,
+            "sdwan" | "switch" | "wireless" | "camera" | "sensor" | "sm"
+        )
+    };
+    area_ok && matches!(rest[0], "config" | "telemetry") && matches!(rest[1], "read" | "write")
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: PathBuf,
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    pub threads: usize,
+    pub upstream_timeout: Duration,
+    pub upstream: UpstreamConfig,
+    pub store_path: PathBuf,
+    pub audit_path: Option<PathBuf>,
+    pub refresh_ahead: Duration,
+    pub token_timeout: Duration,
+    pub integrations: Vec<Arc<Integration>>,
+    pub clients: Vec<Arc<Client>>,
+}
+
+/// Where Meraki is.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub api_base: Url,
+    pub token_url: Url,
+    pub authorize_url: Option<Url>,
+    pub revoke_url: Option<Url>,
+    pub redirect_hosts: Vec<String>,
+    pub lookup_cache_ttl: Duration,
+    pub lookup_cache_capacity: u64,
+}
+
+/// An OAuth integration registered in the Meraki Dashboard.
+#[derive(Debug)]
+pub struct Integration {
+    pub name: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub redirect_uri: Option<Url>,
+    pub scopes: Vec<String>,
+}
+
+/// A proxy client: who may call, with which key, on which organizations.
+#[derive(Debug)]
+pub struct Client {
+    pub name: String,
+    pub key_sha256: [u8; 32],
+    pub integration: String,
+    pub organizations: Vec<String>,
+    /// `None`: every method.
+    pub methods: Option<Vec<http::Method>>,
+}
+
+impl Client {
+    /// Whether the client may act on this organization.
+    pub fn may_access(&self, org: &str) -> bool {
+        self.organizations.iter().any(|o| o == org)
+    }
+
+    /// Whether the client may use this method.
+    pub fn may_use(&self, method: &http::Method) -> bool {
+        self.methods.as_ref().is_none_or(|m| m.contains(method))
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file. Environment variables and files named
+    /// by `client_secret_env`/`client_secret_file` are read here.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Self::parse(&text, path, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates configuration text; `env` looks up environment variables.
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let raw: file::File = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.clone(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let base_dir = path.parent().unwrap_or_else(|| Path::new("."));
+        Validator {
+            file,
+            base_dir,
+            env,
+        }
+        .validate(raw, path)
+    }
+
+    /// The integration with this name.
+    pub fn integration(&self, name: &str) -> Option<&Arc<Integration>> {
+        self.integrations.iter().find(|i| i.name == name)
+    }
+}
+
+struct Validator<'a> {
+    file: String,
+    base_dir: &'a Path,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Validator<'_> {
+    fn invalid(&self, key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.clone(),
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+
+    fn addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+        value.parse().map_err(|_| {
+            self.invalid(
+                key,
+                format!(
+                    "expected an IP address and port such as \"127.0.0.1:8080\", got {value:?}"
+                ),
+            )
+        })
+    }
+
+    fn url(&self, key: &str, value: &str) -> Result<Url, ConfigError> {
+        let url = Url::parse(value).map_err(|e| {
+            self.invalid(
+                key,
+                format!("expected an absolute http(s) URL, got {value:?} ({e})"),
+            )
+        })?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(self.invalid(
+                key,
+                format!("expected an absolute http(s) URL with a host, got {value:?}"),
+            ));
+        }
+        Ok(url)
+    }
+
+    fn path(&self, value: &str) -> PathBuf {
+        let p = PathBuf::from(value);
+        if p.is_absolute() {
+            p
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    fn validate(&self, raw: file::File, source: &Path) -> Result<Config, ConfigError> {
+        let listen = self.addr("server.listen", &raw.server.listen)?;
+        let admin_listen = raw
+            .server
+            .admin_listen
+            .as_deref()
+            .map(|a| self.addr("server.admin_listen", a))
+            .transpose()?;
+        let threads = raw.server.threads.unwrap_or(2);
+        if !(1..=256).contains(&threads) {
+            return Err(self.invalid(
+                "server.threads",
+                format!("expected 1 to 256, got {threads}"),
+            ));
+        }
+        let upstream_timeout = secs(raw.server.upstream_timeout_secs.unwrap_or(60));
+        if upstream_timeout.is_zero() {
+            return Err(self.invalid("server.upstream_timeout_secs", "expected at least 1"));
+        }
+
+        let api_base = self.url("upstream.api_base", &raw.upstream.api_base)?;
+        if api_base.query().is_some() || api_base.fragment().is_some() {
+            return Err(self.invalid(
+                "upstream.api_base",
+                "expected a base such as \"https://api.meraki.com/api/v1\", without query or fragment",
+            ));
+        }
+        let token_url = self.url("upstream.token_url", &raw.upstream.token_url)?;
+        let authorize_url = raw
+            .upstream
+            .authorize_url
+            .as_deref()
+            .map(|u| self.url("upstream.authorize_url", u))
+            .transpose()?;
+        let revoke_url = raw
+            .upstream
+            .revoke_url
+            .as_deref()
+            .map(|u| self.url("upstream.revoke_url", u))
+            .transpose()?;
+        let redirect_hosts = match raw.upstream.redirect_hosts {
+            Some(hosts) => {
+                for (i, h) in hosts.iter().enumerate() {
+                    if h.is_empty() || h.contains(['/', ':', ' ']) {
+                        return Err(self.invalid(
+                            format!("upstream.redirect_hosts[{i}]"),
+                            format!(
+                                "expected a host name or domain such as \"meraki.com\", got {h:?}"
+                            ),
+                        ));
+                    }
+                }
+                hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect()
+            }
+            None => MERAKI_API_DOMAINS.iter().map(|s| s.to_string()).collect(),
+        };
+        let upstream = UpstreamConfig {
+            api_base,
+            token_url,
+            authorize_url,
+            revoke_url,
+            redirect_hosts,
+            lookup_cache_ttl: secs(raw.upstream.lookup_cache_ttl_secs.unwrap_or(600)),
+            lookup_cache_capacity: raw.upstream.lookup_cache_capacity.unwrap_or(100_000),
+        };
+
+        let refresh_ahead = secs(raw.tokens.refresh_ahead_secs.unwrap_or(300));
+        if refresh_ahead >= Duration::from_secs(3000) {
+            return Err(self.invalid(
+                "tokens.refresh_ahead_secs",
+                "expected well under Meraki's 3600-second access token lifetime (at most 2999)",
+            ));
+        }
+        let token_timeout = secs(raw.tokens.token_timeout_secs.unwrap_or(15));
+        if token_timeout.is_zero() {
+            return Err(self.invalid("tokens.token_timeout_secs", "expected at least 1"));
+        }
+
+        let integrations = self.integrations(raw.integrations)?;
+        let clients = self.clients(raw.clients, &integrations)?;
+
+        Ok(Config {
+            source: source.to_path_buf(),
+            listen,
+            admin_listen,
+            threads,
+            upstream_timeout,
+            upstream,
+            store_path: self.path(raw.store.path.as_deref().unwrap_or("tokens.db")),
+            audit_path: match raw.audit.path.as_deref() {
+                None | Some("-") => None,
+                Some(p) => Some(self.path(p)),
+            },
+            refresh_ahead,
+            token_timeout,
+            integrations,
+            clients,
+        })
+    }
+
+    fn integrations(
+        &self,
+        raw: Vec<file::Integration>,
+    ) -> Result<Vec<Arc<Integration>>, ConfigError> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, it) in raw.into_iter().enumerate() {
+            let key = |k: &str| format!("integrations[{i}].{k}");
+            if !valid_name(&it.name) {
+                return Err(self.invalid(
+                    key("name"),
+                    format!("expected letters, digits, '-' or '_', got {:?}", it.name),
+                ));
+            }
+            if !seen.insert(it.name.clone()) {
+                return Err(self.invalid(
+                    key("name"),
+                    format!("integration {:?} is defined twice", it.name),
+                ));
+            }
+            if it.client_id.trim().is_empty() {
+                return Err(self.invalid(
+                    key("client_id"),
+                    "expected the integration's OAuth client ID, got an empty string",
+                ));
+            }
+            let client_secret = match (&it.client_secret_env, &it.client_secret_file) {
+                (Some(_), Some(_)) => {
+                    return Err(self.invalid(key("client_secret_env"), "set client_secret_env or client_secret_file, not both"))
+                }
+                (None, None) => {
+                    return Err(self.invalid(
+                        key("client_secret_env"),
+                        "expected the name of an environment variable (or client_secret_file) holding the client secret; secrets never sit in proxy.toml",
+                    ))
+                }
+                (Some(var), None) => match (self.env)(var) {
+                    Some(v) if !v.trim().is_empty() => Secret::new(v.trim().to_string()),
+                    _ => {
+                        return Err(self.invalid(
+                            key("client_secret_env"),
+                            format!("environment variable {var} is not set or empty"),
+                        ))
+                    }
+                },
+                (None, Some(f)) => {
+                    let p = self.path(f);
+                    match std::fs::read_to_string(&p) {
+                        Ok(v) if !v.trim().is_empty() => Secret::new(v.trim().to_string()),
+                        Ok(_) => return Err(self.invalid(key("client_secret_file"), format!("{} is empty", p.display()))),
+                        Err(e) => return Err(self.invalid(key("client_secret_file"), format!("cannot read {}: {e}", p.display()))),
+                    }
+                }
+            };
+            let redirect_uri = it
+                .redirect_uri
+                .as_deref()
+                .map(|u| self.url(&key("redirect_uri"), u))
+                .transpose()?;
+            for (j, s) in it.scopes.iter().enumerate() {
+                if !scope_is_known(s) {
+                    return Err(self.invalid(
+                        format!("integrations[{i}].scopes[{j}]"),
+                        format!("expected a Meraki scope such as \"dashboard:general:config:read\" or \"wireless:telemetry:read\", got {s:?}"),
+                    ));
+                }
+            }
+            out.push(Arc::new(Integration {
+                name: it.name,
+                client_id: it.client_id,
+                client_secret,
+                redirect_uri,
+                scopes: it.scopes,
+            }));
+        }
+        Ok(out)
+    }
+
+    fn clients(
+        &self,
+        raw: Vec<file::Client>,
+        integrations: &[Arc<Integration>],
+    ) -> Result<Vec<Arc<Client>>, ConfigError> {
+        let mut names = HashSet::new();
+        let mut digests: HashMap<[u8; 32], String> = HashMap::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, c) in raw.into_iter().enumerate() {
+            let key = |k: &str| format!("clients[{i}].{k}");
+            if !valid_name(&c.name) {
+                return Err(self.invalid(
+                    key("name"),
+                    format!("expected letters, digits, '-' or '_', got {:?}", c.name),
+                ));
+            }
+            if !names.insert(c.name.clone()) {
+                return Err(
+                    self.invalid(key("name"), format!("client {:?} is defined twice", c.name))
+                );
+            }
+            let digest = parse_digest(&c.key_sha256).ok_or_else(|| {
+                self.invalid(
+                    key("key_sha256"),
+                    format!(
+                        "expected 64 hex characters (the SHA-256 of the client's key, from `meraki-oauth-proxy hash-key`), got {} characters",
+                        c.key_sha256.len()
+                    ),
+                )
+            })?;
+            if let Some(other) = digests.insert(digest, c.name.clone()) {
+                return Err(self.invalid(
+                    key("key_sha256"),
+                    format!("the same key digest is used by client {other:?}"),
+                ));
+            }
+            if !integrations.iter().any(|it| it.name == c.integration) {
+                let known: Vec<&str> = integrations.iter().map(|i| i.name.as_str()).collect();
+                return Err(self.invalid(
+                    key("integration"),
+                    format!(
+                        "no integration named {:?} (defined: {known:?})",
+                        c.integration
+                    ),
+                ));
+            }
+            if c.organizations.is_empty() {
+                return Err(self.invalid(
+                    key("organizations"),
+                    "expected at least one Meraki organization ID",
+                ));
+            }
+            for (j, o) in c.organizations.iter().enumerate() {
+                if !valid_org_id(o) {
+                    return Err(self.invalid(
+                        format!("clients[{i}].organizations[{j}]"),
+                        format!("expected a Meraki organization ID (digits), got {o:?}"),
+                    ));
+                }
+            }
+            let methods = match c.methods {
+                None => None,
+                Some(ms) => {
+                    let mut parsed = Vec::with_capacity(ms.len());
+                    for (j, m) in ms.iter().enumerate() {
+                        let upper = m.to_ascii_uppercase();
+                        if !METHODS.contains(&upper.as_str()) {
+                            return Err(self.invalid(
+                                format!("clients[{i}].methods[{j}]"),
+                                format!("expected one of {METHODS:?}, got {m:?}"),
+                            ));
+                        }
+                        parsed.push(http::Method::from_bytes(upper.as_bytes()).map_err(|_| {
+                            self.invalid(format!("clients[{i}].methods[{j}]"), "not an HTTP method")
+                        })?);
+                    }
+                    // HEAD is a GET without a body: allowing GET allows HEAD.
+                    if parsed.contains(&http::Method::GET) && !parsed.contains(&http::Method::HEAD)
+                    {
+                        parsed.push(http::Method::HEAD);
+                    }
+                    Some(parsed)
+                }
+            };
+            out.push(Arc::new(Client {
+                name: c.name,
+                key_sha256: digest,
+                integration: c.integration,
+                organizations: c.organizations,
+                methods,
+            }));
+        }
+        Ok(out)
+    }
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Meraki organization IDs are decimal numbers.
+pub fn valid_org_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn parse_digest(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s.trim(), &mut out).ok()?;
+    Some(out)
+}
+
+impl fmt::Display for Config {
+    /// A summary without secrets, printed by `check`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "config: {}", self.source.display())?;
+        writeln!(f, "proxy listener: http://{}/api/v1", self.listen)?;
+        match self.admin_listen {
+            Some(a) => writeln!(
+                f,
+                "admin listener: http://{a}/ (/metrics, /healthz, /readyz)"
+            )?,
+            None => writeln!(f, "admin listener: off")?,
+        }
+        writeln!(f, "worker threads: {}", self.threads)?;
+        writeln!(f, "upstream: {}", self.upstream.api_base)?;
+        writeln!(f, "token endpoint: {}", self.upstream.token_url)?;
+        writeln!(
+            f,
+            "redirects allowed to: {}",
+            self.upstream.redirect_hosts.join(", ")
+        )?;
+        writeln!(f, "token store: {}", self.store_path.display())?;
+        match &self.audit_path {
+            Some(p) => writeln!(f, "audit log: {}", p.display())?,
+            None => writeln!(f, "audit log: stdout")?,
+        }
+        writeln!(f, "integrations ({}):", self.integrations.len())?;
+        for it in &self.integrations {
+            writeln!(
+                f,
+                "  {} client_id={} secret={} scopes=[{}]",
+                it.name,
+                it.client_id,
+                it.client_secret,
+                it.scopes.join(" ")
+            )?;
+        }
+        writeln!(f, "clients ({}):", self.clients.len())?;
+        for c in &self.clients {
+            let methods = match &c.methods {
+                None => "all".to_string(),
+                Some(m) => m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(","),
+            };
+            writeln!(
+                f,
+                "  {} integration={} organizations=[{}] methods={}",
+                c.name,
+                c.integration,
+                c.organizations.join(","),
+                methods
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+admin_listen = "127.0.0.1:9090"
+[upstream]
+api_base = "https://api.meraki.com/api/v1"
+token_url = "https://as.meraki.com/oauth/token"
+[[integrations]]
+name = "netops"
+client_id = "cid"
+client_secret_env = "SECRET_VAR"
+scopes = ["dashboard:general:config:read", "wireless:telemetry:read"]
+[[clients]]
+name = "backup"
+key_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+integration = "netops"
+organizations = ["123"]
+methods = ["get"]
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/proxy.toml"), &|v| {
+            (v == "SECRET_VAR").then(|| "s3cret-value".to_string())
+        })
+    }
+
+    #[test]
+    fn good_config_parses_and_summary_hides_the_secret() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(
+            c.clients[0].methods.as_ref().unwrap(),
+            &[http::Method::GET, http::Method::HEAD]
+        );
+        assert_eq!(c.store_path, PathBuf::from("/etc/tokens.db"));
+        let summary = format!("{c}\n{c:?}");
+        assert!(!summary.contains("s3cret-value"), "{summary}");
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err(&GOOD.replace("[server]\n", "[server]\nlisten_port = 1\n"));
+        assert!(
+            e.contains("/etc/proxy.toml") && e.contains("listen_port"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_expectation() {
+        let cases = [
+            (GOOD.replace("127.0.0.1:8080", "localhost"), "server.listen"),
+            (
+                GOOD.replace(
+                    "000000000000000000000000000000000000000000000000000000000000000\"",
+                    "zz\"",
+                ),
+                "clients[0].key_sha256",
+            ),
+            (
+                GOOD.replace("integration = \"netops\"", "integration = \"other\""),
+                "clients[0].integration",
+            ),
+            (
+                GOOD.replace("\"123\"", "\"abc\""),
+                "clients[0].organizations[0]",
+            ),
+            (
+                GOOD.replace("[\"get\"]", "[\"FETCH\"]"),
+                "clients[0].methods[0]",
+            ),
+            (
+                GOOD.replace("SECRET_VAR", "MISSING_VAR"),
+                "integrations[0].client_secret_env",
+            ),
+            (
+                GOOD.replace("wireless:telemetry:read", "wireless:all"),
+                "integrations[0].scopes[1]",
+            ),
+            (
+                GOOD.replace("https://api.meraki.com/api/v1", "api.meraki.com"),
+                "upstream.api_base",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = err(&text);
+            assert!(e.contains(key), "expected {key} in: {e}");
+            assert!(e.starts_with("/etc/proxy.toml: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn scopes_follow_meraki() {
+        assert!(scope_is_known("dashboard:iam:config:write"));
+        assert!(scope_is_known("sm:telemetry:read"));
+        assert!(!scope_is_known("dashboard:wireless:config:read"));
+        assert!(!scope_is_known("switch:config:admin"));
+    }
+}

@@ -1,0 +1,195 @@
+//! Who is calling: the proxy client key, sent the way scripts send Meraki keys
+//! (`X-Cisco-Meraki-API-Key: <key>` or `Authorization: Bearer <key>`), matched by SHA-256 digest.
+
+use crate::config::Client;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+
+/// The Meraki API-key header.
+pub const API_KEY_HEADER: &str = "x-cisco-meraki-api-key";
+
+/// Why a caller could not be identified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// No key in either header.
+    #[error("missing API key: send your proxy client key as X-Cisco-Meraki-API-Key or Authorization: Bearer")]
+    Missing,
+    /// A key no client has.
+    #[error("invalid API key")]
+    Unknown,
+    /// Both headers, with different keys: ambiguous, so refused.
+    #[error("conflicting API keys: X-Cisco-Meraki-API-Key and Authorization carry different keys")]
+    Conflicting,
+    /// A header that is not a usable key (not visible ASCII, or not a Bearer credential).
+    #[error("malformed credentials header")]
+    Malformed,
+}
+
+impl IdentityError {
+    /// The HTTP status this error is answered with.
+    pub fn status(self) -> u16 {
+        match self {
+            IdentityError::Missing | IdentityError::Unknown => 401,
+            IdentityError::Conflicting | IdentityError::Malformed => 400,
+        }
+    }
+
+    /// A short fixed label for metrics and audit.
+    pub fn reason(self) -> &'static str {
+        match self {
+            IdentityError::Missing => "missing_key",
+            IdentityError::Unknown => "unknown_key",
+            IdentityError::Conflicting => "conflicting_keys",
+            IdentityError::Malformed => "malformed_key",
+        }
+    }
+}
+
+/// The clients, indexed for lookup by key digest.
+pub struct Identities {
+    clients: Vec<(Arc<Client>, [u8; 32])>,
+}
+
+impl Identities {
+    /// Builds the index from the configured clients.
+    pub fn new(clients: &[Arc<Client>]) -> Self {
+        Identities {
+            clients: clients.iter().map(|c| (c.clone(), c.key_sha256)).collect(),
+        }
+    }
+
+    /// Finds the client whose key is in the request headers.
+    pub fn identify(&self, headers: &http::HeaderMap) -> Result<Arc<Client>, IdentityError> {
+        let key = extract_key(headers)?;
+        self.by_key(key).ok_or(IdentityError::Unknown)
+    }
+
+    /// Finds the client with this key. Compares digests in constant time and always scans every
+    /// client, so timing tells nothing about which digest bytes matched.
+    pub fn by_key(&self, key: &[u8]) -> Option<Arc<Client>> {
+        let digest: [u8; 32] = Sha256::digest(key).into();
+        let mut found = None;
+        for (client, d) in &self.clients {
+            if bool::from(d.ct_eq(&digest)) {
+                found = Some(client);
+            }
+        }
+        found.cloned()
+    }
+}
+
+/// Reads the key from either credential header.
+pub fn extract_key(headers: &http::HeaderMap) -> Result<&[u8], IdentityError> {
+    let api_key = headers.get(API_KEY_HEADER).map(|v| trim(v.as_bytes()));
+    let bearer = match headers.get(http::header::AUTHORIZATION) {
+        None => None,
+        Some(v) => {
+            let v = trim(v.as_bytes());
+            match v.get(..7) {
+                Some(scheme) if scheme.eq_ignore_ascii_case(b"bearer ") => Some(trim(&v[7..])),
+                _ => return Err(IdentityError::Malformed),
+            }
+        }
+    };
+    let key = match (api_key, bearer) {
+        (None, None) => return Err(IdentityError::Missing),
+        (Some(k), None) | (None, Some(k)) => k,
+        (Some(a), Some(b)) if a == b => a,
+        (Some(_), Some(_)) => return Err(IdentityError::Conflicting),
+    };
+    if key.is_empty() {
+        return Err(IdentityError::Missing);
+    }
+    if !key.iter().all(|b| b.is_ascii_graphic()) {
+        return Err(IdentityError::Malformed);
+    }
+    Ok(key)
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    b.trim_ascii()
+}
+
+/// Hex SHA-256 of a key, as `key_sha256` in the configuration expects it.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.trim().as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderMap;
+
+    fn client(name: &str, key: &str) -> Arc<Client> {
+        let mut d = [0u8; 32];
+        hex::decode_to_slice(hash_key(key), &mut d).unwrap();
+        Arc::new(Client {
+            name: name.into(),
+            key_sha256: d,
+            integration: "i".into(),
+            organizations: vec!["1".into()],
+            methods: None,
+        })
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn both_headers_identify() {
+        let ids = Identities::new(&[client("a", "key-a"), client("b", "key-b")]);
+        let by_api_key = ids
+            .identify(&headers(&[(API_KEY_HEADER, "key-b")]))
+            .unwrap();
+        assert_eq!(by_api_key.name, "b");
+        let by_bearer = ids
+            .identify(&headers(&[("authorization", "Bearer key-a")]))
+            .unwrap();
+        assert_eq!(by_bearer.name, "a");
+        let lower = ids
+            .identify(&headers(&[("authorization", "bearer  key-a ")]))
+            .unwrap();
+        assert_eq!(lower.name, "a");
+        let same = ids
+            .identify(&headers(&[
+                (API_KEY_HEADER, "key-a"),
+                ("authorization", "Bearer key-a"),
+            ]))
+            .unwrap();
+        assert_eq!(same.name, "a");
+    }
+
+    #[test]
+    fn refusals() {
+        let ids = Identities::new(&[client("a", "key-a"), client("b", "key-b")]);
+        let e = |h: &[(&'static str, &str)]| ids.identify(&headers(h)).unwrap_err();
+        assert_eq!(e(&[]), IdentityError::Missing);
+        assert_eq!(e(&[(API_KEY_HEADER, "nope")]), IdentityError::Unknown);
+        assert_eq!(
+            e(&[(API_KEY_HEADER, "key-a"), ("authorization", "Bearer key-b")]),
+            IdentityError::Conflicting
+        );
+        assert_eq!(
+            e(&[("authorization", "Basic a2V5")]),
+            IdentityError::Malformed
+        );
+        assert_eq!(e(&[(API_KEY_HEADER, "")]), IdentityError::Missing);
+        assert_eq!(IdentityError::Unknown.status(), 401);
+        assert_eq!(IdentityError::Conflicting.status(), 400);
+    }
+
+    #[test]
+    fn hash_key_matches_sha256sum() {
+        // printf 'abc' | sha256sum
+        assert_eq!(
+            hash_key("abc\n"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

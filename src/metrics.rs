@@ -1,0 +1,298 @@
+//! Prometheus metrics, prefixed `meraki_proxy_`. Label values come only from the configuration
+//! (integration, client, organization) and small fixed sets (method, status class, result,
+//! reason), so cardinality stays bounded whatever clients send.
+
+use crate::token::{Grant, GrantStatus};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+use std::time::Duration;
+
+/// Label value for what is not known (an unidentified client, an undetermined organization).
+pub const NONE: &str = "-";
+
+/// Every metric of the proxy, in one registry.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    upstream_duration: HistogramVec,
+    refreshes: IntCounterVec,
+    token_call_duration: HistogramVec,
+    token_expiry: IntGaugeVec,
+    grant_needs_reauth: IntGaugeVec,
+    retries: IntCounterVec,
+    denials: IntCounterVec,
+    upstream_429: IntCounterVec,
+    redirects: IntCounterVec,
+    in_flight: IntGauge,
+    store_duration: HistogramVec,
+    store_errors: IntCounterVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+fn counter(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<HistogramVec> {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+        labels,
+    )?;
+    r.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> prometheus::Result<Metrics> {
+        let r = Registry::new();
+        let in_flight = IntGauge::new(
+            "meraki_proxy_in_flight_requests",
+            "Requests being served now.",
+        )?;
+        r.register(Box::new(in_flight.clone()))?;
+        Ok(Metrics {
+            requests: counter(
+                &r,
+                "meraki_proxy_requests_total",
+                "Requests answered, by integration, client, organization, method and status class.",
+                &[
+                    "integration",
+                    "client",
+                    "organization",
+                    "method",
+                    "status_class",
+                ],
+            )?,
+            request_duration: histogram(
+                &r,
+                "meraki_proxy_request_duration_seconds",
+                "Time from request to the end of the response, by integration.",
+                &["integration"],
+            )?,
+            upstream_duration: histogram(
+                &r,
+                "meraki_proxy_upstream_duration_seconds",
+                "Time from sending upstream to the upstream response header, by integration.",
+                &["integration"],
+            )?,
+            refreshes: counter(
+                &r,
+                "meraki_proxy_token_refreshes_total",
+                "Calls to the token endpoint, by integration, organization and result.",
+                &["integration", "organization", "result"],
+            )?,
+            token_call_duration: histogram(
+                &r,
+                "meraki_proxy_token_call_duration_seconds",
+                "Duration of token endpoint calls, by integration.",
+                &["integration"],
+            )?,
+            token_expiry: gauge(
+                &r,
+                "meraki_proxy_access_token_expiry_timestamp_seconds",
+                "When the current access token of each grant expires (Unix time).",
+                &["integration", "organization"],
+            )?,
+            grant_needs_reauth: gauge(
+                &r,
+                "meraki_proxy_grant_needs_reauthorization",
+                "1 while a grant needs re-authorization by an org admin, else 0.",
+                &["integration", "organization"],
+            )?,
+            retries: counter(
+                &r,
+                "meraki_proxy_upstream_401_retries_total",
+                "Requests retried after an upstream 401 and a refresh, by integration and outcome.",
+                &["integration", "outcome"],
+            )?,
+            denials: counter(
+                &r,
+                "meraki_proxy_denials_total",
+                "Requests refused by the proxy, by client and reason.",
+                &["client", "reason"],
+            )?,
+            upstream_429: counter(
+                &r,
+                "meraki_proxy_upstream_429_total",
+                "429 answers from Meraki, by organization.",
+                &["organization"],
+            )?,
+            redirects: counter(
+                &r,
+                "meraki_proxy_upstream_redirects_total",
+                "Upstream redirects followed, by integration.",
+                &["integration"],
+            )?,
+            in_flight,
+            store_duration: histogram(
+                &r,
+                "meraki_proxy_store_operation_duration_seconds",
+                "Token store operation latency, by operation.",
+                &["op"],
+            )?,
+            store_errors: counter(
+                &r,
+                "meraki_proxy_store_errors_total",
+                "Token store operation errors, by operation.",
+                &["op"],
+            )?,
+            registry: r,
+        })
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "could not encode metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// One answered request.
+    pub fn request(
+        &self,
+        integration: &str,
+        client: &str,
+        org: &str,
+        method: &http::Method,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        self.requests
+            .with_label_values(&[
+                integration,
+                client,
+                org,
+                method_label(method),
+                status_class(status),
+            ])
+            .inc();
+        self.request_duration
+            .with_label_values(&[integration])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Time to the upstream response header.
+    pub fn upstream(&self, integration: &str, elapsed: Duration) {
+        self.upstream_duration
+            .with_label_values(&[integration])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// A token endpoint call's result.
+    pub fn refresh(&self, integration: &str, org: &str, result: &str) {
+        self.refreshes
+            .with_label_values(&[integration, org, result])
+            .inc();
+    }
+
+    /// A token endpoint call's duration.
+    pub fn token_call_duration(&self, integration: &str, elapsed: Duration) {
+        self.token_call_duration
+            .with_label_values(&[integration])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The expiry and health of a grant, for each organization it serves.
+    pub fn grant_state(&self, grant: &Grant) {
+        let st = grant.state();
+        for org in &grant.organizations {
+            let labels = [grant.integration.name.as_str(), org.as_str()];
+            self.token_expiry
+                .with_label_values(&labels)
+                .set(st.expires_at);
+            self.grant_needs_reauth
+                .with_label_values(&labels)
+                .set(i64::from(st.status == GrantStatus::NeedsReauth));
+        }
+    }
+
+    /// A retry after an upstream 401 (`outcome`: succeeded, rejected_again, failed).
+    pub fn retry(&self, integration: &str, outcome: &str) {
+        self.retries
+            .with_label_values(&[integration, outcome])
+            .inc();
+    }
+
+    /// A refused request.
+    pub fn denial(&self, client: &str, reason: &str) {
+        self.denials.with_label_values(&[client, reason]).inc();
+    }
+
+    /// An upstream 429.
+    pub fn upstream_429(&self, org: &str) {
+        self.upstream_429.with_label_values(&[org]).inc();
+    }
+
+    /// An upstream redirect followed.
+    pub fn redirect(&self, integration: &str) {
+        self.redirects.with_label_values(&[integration]).inc();
+    }
+
+    /// The in-flight gauge.
+    pub fn in_flight(&self) -> &IntGauge {
+        &self.in_flight
+    }
+
+    /// A token store operation.
+    pub fn store_op(&self, op: &str, elapsed: Duration, ok: bool) {
+        self.store_duration
+            .with_label_values(&[op])
+            .observe(elapsed.as_secs_f64());
+        if !ok {
+            self.store_errors.with_label_values(&[op]).inc();
+        }
+    }
+}
+
+/// A fixed label for a method.
+pub fn method_label(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::HEAD => "HEAD",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::PATCH => "PATCH",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+/// `2xx`, `4xx`…
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    }
+}

@@ -1,0 +1,637 @@
+//! The Pingora hooks. Each one is thin: it calls [`crate::identity`], [`crate::route`],
+//! [`crate::token`], and records through [`crate::audit`] and [`crate::metrics`] in `logging`,
+//! which Pingora runs once per request on every path.
+
+use crate::audit::{now_rfc3339, Audit, RequestRecord};
+use crate::config::{Client, Config};
+use crate::errors;
+use crate::identity::{Identities, API_KEY_HEADER};
+use crate::metrics::{Metrics, NONE};
+use crate::route::{self, Resolver, RouteError, Target};
+use crate::token::{Grant, Grants, RefreshCause, TokenError, TokenState};
+use crate::upstream::{ApiClient, LookupWith, Upstream};
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, USER_AGENT};
+use http::HeaderValue;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{ErrorType, HTTPStatus};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Response header naming the proxy's id for the request (also in the audit record).
+pub const REQUEST_ID_HEADER: &str = "x-proxy-request-id";
+/// Response header on proxy-generated 5xx: whether the request reached Meraki.
+pub const UPSTREAM_OUTCOME_HEADER: &str = "x-proxy-upstream";
+
+/// Everything the hooks need, built once by [`crate::server`].
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub identities: Identities,
+    pub resolver: Resolver,
+    pub grants: Arc<Grants>,
+    pub upstream: Arc<Upstream>,
+    pub api: ApiClient,
+    pub audit: Arc<Audit>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The proxy service.
+pub struct MerakiProxy {
+    pub state: Arc<AppState>,
+}
+
+/// What the proxy decided for a request, for the audit record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    Forwarded,
+    Answered,
+    Denied,
+    Failed,
+}
+
+impl Decision {
+    fn as_str(self) -> &'static str {
+        match self {
+            Decision::Forwarded => "forwarded",
+            Decision::Answered => "answered",
+            Decision::Denied => "denied",
+            Decision::Failed => "error",
+        }
+    }
+}
+
+/// A response the proxy writes itself.
+#[derive(Debug, Clone)]
+struct Refusal {
+    status: u16,
+    reason: &'static str,
+    message: String,
+    /// For proxy-generated 5xx: did the request reach Meraki?
+    upstream: Option<&'static str>,
+}
+
+/// Per-request state, kept across retries.
+pub struct Ctx {
+    start: Instant,
+    request_id: String,
+    client: Option<Arc<Client>>,
+    org: Option<Arc<str>>,
+    grant: Option<Arc<Grant>>,
+    token: Option<Arc<TokenState>>,
+    upstream_path: String,
+    decision: Decision,
+    refusal: Option<Refusal>,
+    retried_401: bool,
+    /// Set just before an error that must be retried (401 after a refresh).
+    retry_requested: bool,
+    upstream_status: Option<u16>,
+    upstream_request_id: Option<String>,
+    upstream_sent: Option<Instant>,
+    upstream_elapsed: Option<Duration>,
+    counted_in_flight: bool,
+}
+
+impl MerakiProxy {
+    /// Writes a Meraki-style error and records why.
+    async fn refuse(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        decision: Decision,
+        r: Refusal,
+    ) -> Result<bool> {
+        let client = ctx.client.as_ref().map_or(NONE, |c| c.name.as_str());
+        if decision == Decision::Denied {
+            self.state.metrics.denial(client, r.reason);
+        }
+        ctx.decision = decision;
+        write_json(
+            session,
+            &ctx.request_id,
+            r.status,
+            errors::body(&r.message),
+            r.upstream,
+        )
+        .await?;
+        ctx.refusal = Some(r);
+        Ok(true)
+    }
+
+    /// Identify, route, authorize, attach a token. `Err(refusal)` ends the request.
+    async fn admit(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+    ) -> std::result::Result<Option<Target>, (Decision, Refusal)> {
+        let s = &self.state;
+        let req = session.req_header();
+        let client = s.identities.identify(&req.headers).map_err(|e| {
+            (
+                Decision::Denied,
+                Refusal {
+                    status: e.status(),
+                    reason: e.reason(),
+                    message: e.to_string(),
+                    upstream: None,
+                },
+            )
+        })?;
+        ctx.client = Some(client.clone());
+        let method = req.method.clone();
+        if !client.may_use(&method) {
+            return Err((
+                Decision::Denied,
+                Refusal {
+                    status: 403,
+                    reason: "forbidden_method",
+                    message: format!("method {method} is not allowed for this client"),
+                    upstream: None,
+                },
+            ));
+        }
+        let r = route::parse(req.uri.path(), &method).map_err(route_refusal)?;
+        let query = req.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+        let lookup = LookupWith {
+            api: &s.api,
+            integration: &client.integration,
+        };
+        let org: Arc<str> = match &r.target {
+            Target::OrganizationList => return Ok(Some(Target::OrganizationList)),
+            Target::Unscoped => return Err(route_refusal(RouteError::NoOrganization)),
+            Target::Organization(id) => Arc::from(id.as_str()),
+            Target::Network(id) => s
+                .resolver
+                .network_org(id, &client.organizations, &lookup)
+                .await
+                .map_err(route_refusal)?,
+            Target::Device(serial) => s
+                .resolver
+                .device_org(serial, &client.organizations, &lookup)
+                .await
+                .map_err(route_refusal)?,
+        };
+        if !client.may_access(&org) {
+            return Err(route_refusal(RouteError::ForbiddenOrganization(
+                org.to_string(),
+            )));
+        }
+        ctx.org = Some(org.clone());
+        let grant = s
+            .grants
+            .get(&client.integration, &org)
+            .await
+            .ok_or_else(|| {
+                token_refusal(TokenError::NoGrant {
+                    integration: client.integration.clone(),
+                    org: org.to_string(),
+                })
+            })?;
+        let token = s.grants.token(&grant, &org).await.map_err(token_refusal)?;
+        s.grants.mark_used(&grant);
+        ctx.grant = Some(grant);
+        ctx.token = Some(token);
+        ctx.upstream_path = format!("{}{}{}", s.upstream.base_path, r.path, query);
+        Ok(None)
+    }
+
+    /// `GET /organizations`: the client's organizations only, each fetched with its grant.
+    async fn organization_list(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let Some(client) = ctx.client.clone() else {
+            return Ok(false);
+        };
+        let mut orgs = Vec::with_capacity(client.organizations.len());
+        let mut failure = None;
+        for org in &client.organizations {
+            match self
+                .state
+                .api
+                .get_json(&client.integration, org, &format!("/organizations/{org}"))
+                .await
+            {
+                Ok(Some(v)) => orgs.push(v),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(client = %client.name, org = %org, error = %e.message, "organization not listed");
+                    failure = Some(e);
+                }
+            }
+        }
+        if let (true, Some(e)) = (orgs.is_empty(), failure) {
+            let r = Refusal {
+                status: e.status,
+                reason: e.reason,
+                message: e.message,
+                upstream: None,
+            };
+            return self.refuse(session, ctx, Decision::Failed, r).await;
+        }
+        ctx.decision = Decision::Answered;
+        let body = Bytes::from(serde_json::Value::Array(orgs).to_string());
+        let mut resp = ResponseHeader::build(200, Some(4))?;
+        resp.insert_header(CONTENT_TYPE, "application/json")?;
+        resp.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
+        resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        let head = session.req_header().method == http::Method::HEAD;
+        session.write_response_header(Box::new(resp), head).await?;
+        if !head {
+            session.write_response_body(Some(body), true).await?;
+        }
+        Ok(true)
+    }
+}
+
+fn route_refusal(e: RouteError) -> (Decision, Refusal) {
+    let status = e.status();
+    let decision = if status >= 500 {
+        Decision::Failed
+    } else {
+        Decision::Denied
+    };
+    let upstream = (status >= 500).then_some("not-sent");
+    (
+        decision,
+        Refusal {
+            status,
+            reason: e.reason(),
+            message: e.to_string(),
+            upstream,
+        },
+    )
+}
+
+fn token_refusal(e: TokenError) -> (Decision, Refusal) {
+    (
+        Decision::Failed,
+        Refusal {
+            status: e.status(),
+            reason: e.reason(),
+            message: e.to_string(),
+            upstream: Some("not-sent"),
+        },
+    )
+}
+
+async fn write_json(
+    session: &mut Session,
+    request_id: &str,
+    status: u16,
+    body: Bytes,
+    upstream: Option<&str>,
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(5))?;
+    resp.insert_header(CONTENT_TYPE, "application/json")?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    resp.insert_header(REQUEST_ID_HEADER, request_id)?;
+    if let Some(u) = upstream {
+        resp.insert_header(UPSTREAM_OUTCOME_HEADER, u)?;
+    }
+    if status == 429 {
+        // Clients (the Python SDK) do int(Retry-After).
+        resp.insert_header(http::header::RETRY_AFTER, "1")?;
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+fn new_request_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// Connection-level failures happen before anything is sent upstream.
+fn never_sent(e: &ErrorType) -> bool {
+    matches!(
+        e,
+        ErrorType::ConnectTimedout
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::ConnectProxyFailure
+            | ErrorType::TLSHandshakeFailure
+            | ErrorType::TLSHandshakeTimedout
+            | ErrorType::TLSWantX509Lookup
+            | ErrorType::InvalidCert
+            | ErrorType::HandshakeError
+            | ErrorType::SocketError
+            | ErrorType::BindError
+    )
+}
+
+#[async_trait]
+impl ProxyHttp for MerakiProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            start: Instant::now(),
+            request_id: new_request_id(),
+            client: None,
+            org: None,
+            grant: None,
+            token: None,
+            upstream_path: String::new(),
+            decision: Decision::Forwarded,
+            refusal: None,
+            retried_401: false,
+            retry_requested: false,
+            upstream_status: None,
+            upstream_request_id: None,
+            upstream_sent: None,
+            upstream_elapsed: None,
+            counted_in_flight: false,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        self.state.metrics.in_flight().inc();
+        ctx.counted_in_flight = true;
+        match self.admit(session, ctx).await {
+            Ok(None) => Ok(false),
+            Ok(Some(Target::OrganizationList)) => self.organization_list(session, ctx).await,
+            Ok(Some(_)) => Ok(false),
+            Err((decision, refusal)) => self.refuse(session, ctx, decision, refusal).await,
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        Ok(self.state.upstream.peer())
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        req: &mut pingora::http::RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // Both inbound credential headers go: Meraki accepts either, so either would carry the
+        // client's key upstream.
+        req.remove_header(API_KEY_HEADER);
+        let Some(access) = ctx.token.as_ref().and_then(|t| t.access.as_ref()) else {
+            return Error::e_explain(
+                ErrorType::InternalError,
+                "no access token for an admitted request",
+            );
+        };
+        let mut bearer =
+            HeaderValue::from_str(&format!("Bearer {}", access.expose())).map_err(|_| {
+                Error::explain(
+                    ErrorType::InternalError,
+                    "access token is not a valid header value",
+                )
+            })?;
+        bearer.set_sensitive(true);
+        req.insert_header(AUTHORIZATION, bearer)?;
+        req.insert_header(HOST, self.state.upstream.host_header.as_str())?;
+        let uri = ctx.upstream_path.parse::<http::Uri>().map_err(|_| {
+            Error::explain(
+                ErrorType::InternalError,
+                "normalized path is not a valid URI",
+            )
+        })?;
+        req.set_uri(uri);
+        let ua = match session
+            .req_header()
+            .headers
+            .get(USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(ua) if !ua.is_empty() => format!("{ua} {}", crate::PRODUCT),
+            _ => crate::PRODUCT.to_owned(),
+        };
+        req.insert_header(USER_AGENT, ua)?;
+        req.remove_header("proxy-authorization");
+        ctx.upstream_sent = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let status = resp.status.as_u16();
+        ctx.upstream_status = Some(status);
+        ctx.upstream_elapsed = ctx.upstream_sent.map(|t| t.elapsed());
+        ctx.upstream_request_id = resp
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let integration = ctx
+            .client
+            .as_ref()
+            .map_or(NONE, |c| c.integration.as_str())
+            .to_owned();
+        if let Some(e) = ctx.upstream_elapsed {
+            self.state.metrics.upstream(&integration, e);
+        }
+        if status == 429 {
+            self.state
+                .metrics
+                .upstream_429(ctx.org.as_deref().unwrap_or(NONE));
+        }
+        if ctx.retried_401 {
+            self.state.metrics.retry(
+                &integration,
+                if status == 401 {
+                    "rejected_again"
+                } else {
+                    "succeeded"
+                },
+            );
+        } else if status == 401 && !session.as_ref().retry_buffer_truncated() {
+            if let (Some(grant), Some(token), Some(org)) =
+                (ctx.grant.clone(), ctx.token.clone(), ctx.org.clone())
+            {
+                ctx.retried_401 = true;
+                match self
+                    .state
+                    .grants
+                    .refresh(&grant, &org, token.generation, RefreshCause::Rejected)
+                    .await
+                {
+                    Ok(fresh) => {
+                        ctx.token = Some(fresh);
+                        ctx.retry_requested = true;
+                        let mut e = Error::explain(
+                            HTTPStatus(401),
+                            "Meraki answered 401; retrying once with a refreshed token",
+                        );
+                        e.set_retry(true);
+                        return Err(e);
+                    }
+                    Err(err) => {
+                        self.state.metrics.retry(&integration, "refresh_failed");
+                        let (_, r) = token_refusal(err);
+                        let status = r.status;
+                        ctx.refusal = Some(Refusal {
+                            upstream: Some("rejected-401"),
+                            ..r
+                        });
+                        ctx.decision = Decision::Failed;
+                        return Error::e_explain(
+                            HTTPStatus(status),
+                            "refresh after an upstream 401 failed",
+                        );
+                    }
+                }
+            }
+        }
+        resp.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if std::mem::take(&mut ctx.retry_requested) {
+            // Meraki rejected authentication before acting on the request, so replaying it is
+            // safe for every method, as long as the body is still in the retry buffer.
+            e.set_retry(!session.as_ref().retry_buffer_truncated());
+        } else if !session.req_header().method.is_idempotent()
+            || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        ctx: &Ctx,
+        _e: &Error,
+        _w: pingora::proxy::ProxyWarnLogContext,
+    ) -> bool {
+        ctx.retried_401
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let refusal = ctx.refusal.clone().unwrap_or_else(|| {
+            let etype = e.etype();
+            if let HTTPStatus(code) = etype {
+                return Refusal { status: *code, reason: "proxy_error", message: format!("request failed with status {code}"), upstream: None };
+            }
+            match e.esource() {
+                pingora::ErrorSource::Upstream if never_sent(etype) => Refusal {
+                    status: 502,
+                    reason: "upstream_unreachable",
+                    message: "could not connect to the Meraki API; the request was not sent".into(),
+                    upstream: Some("not-sent"),
+                },
+                pingora::ErrorSource::Upstream => Refusal {
+                    status: if matches!(etype, ErrorType::ReadTimedout | ErrorType::WriteTimedout) { 504 } else { 502 },
+                    reason: "upstream_error",
+                    message: "the Meraki API connection failed after the request was sent; it may have been applied".into(),
+                    upstream: Some("sent-no-answer"),
+                },
+                pingora::ErrorSource::Downstream => Refusal { status: 400, reason: "bad_request", message: "malformed request".into(), upstream: None },
+                _ => Refusal { status: 500, reason: "internal_error", message: "internal proxy error".into(), upstream: None },
+            }
+        });
+        ctx.decision = if refusal.status < 500 && refusal.reason == "bad_request" {
+            Decision::Denied
+        } else {
+            Decision::Failed
+        };
+        let code = match e.esource() {
+            pingora::ErrorSource::Downstream
+                if matches!(
+                    e.etype(),
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
+                ) =>
+            {
+                0
+            }
+            _ => refusal.status,
+        };
+        if code > 0 {
+            if let Err(err) = write_json(
+                session,
+                &ctx.request_id,
+                code,
+                errors::body(&refusal.message),
+                refusal.upstream,
+            )
+            .await
+            {
+                tracing::debug!(error = %err, "could not send the error response");
+            }
+        }
+        ctx.refusal = Some(refusal);
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        let s = &self.state;
+        if ctx.counted_in_flight {
+            s.metrics.in_flight().dec();
+        }
+        let req = session.req_header();
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .or_else(|| ctx.refusal.as_ref().map(|r| r.status))
+            .unwrap_or(0);
+        let elapsed = ctx.start.elapsed();
+        let client = ctx.client.as_deref();
+        let integration = client.map_or(NONE, |c| c.integration.as_str());
+        let org = ctx.org.as_deref();
+        s.metrics.request(
+            integration,
+            client.map_or(NONE, |c| c.name.as_str()),
+            org.unwrap_or(NONE),
+            &req.method,
+            status,
+            elapsed,
+        );
+        let path = req.uri.path_and_query().map_or("", |p| p.as_str());
+        let fingerprint = ctx.token.as_ref().and_then(|t| t.fingerprint());
+        let record = RequestRecord {
+            time: now_rfc3339(),
+            kind: "request",
+            request_id: &ctx.request_id,
+            upstream_request_id: ctx.upstream_request_id.as_deref(),
+            client: client.map(|c| c.name.as_str()),
+            integration: client.map(|c| c.integration.as_str()),
+            organization: org,
+            method: req.method.as_str(),
+            path: if ctx.upstream_path.is_empty() {
+                path
+            } else {
+                ctx.upstream_path
+                    .strip_prefix(s.upstream.base_path.as_str())
+                    .unwrap_or(&ctx.upstream_path)
+            },
+            status,
+            upstream_status: ctx.upstream_status,
+            decision: ctx.decision.as_str(),
+            reason: ctx.refusal.as_ref().map(|r| r.reason),
+            retried_after_401: ctx.retried_401,
+            redirects_followed: 0,
+            token_fingerprint: fingerprint.as_deref(),
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            upstream_duration_ms: ctx.upstream_elapsed.map(|d| d.as_secs_f64() * 1000.0),
+            bytes_in: session.body_bytes_read() as u64,
+            bytes_out: session.body_bytes_sent() as u64,
+            source: session.client_addr().map(|a| a.to_string()),
+            user_agent: req.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()),
+        };
+        s.audit.request(&record);
+    }
+}

@@ -1,0 +1,490 @@
+//! Which organization a request acts on.
+//!
+//! The path is normalized first (percent-decoding, dot segments, doubled slashes, case of the
+//! collection name) and the path that is authorized is the very path that is forwarded, so no
+//! spelling trick can move a request into another organization. Requests whose organization
+//! cannot be determined are refused: the proxy never forwards what it cannot authorize.
+
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Characters encoded when a decoded segment is written back into a path.
+const SEGMENT: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'/')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'\\')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}')
+    .add(b'[')
+    .add(b']');
+
+/// Why a request could not be routed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// A path the proxy refuses to interpret (encoded slash, invalid encoding, `..` above root).
+    #[error("malformed request path: {0}")]
+    Malformed(&'static str),
+    /// Not under `/api/v1`.
+    #[error("not found: the proxy serves the Meraki Dashboard API under /api/v1")]
+    NotUnderApi,
+    /// A path that names no organization, network or device.
+    #[error(
+        "the proxy cannot tell which organization this request acts on, so it is not forwarded"
+    )]
+    NoOrganization,
+    /// An organization the client may not touch.
+    #[error("organization {0} is not one this client may access")]
+    ForbiddenOrganization(String),
+    /// A network or device not found in any of the client's organizations.
+    #[error("{kind} {id} is not in an organization this client may access")]
+    NotInClientOrganizations { kind: &'static str, id: String },
+    /// The lookup of a network or device failed (upstream fault, or no usable token).
+    #[error("could not look up {kind} {id}: {}", .cause.message)]
+    LookupFailed {
+        kind: &'static str,
+        id: String,
+        cause: LookupError,
+    },
+}
+
+impl RouteError {
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> u16 {
+        match self {
+            RouteError::Malformed(_) => 400,
+            RouteError::NotUnderApi => 404,
+            RouteError::NoOrganization
+            | RouteError::ForbiddenOrganization(_)
+            | RouteError::NotInClientOrganizations { .. } => 403,
+            RouteError::LookupFailed { cause, .. } => cause.status,
+        }
+    }
+
+    /// A short fixed label for metrics and audit.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RouteError::Malformed(_) => "bad_request",
+            RouteError::NotUnderApi => "not_found",
+            RouteError::NoOrganization => "no_organization",
+            RouteError::ForbiddenOrganization(_) | RouteError::NotInClientOrganizations { .. } => {
+                "forbidden_organization"
+            }
+            RouteError::LookupFailed { cause, .. } => cause.reason,
+        }
+    }
+}
+
+/// What the path acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `GET /organizations`: answered by the proxy with the client's organizations.
+    OrganizationList,
+    /// `/organizations/{id}/...`
+    Organization(String),
+    /// `/networks/{id}/...`
+    Network(String),
+    /// `/devices/{serial}/...`
+    Device(String),
+    /// Anything else: refused.
+    Unscoped,
+}
+
+/// A normalized request path below `/api/v1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The path to append to the upstream API base, re-encoded, starting with `/`.
+    pub path: String,
+    /// What it acts on.
+    pub target: Target,
+}
+
+/// Normalizes a request path (without query) and finds its target.
+pub fn parse(raw_path: &str, method: &http::Method) -> Result<Route, RouteError> {
+    let mut segments: Vec<String> = Vec::new();
+    for raw in raw_path.split('/') {
+        if raw.is_empty() {
+            continue;
+        }
+        let decoded = percent_decode_str(raw)
+            .decode_utf8()
+            .map_err(|_| RouteError::Malformed("invalid percent-encoding"))?;
+        if decoded.contains(['/', '\\']) {
+            return Err(RouteError::Malformed("encoded slash in path"));
+        }
+        if decoded.chars().any(char::is_control) {
+            return Err(RouteError::Malformed("control character in path"));
+        }
+        match decoded.as_ref() {
+            "." => {}
+            ".." => {
+                if segments.pop().is_none() {
+                    return Err(RouteError::Malformed("'..' above the root"));
+                }
+            }
+            _ => segments.push(decoded.into_owned()),
+        }
+    }
+    let mut rest = strip_api_prefix(&segments).ok_or(RouteError::NotUnderApi)?;
+    // A Link rewritten by the proxy is `/api/v1/...`; the official SDK appends it to its base
+    // URL (`.../api/v1`), so the prefix arrives twice. Meraki has no `/api/v1/api/v1` paths.
+    if let Some(again) = strip_api_prefix(rest) {
+        rest = again;
+    }
+
+    let collection = rest.first().map(|s| s.to_ascii_lowercase());
+    let id = rest.get(1).cloned();
+    let target = match (collection.as_deref(), id) {
+        (Some("organizations"), None)
+            if rest.len() == 1 && (method == http::Method::GET || method == http::Method::HEAD) =>
+        {
+            Target::OrganizationList
+        }
+        (Some("organizations"), Some(id)) => Target::Organization(id),
+        (Some("networks"), Some(id)) => Target::Network(id),
+        (Some("devices"), Some(id)) => Target::Device(id),
+        _ => Target::Unscoped,
+    };
+
+    let mut path = String::with_capacity(raw_path.len());
+    for (i, seg) in rest.iter().enumerate() {
+        path.push('/');
+        // The collection name is forwarded in the spelling that was authorized.
+        if i == 0
+            && collection.is_some()
+            && matches!(
+                target,
+                Target::Organization(_)
+                    | Target::Network(_)
+                    | Target::Device(_)
+                    | Target::OrganizationList
+            )
+        {
+            path.push_str(collection.as_deref().unwrap_or(seg));
+        } else {
+            path.extend(utf8_percent_encode(seg, SEGMENT));
+        }
+    }
+    if path.is_empty() {
+        path.push('/');
+    }
+    Ok(Route { path, target })
+}
+
+fn strip_api_prefix(segments: &[String]) -> Option<&[String]> {
+    match segments {
+        [api, v1, rest @ ..]
+            if api.eq_ignore_ascii_case("api") && v1.eq_ignore_ascii_case("v1") =>
+        {
+            Some(rest)
+        }
+        _ => None,
+    }
+}
+
+/// Why a lookup failed, with the status the client is answered with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LookupError {
+    pub status: u16,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Looks a network or a device up upstream, with the token of one of the client's grants.
+#[async_trait::async_trait]
+pub trait Lookup: Send + Sync {
+    /// `GET {api_base}{path}` with the grant of `org`; `Ok(None)` when upstream says 404.
+    async fn get_json(
+        &self,
+        org: &str,
+        path: &str,
+    ) -> Result<Option<serde_json::Value>, LookupError>;
+}
+
+/// A bounded, expiring cache of network and device → organization.
+pub struct Resolver {
+    networks: moka::future::Cache<String, Arc<str>>,
+    devices: moka::future::Cache<String, Arc<str>>,
+}
+
+impl Resolver {
+    /// A cache of at most `capacity` entries of each kind, each kept for `ttl`.
+    pub fn new(capacity: u64, ttl: Duration) -> Self {
+        let build = || {
+            moka::future::Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(ttl)
+                .build()
+        };
+        Resolver {
+            networks: build(),
+            devices: build(),
+        }
+    }
+
+    /// The organization of a network, among `orgs` (the client's). Only found results are
+    /// cached: a miss for one client says nothing about another client's grants.
+    pub async fn network_org(
+        &self,
+        id: &str,
+        orgs: &[String],
+        lookup: &dyn Lookup,
+    ) -> Result<Arc<str>, RouteError> {
+        if let Some(org) = self.networks.get(id).await {
+            return Ok(org);
+        }
+        let path = format!("/networks/{}", utf8_percent_encode(id, SEGMENT));
+        let org = self
+            .find(&path, orgs, lookup, "network", id, |v| {
+                v.get("organizationId")
+                    .and_then(|o| o.as_str())
+                    .map(str::to_owned)
+            })
+            .await?;
+        let org: Arc<str> = Arc::from(org);
+        self.networks.insert(id.to_owned(), org.clone()).await;
+        Ok(org)
+    }
+
+    /// The organization of a device, through its network.
+    pub async fn device_org(
+        &self,
+        serial: &str,
+        orgs: &[String],
+        lookup: &dyn Lookup,
+    ) -> Result<Arc<str>, RouteError> {
+        if let Some(org) = self.devices.get(serial).await {
+            return Ok(org);
+        }
+        let path = format!("/devices/{}", utf8_percent_encode(serial, SEGMENT));
+        let network = self
+            .find(&path, orgs, lookup, "device", serial, |v| {
+                v.get("networkId")
+                    .and_then(|o| o.as_str())
+                    .map(str::to_owned)
+            })
+            .await?;
+        let org = self
+            .network_org(&network, orgs, lookup)
+            .await
+            .map_err(|e| match e {
+                RouteError::NotInClientOrganizations { .. } => {
+                    RouteError::NotInClientOrganizations {
+                        kind: "device",
+                        id: serial.to_owned(),
+                    }
+                }
+                other => other,
+            })?;
+        self.devices.insert(serial.to_owned(), org.clone()).await;
+        Ok(org)
+    }
+
+    async fn find(
+        &self,
+        path: &str,
+        orgs: &[String],
+        lookup: &dyn Lookup,
+        kind: &'static str,
+        id: &str,
+        field: impl Fn(&serde_json::Value) -> Option<String>,
+    ) -> Result<String, RouteError> {
+        let mut failure = None;
+        for org in orgs {
+            match lookup.get_json(org, path).await {
+                Ok(Some(v)) => {
+                    return field(&v).ok_or_else(|| RouteError::LookupFailed {
+                        kind,
+                        id: id.to_owned(),
+                        cause: LookupError {
+                            status: 502,
+                            reason: "upstream_error",
+                            message: "Meraki's answer names no owner".into(),
+                        },
+                    })
+                }
+                Ok(None) => {}
+                Err(cause) => failure = Some(cause),
+            }
+        }
+        Err(match failure {
+            Some(cause) => RouteError::LookupFailed {
+                kind,
+                id: id.to_owned(),
+                cause,
+            },
+            None => RouteError::NotInClientOrganizations {
+                kind,
+                id: id.to_owned(),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Method;
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn get(p: &str) -> Result<Route, RouteError> {
+        parse(p, &Method::GET)
+    }
+
+    #[test]
+    fn targets() {
+        assert_eq!(
+            get("/api/v1/organizations").unwrap().target,
+            Target::OrganizationList
+        );
+        assert_eq!(
+            parse("/api/v1/organizations", &Method::POST)
+                .unwrap()
+                .target,
+            Target::Unscoped
+        );
+        assert_eq!(
+            get("/api/v1/organizations/123/networks").unwrap().target,
+            Target::Organization("123".into())
+        );
+        assert_eq!(
+            get("/api/v1/networks/L_1/clients").unwrap().target,
+            Target::Network("L_1".into())
+        );
+        assert_eq!(
+            get("/api/v1/devices/Q2XX-AAAA-BBBB").unwrap().target,
+            Target::Device("Q2XX-AAAA-BBBB".into())
+        );
+        assert_eq!(
+            get("/api/v1/administered/identities/me").unwrap().target,
+            Target::Unscoped
+        );
+        assert_eq!(get("/api/v1").unwrap().target, Target::Unscoped);
+        assert_eq!(
+            get("/v1/organizations").unwrap_err(),
+            RouteError::NotUnderApi
+        );
+    }
+
+    #[test]
+    fn tricks_cannot_change_the_organization() {
+        // Each of these would reach organization 999 if taken naively; the target and the
+        // forwarded path must agree.
+        let cases = [
+            "/api/v1/organizations/123/../999/networks",
+            "/api/v1/organizations/123/%2e%2e/999/networks",
+            "//api//v1//organizations//999",
+            "/API/V1/Organizations/999",
+            "/api/v1/organizations/123/networks/../../999",
+        ];
+        for c in cases {
+            let r = get(c).unwrap();
+            assert_eq!(r.target, Target::Organization("999".into()), "{c}");
+            assert!(
+                r.path.starts_with("/organizations/999"),
+                "{c} -> {}",
+                r.path
+            );
+        }
+        assert_eq!(
+            get("/api/v1/organizations/123%2F..%2F999").unwrap_err(),
+            RouteError::Malformed("encoded slash in path")
+        );
+        assert_eq!(
+            get("/api/v1/organizations/123%5C999").unwrap_err(),
+            RouteError::Malformed("encoded slash in path")
+        );
+        assert!(matches!(
+            get("/api/../../etc").unwrap_err(),
+            RouteError::Malformed(_)
+        ));
+        assert!(matches!(
+            get("/api/v1/organizations/%ff").unwrap_err(),
+            RouteError::Malformed(_)
+        ));
+        assert!(matches!(
+            get("/api/v1/organizations/1%00").unwrap_err(),
+            RouteError::Malformed(_)
+        ));
+    }
+
+    #[test]
+    fn forwarded_path_is_reencoded_and_prefix_doubling_is_undone() {
+        assert_eq!(
+            get("/api/v1/networks/L_1/a%20b").unwrap().path,
+            "/networks/L_1/a%20b"
+        );
+        assert_eq!(
+            get("/api/v1/api/v1/organizations/1/networks").unwrap().path,
+            "/organizations/1/networks"
+        );
+    }
+
+    struct FakeUpstream {
+        objects: HashMap<(&'static str, &'static str), serde_json::Value>,
+        calls: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Lookup for FakeUpstream {
+        async fn get_json(
+            &self,
+            org: &str,
+            path: &str,
+        ) -> Result<Option<serde_json::Value>, LookupError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Ok(self
+                .objects
+                .iter()
+                .find(|((o, p), _)| *o == org && *p == path)
+                .map(|(_, v)| v.clone()))
+        }
+    }
+
+    #[tokio::test]
+    async fn resolver_caches_found_objects_only() {
+        let up = FakeUpstream {
+            objects: HashMap::from([
+                (
+                    ("1", "/networks/N1"),
+                    serde_json::json!({"id": "N1", "organizationId": "1"}),
+                ),
+                (
+                    ("1", "/devices/Q-1"),
+                    serde_json::json!({"serial": "Q-1", "networkId": "N1"}),
+                ),
+            ]),
+            calls: AtomicUsize::new(0),
+        };
+        let r = Resolver::new(100, Duration::from_secs(60));
+        let orgs = vec!["1".to_string()];
+        assert_eq!(&*r.network_org("N1", &orgs, &up).await.unwrap(), "1");
+        assert_eq!(&*r.network_org("N1", &orgs, &up).await.unwrap(), "1");
+        assert_eq!(up.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(&*r.device_org("Q-1", &orgs, &up).await.unwrap(), "1");
+        assert!(matches!(
+            r.network_org("N2", &orgs, &up).await.unwrap_err(),
+            RouteError::NotInClientOrganizations {
+                kind: "network",
+                ..
+            }
+        ));
+        let before = up.calls.load(Ordering::SeqCst);
+        let _ = r.network_org("N2", &orgs, &up).await;
+        assert_eq!(
+            up.calls.load(Ordering::SeqCst),
+            before + 1,
+            "misses are not cached"
+        );
+    }
+}

@@ -1,0 +1,233 @@
+//! The client side of Meraki's authorization server: the token endpoint (refresh and code
+//! exchange) and the revocation endpoint, with HTTP Basic client authentication and form bodies.
+
+use crate::config::Integration;
+use crate::secret::Secret;
+use serde::Deserialize;
+use std::time::Duration;
+use url::Url;
+
+/// A failed call to the authorization server. Never carries a token.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OAuthError {
+    /// The grant is gone (revoked, idle too long, integration removed): re-authorization needed.
+    #[error("invalid_grant: {0}")]
+    InvalidGrant(String),
+    /// The AS refused for another reason (`invalid_client`, `invalid_request`, 5xx…).
+    #[error("authorization server answered {status}: {error}")]
+    Refused { status: u16, error: String },
+    /// No answer in time.
+    #[error("authorization server timed out")]
+    Timeout,
+    /// Could not reach it.
+    #[error("authorization server unreachable: {0}")]
+    Transport(String),
+    /// An answer that is not a token response.
+    #[error("authorization server sent an unusable answer: {0}")]
+    BadResponse(String),
+}
+
+impl OAuthError {
+    /// A fixed label for metrics (`result`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            OAuthError::InvalidGrant(_) => "invalid_grant",
+            OAuthError::Refused { .. } | OAuthError::BadResponse(_) => "as_error",
+            OAuthError::Timeout => "timeout",
+            OAuthError::Transport(_) => "unreachable",
+        }
+    }
+}
+
+/// A successful token response.
+#[derive(Debug)]
+pub struct TokenResponse {
+    pub access_token: Secret,
+    /// Meraki always rotates; absent means the old refresh token stays valid.
+    pub refresh_token: Option<Secret>,
+    pub expires_in: u64,
+    pub scope: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawToken {
+    access_token: String,
+    refresh_token: Option<String>,
+    expires_in: Option<u64>,
+    scope: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawError {
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+/// Calls the AS.
+#[derive(Clone)]
+pub struct OAuthClient {
+    http: reqwest::Client,
+    token_url: Url,
+    revoke_url: Option<Url>,
+}
+
+impl OAuthClient {
+    /// A client for these endpoints with this per-call timeout.
+    pub fn new(
+        token_url: Url,
+        revoke_url: Option<Url>,
+        timeout: Duration,
+    ) -> Result<Self, OAuthError> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .user_agent(crate::PRODUCT)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| OAuthError::Transport(e.to_string()))?;
+        Ok(OAuthClient {
+            http,
+            token_url,
+            revoke_url,
+        })
+    }
+
+    /// `grant_type=refresh_token`.
+    pub async fn refresh(
+        &self,
+        it: &Integration,
+        refresh_token: &Secret,
+    ) -> Result<TokenResponse, OAuthError> {
+        self.token_call(
+            it,
+            &[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token.expose()),
+            ],
+        )
+        .await
+    }
+
+    /// `grant_type=authorization_code`.
+    pub async fn exchange_code(
+        &self,
+        it: &Integration,
+        code: &Secret,
+        redirect_uri: &str,
+    ) -> Result<TokenResponse, OAuthError> {
+        self.token_call(
+            it,
+            &[
+                ("grant_type", "authorization_code"),
+                ("code", code.expose()),
+                ("redirect_uri", redirect_uri),
+            ],
+        )
+        .await
+    }
+
+    /// RFC 7009 revocation of a refresh token.
+    pub async fn revoke(&self, it: &Integration, refresh_token: &Secret) -> Result<(), OAuthError> {
+        let url = self
+            .revoke_url
+            .clone()
+            .ok_or_else(|| OAuthError::Transport("no upstream.revoke_url configured".into()))?;
+        let resp = self
+            .http
+            .post(url)
+            .basic_auth(&it.client_id, Some(it.client_secret.expose()))
+            .form(&[
+                ("token", refresh_token.expose()),
+                ("token_type_hint", "refresh_token"),
+            ])
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = resp.status().as_u16();
+        if status == 200 {
+            return Ok(());
+        }
+        let body = resp.bytes().await.unwrap_or_default();
+        Err(as_error(status, &body))
+    }
+
+    async fn token_call(
+        &self,
+        it: &Integration,
+        form: &[(&str, &str)],
+    ) -> Result<TokenResponse, OAuthError> {
+        let resp = self
+            .http
+            .post(self.token_url.clone())
+            .basic_auth(&it.client_id, Some(it.client_secret.expose()))
+            .header("accept", "application/json")
+            .form(form)
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.map_err(transport)?;
+        if status != 200 {
+            return Err(as_error(status, &body));
+        }
+        let raw: RawToken = serde_json::from_slice(&body).map_err(|e| {
+            OAuthError::BadResponse(format!("not a token response ({})", e.classify_name()))
+        })?;
+        if raw.access_token.is_empty() {
+            return Err(OAuthError::BadResponse("empty access_token".into()));
+        }
+        Ok(TokenResponse {
+            access_token: Secret::new(raw.access_token),
+            refresh_token: raw.refresh_token.filter(|r| !r.is_empty()).map(Secret::new),
+            expires_in: raw.expires_in.unwrap_or(3600),
+            scope: raw.scope,
+        })
+    }
+}
+
+trait Classify {
+    fn classify_name(&self) -> &'static str;
+}
+
+impl Classify for serde_json::Error {
+    // serde_json's message can quote the input, which may hold a token: report the class only.
+    fn classify_name(&self) -> &'static str {
+        match self.classify() {
+            serde_json::error::Category::Io => "io",
+            serde_json::error::Category::Syntax => "syntax error",
+            serde_json::error::Category::Data => "missing or mistyped field",
+            serde_json::error::Category::Eof => "truncated",
+        }
+    }
+}
+
+fn transport(e: reqwest::Error) -> OAuthError {
+    if e.is_timeout() {
+        OAuthError::Timeout
+    } else {
+        // Without the URL's query, and reqwest never includes the form body.
+        OAuthError::Transport(e.without_url().to_string())
+    }
+}
+
+fn as_error(status: u16, body: &[u8]) -> OAuthError {
+    let parsed: Option<RawError> = serde_json::from_slice(body).ok();
+    let error = parsed
+        .as_ref()
+        .and_then(|e| e.error.clone())
+        .unwrap_or_else(|| "unknown".into());
+    let description = parsed.and_then(|e| e.error_description).unwrap_or_default();
+    // Descriptions are short, AS-written text; cap them so a hostile body cannot flood logs.
+    let description: String = description.chars().take(200).collect();
+    if error == "invalid_grant" {
+        OAuthError::InvalidGrant(description)
+    } else {
+        OAuthError::Refused {
+            status,
+            error: if description.is_empty() {
+                error
+            } else {
+                format!("{error}: {description}")
+            },
+        }
+    }
+}

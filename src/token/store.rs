@@ -1,0 +1,359 @@
+//! The durable token store. Embedded (SQLite, one file, WAL, `synchronous=FULL`) by default.
+//!
+//! Durability rule: a rotated refresh token is committed here before the access token that came
+//! with it is used, so a crash at any instant after the token endpoint answered loses no grant.
+//! Updates are conditional on the generation the refresher started from, so two processes
+//! sharing the store never overwrite a newer token with an older one.
+
+use crate::secret::Secret;
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::Path;
+use std::sync::Mutex;
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database said no.
+    #[error("token store: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// The store file could not be opened.
+    #[error("token store {path}: {reason}")]
+    Open { path: String, reason: String },
+}
+
+/// Health of a grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantStatus {
+    /// Refreshes work.
+    Ok,
+    /// The AS answered `invalid_grant`: an org admin must connect the integration again.
+    NeedsReauth,
+}
+
+impl GrantStatus {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantStatus::Ok => "ok",
+            GrantStatus::NeedsReauth => "needs_reauthorization",
+        }
+    }
+
+    fn parse(s: &str) -> GrantStatus {
+        if s == "ok" {
+            GrantStatus::Ok
+        } else {
+            GrantStatus::NeedsReauth
+        }
+    }
+}
+
+/// One grant as stored.
+#[derive(Debug, Clone)]
+pub struct StoredGrant {
+    pub id: i64,
+    pub integration: String,
+    pub organizations: Vec<String>,
+    pub refresh_token: Secret,
+    pub access_token: Option<Secret>,
+    /// Unix seconds.
+    pub access_expires_at: i64,
+    pub generation: i64,
+    pub status: GrantStatus,
+    pub scope: String,
+    pub created_at: i64,
+    pub refreshed_at: Option<i64>,
+    pub last_used_at: Option<i64>,
+}
+
+/// The tokens a refresh produced.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    pub refresh_token: Secret,
+    pub access_token: Secret,
+    pub access_expires_at: i64,
+    pub scope: Option<String>,
+    pub refreshed_at: i64,
+}
+
+/// The embedded SQLite store.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store file.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_err = |reason: String| StoreError::Open {
+            path: path.display().to_string(),
+            reason,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| open_err(format!("cannot create directory: {e}")))?;
+        }
+        let conn = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
+        Self::init(conn).map_err(|e| open_err(e.to_string()))
+    }
+
+    /// An in-memory store, for tests.
+    pub fn in_memory() -> Result<Self, StoreError> {
+        Ok(Self::init(Connection::open_in_memory()?)?)
+    }
+
+    fn init(conn: Connection) -> Result<Self, rusqlite::Error> {
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: a committed rotation survives power loss, not only a process crash.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS grants (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                integration TEXT NOT NULL,
+                refresh_token TEXT NOT NULL,
+                access_token TEXT,
+                access_expires_at INTEGER NOT NULL DEFAULT 0,
+                generation INTEGER NOT NULL DEFAULT 0,
+                status TEXT NOT NULL DEFAULT 'ok',
+                scope TEXT NOT NULL DEFAULT '',
+                created_at INTEGER NOT NULL,
+                refreshed_at INTEGER,
+                last_used_at INTEGER
+            );
+            CREATE TABLE IF NOT EXISTS grant_organizations (
+                integration TEXT NOT NULL,
+                organization TEXT NOT NULL,
+                grant_id INTEGER NOT NULL REFERENCES grants(id) ON DELETE CASCADE,
+                PRIMARY KEY (integration, organization)
+            );",
+        )?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
+        // back), so a poisoned lock is safe to use.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every grant.
+    pub fn load_all(&self) -> Result<Vec<StoredGrant>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, integration, refresh_token, access_token, access_expires_at, generation, status, scope,
+                    created_at, refreshed_at, last_used_at FROM grants ORDER BY id",
+        )?;
+        let mut grants = stmt
+            .query_map([], row_to_grant)?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut orgs = conn.prepare("SELECT organization FROM grant_organizations WHERE grant_id = ?1 ORDER BY organization")?;
+        for g in &mut grants {
+            g.organizations = orgs
+                .query_map([g.id], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+        }
+        Ok(grants)
+    }
+
+    /// One grant.
+    pub fn load(&self, id: i64) -> Result<Option<StoredGrant>, StoreError> {
+        let conn = self.conn();
+        let mut g = conn
+            .query_row(
+                "SELECT id, integration, refresh_token, access_token, access_expires_at, generation, status, scope,
+                        created_at, refreshed_at, last_used_at FROM grants WHERE id = ?1",
+                [id],
+                row_to_grant,
+            )
+            .optional()?;
+        if let Some(g) = g.as_mut() {
+            let mut orgs = conn.prepare("SELECT organization FROM grant_organizations WHERE grant_id = ?1 ORDER BY organization")?;
+            g.organizations = orgs
+                .query_map([id], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+        }
+        Ok(g)
+    }
+
+    /// Stores a refresh token as a new grant that serves no organization yet (generation 0), so
+    /// that it is durable before the first refresh rotates it.
+    pub fn insert_pending(
+        &self,
+        integration: &str,
+        refresh_token: &Secret,
+    ) -> Result<i64, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO grants (integration, refresh_token, generation, status, created_at) VALUES (?1, ?2, 0, 'ok', ?3)",
+            params![integration, refresh_token.expose(), crate::token::now_unix()],
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// Makes grant `id` the one serving these organizations. Grants left serving none are
+    /// deleted, except recent ones that may be another import in progress.
+    pub fn assign(
+        &self,
+        id: i64,
+        integration: &str,
+        organizations: &[String],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for org in organizations {
+            tx.execute(
+                "INSERT INTO grant_organizations (integration, organization, grant_id) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (integration, organization) DO UPDATE SET grant_id = excluded.grant_id",
+                params![integration, org, id],
+            )?;
+        }
+        tx.execute(
+            "DELETE FROM grants WHERE id NOT IN (SELECT grant_id FROM grant_organizations)
+               AND (generation > 0 OR created_at < ?1)",
+            [crate::token::now_unix() - 600],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Commits a rotation if the stored generation is still `from_generation`. Returns false when
+    /// another refresher got there first (the caller must then adopt the stored tokens).
+    pub fn commit_rotation(
+        &self,
+        id: i64,
+        from_generation: i64,
+        tokens: &Rotation,
+    ) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "UPDATE grants SET refresh_token = ?1, access_token = ?2, access_expires_at = ?3, generation = generation + 1,
+                    status = 'ok', scope = COALESCE(?4, scope), refreshed_at = ?5
+             WHERE id = ?6 AND generation = ?7",
+            params![
+                tokens.refresh_token.expose(),
+                tokens.access_token.expose(),
+                tokens.access_expires_at,
+                tokens.scope,
+                tokens.refreshed_at,
+                id,
+                from_generation
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Marks a grant's health.
+    pub fn set_status(&self, id: i64, status: GrantStatus) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE grants SET status = ?1 WHERE id = ?2",
+            params![status.as_str(), id],
+        )?;
+        Ok(())
+    }
+
+    /// Records when a grant was last used to serve a request.
+    pub fn touch(&self, id: i64, at: i64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE grants SET last_used_at = MAX(COALESCE(last_used_at, 0), ?1) WHERE id = ?2",
+            params![at, id],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes a grant and its organization mappings.
+    pub fn delete(&self, id: i64) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM grants WHERE id = ?1", [id])?
+            == 1)
+    }
+
+    /// Whether the database answers.
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.conn().query_row("SELECT 1", [], |_| Ok(()))?;
+        Ok(())
+    }
+}
+
+fn row_to_grant(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredGrant> {
+    Ok(StoredGrant {
+        id: r.get(0)?,
+        integration: r.get(1)?,
+        organizations: Vec::new(),
+        refresh_token: Secret::new(r.get::<_, String>(2)?),
+        access_token: r.get::<_, Option<String>>(3)?.map(Secret::new),
+        access_expires_at: r.get(4)?,
+        generation: r.get(5)?,
+        status: GrantStatus::parse(&r.get::<_, String>(6)?),
+        scope: r.get(7)?,
+        created_at: r.get(8)?,
+        refreshed_at: r.get(9)?,
+        last_used_at: r.get(10)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rotation(n: u32) -> Rotation {
+        Rotation {
+            refresh_token: Secret::new(format!("r{n}")),
+            access_token: Secret::new(format!("a{n}")),
+            access_expires_at: 1000 + n as i64,
+            scope: Some("dashboard:general:config:read".into()),
+            refreshed_at: 10,
+        }
+    }
+
+    fn insert(s: &SqliteStore, orgs: &[&str], n: u32) -> i64 {
+        let id = s
+            .insert_pending("netops", &Secret::new("imported"))
+            .unwrap();
+        assert!(s.commit_rotation(id, 0, &rotation(n)).unwrap());
+        let orgs: Vec<String> = orgs.iter().map(|o| o.to_string()).collect();
+        s.assign(id, "netops", &orgs).unwrap();
+        id
+    }
+
+    #[test]
+    fn rotation_is_conditional_on_generation() {
+        let s = SqliteStore::in_memory().unwrap();
+        let id = insert(&s, &["1", "2"], 1);
+        let g = s.load(id).unwrap().unwrap();
+        assert_eq!(g.generation, 1);
+        assert_eq!(g.organizations, vec!["1", "2"]);
+        assert!(s.commit_rotation(id, 1, &rotation(2)).unwrap());
+        assert!(
+            !s.commit_rotation(id, 1, &rotation(3)).unwrap(),
+            "stale generation must not win"
+        );
+        let g = s.load(id).unwrap().unwrap();
+        assert_eq!(g.refresh_token.expose(), "r2");
+        assert_eq!(g.generation, 2);
+    }
+
+    #[test]
+    fn insert_replaces_grants_for_the_same_organizations() {
+        let s = SqliteStore::in_memory().unwrap();
+        let a = insert(&s, &["1"], 1);
+        let b = insert(&s, &["1"], 2);
+        assert!(s.load(a).unwrap().is_none(), "orphaned grant removed");
+        assert_eq!(s.load_all().unwrap().len(), 1);
+        s.set_status(b, GrantStatus::NeedsReauth).unwrap();
+        assert_eq!(s.load(b).unwrap().unwrap().status, GrantStatus::NeedsReauth);
+        assert!(s.delete(b).unwrap());
+        assert!(s.load_all().unwrap().is_empty());
+    }
+
+    #[test]
+    fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let id = insert(&SqliteStore::open(&path).unwrap(), &["1"], 1);
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.load(id).unwrap().unwrap().refresh_token.expose(), "r1");
+    }
+}
