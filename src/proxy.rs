@@ -83,6 +83,8 @@ pub struct Ctx {
     grant: Option<Arc<Grant>>,
     token: Option<Arc<TokenState>>,
     upstream_path: String,
+    /// The normalized path and query below the API base, once parsed.
+    path: Option<String>,
     decision: Decision,
     refusal: Option<Refusal>,
     retried_401: bool,
@@ -155,6 +157,7 @@ impl MerakiProxy {
         }
         let r = route::parse(req.uri.path(), &method).map_err(route_refusal)?;
         let query = req.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+        ctx.path = Some(format!("{}{query}", r.path));
         let lookup = LookupWith {
             api: &s.api,
             integration: &client.integration,
@@ -333,6 +336,7 @@ impl ProxyHttp for MerakiProxy {
             grant: None,
             token: None,
             upstream_path: String::new(),
+            path: None,
             decision: Decision::Forwarded,
             refusal: None,
             retried_401: false,
@@ -611,13 +615,7 @@ impl ProxyHttp for MerakiProxy {
             integration: client.map(|c| c.integration.as_str()),
             organization: org,
             method: req.method.as_str(),
-            path: if ctx.upstream_path.is_empty() {
-                path
-            } else {
-                ctx.upstream_path
-                    .strip_prefix(s.upstream.base_path.as_str())
-                    .unwrap_or(&ctx.upstream_path)
-            },
+            path: ctx.path.as_deref().unwrap_or(path),
             status,
             upstream_status: ctx.upstream_status,
             decision: ctx.decision.as_str(),

@@ -1,0 +1,325 @@
+//! Starts the real `meraki-oauth-proxy` binary against a [`Standin`] on loopback ports, with a
+//! scenario most tests share: one integration, two organizations with one grant each, and two
+//! clients (alice: org 111, every method; bob: org 222, GET only).
+
+use super::standin::Standin;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_meraki-oauth-proxy");
+pub const CLIENT_ID: &str = "netops-client-id";
+pub const CLIENT_SECRET: &str = "netops-client-secret-value-0123456789";
+pub const ALICE_KEY: &str = "alice-proxy-key-5f1c9a7e";
+pub const BOB_KEY: &str = "bob-proxy-key-8d2e4b6a";
+
+/// A free loopback port (bound then released; small race, acceptable in tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn sha256_hex(s: &str) -> String {
+    let out = Command::new(BIN)
+        .arg("hash-key")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(s.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// The stand-in, seeded, plus a configuration for the proxy in a temporary directory.
+pub struct Scenario {
+    pub standin: Standin,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub port: u16,
+    pub admin_port: u16,
+    /// The refresh tokens the stand-in issued for orgs 111 and 222 (rotated by import).
+    pub initial_refresh: Vec<String>,
+}
+
+/// Extra TOML appended to the generated configuration's sections.
+#[derive(Default, Clone)]
+pub struct Options {
+    /// Lines for `[tokens]`.
+    pub tokens: String,
+    /// Lines for `[upstream]`.
+    pub upstream: String,
+}
+
+impl Scenario {
+    /// Seeds the stand-in and writes the configuration; grants are imported with [`import`].
+    pub async fn new(opts: Options) -> Scenario {
+        let standin = Standin::start().await;
+        standin.add_client(CLIENT_ID, CLIENT_SECRET);
+        standin.add_org("111", "Alice Org");
+        standin.add_org("222", "Bob Org");
+        for i in 0..3 {
+            standin.add_network("111", &format!("L_111_{i}"), &format!("alice net {i}"));
+        }
+        standin.add_network("222", "L_222_0", "bob net");
+        standin.add_device("L_111_0", "Q111-AAAA-0001", "alice ap");
+        standin.add_device("L_222_0", "Q222-BBBB-0001", "bob ap");
+        let scopes = [
+            "dashboard:general:config:read",
+            "dashboard:general:config:write",
+        ];
+        let initial_refresh = vec![
+            standin.issue_grant(CLIENT_ID, &["111"], &scopes),
+            standin.issue_grant(CLIENT_ID, &["222"], &scopes),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let (port, admin_port) = (free_port(), free_port());
+        let config = dir.path().join("proxy.toml");
+        let text = format!(
+            r#"
+[server]
+listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin_port}"
+threads = 2
+
+[upstream]
+api_base = "{api}"
+token_url = "{token}"
+authorize_url = "{authorize}"
+revoke_url = "{revoke}"
+{up_extra}
+
+[store]
+path = "tokens.db"
+
+[audit]
+path = "audit.jsonl"
+
+[tokens]
+{tok_extra}
+
+[[integrations]]
+name = "netops"
+client_id = "{CLIENT_ID}"
+client_secret_env = "NETOPS_CLIENT_SECRET"
+redirect_uri = "http://127.0.0.1:{admin_port}/oauth/callback"
+scopes = ["dashboard:general:config:read", "dashboard:general:config:write"]
+
+[[clients]]
+name = "alice"
+key_sha256 = "{alice}"
+integration = "netops"
+organizations = ["111"]
+
+[[clients]]
+name = "bob"
+key_sha256 = "{bob}"
+integration = "netops"
+organizations = ["222"]
+methods = ["GET"]
+"#,
+            api = standin.api_base(),
+            token = standin.token_url(),
+            authorize = standin.authorize_url(),
+            revoke = standin.revoke_url(),
+            up_extra = opts.upstream,
+            tok_extra = opts.tokens,
+            alice = sha256_hex(ALICE_KEY),
+            bob = sha256_hex(BOB_KEY),
+        );
+        std::fs::write(&config, text).unwrap();
+        Scenario {
+            standin,
+            dir,
+            config,
+            port,
+            admin_port,
+            initial_refresh,
+        }
+    }
+
+    /// Runs the binary with this configuration and the client secret in its environment.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env("NETOPS_CLIENT_SECRET", CLIENT_SECRET)
+            .env("RUST_LOG", "info");
+        c
+    }
+
+    /// `grants import` for both organizations, through the real CLI.
+    pub async fn import(&self) {
+        for (org, token) in [
+            ("111", &self.initial_refresh[0]),
+            ("222", &self.initial_refresh[1]),
+        ] {
+            let file = self.dir.path().join(format!("rt-{org}"));
+            std::fs::write(&file, token).unwrap();
+            let out = self
+                .run(&[
+                    "grants",
+                    "import",
+                    "--integration",
+                    "netops",
+                    "--org",
+                    org,
+                    "--refresh-token-file",
+                    file.to_str().unwrap(),
+                ])
+                .await;
+            assert!(
+                out.status.success(),
+                "import failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::fs::remove_file(file).unwrap();
+        }
+    }
+
+    /// Runs a CLI command to completion (off the async runtime, which serves the stand-in).
+    pub async fn run(&self, args: &[&str]) -> Output {
+        let mut cmd = self.command(args);
+        tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// Starts the proxy and waits until both listeners answer.
+    pub async fn start(&self) -> ProxyProcess {
+        let log = self
+            .dir
+            .path()
+            .join(format!("proxy-{}.log", Instant::now().elapsed().as_nanos()));
+        let stderr = std::fs::File::create(&log).unwrap();
+        let stdout = stderr.try_clone().unwrap();
+        let child = self
+            .command(&["run"])
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let p = ProxyProcess {
+            child,
+            port: self.port,
+            admin_port: self.admin_port,
+            log,
+        };
+        p.wait_ready().await;
+        p
+    }
+
+    /// The proxy's base URL as scripts use it.
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}/api/v1", self.port)
+    }
+
+    /// The audit log's records.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        read_jsonl(&self.dir.path().join("audit.jsonl"))
+    }
+
+    /// Every log the proxy processes wrote, concatenated.
+    pub fn logs(&self) -> String {
+        let mut all = String::new();
+        for e in std::fs::read_dir(self.dir.path()).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "log") {
+                all.push_str(&std::fs::read_to_string(p).unwrap());
+            }
+        }
+        all
+    }
+}
+
+/// Parses a JSON-lines file (missing file: no records).
+pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A running proxy process; killed on drop.
+pub struct ProxyProcess {
+    pub child: Child,
+    pub port: u16,
+    pub admin_port: u16,
+    pub log: PathBuf,
+}
+
+impl ProxyProcess {
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let http = reqwest::Client::new();
+        loop {
+            let admin = http
+                .get(format!("http://127.0.0.1:{}/healthz", self.admin_port))
+                .send()
+                .await;
+            let proxy = http
+                .get(format!(
+                    "http://127.0.0.1:{}/api/v1/organizations",
+                    self.port
+                ))
+                .send()
+                .await;
+            if admin.is_ok() && proxy.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy did not start: {}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// GETs an admin path.
+    pub async fn admin(&self, path: &str) -> (u16, String) {
+        let r = reqwest::get(format!("http://127.0.0.1:{}{}", self.admin_port, path))
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Waits until `f` holds (bounded).
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}

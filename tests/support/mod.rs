@@ -1,0 +1,5 @@
+//! Helpers shared by the integration tests. Each test binary uses a subset, hence the allow.
+#![allow(dead_code)]
+
+pub mod harness;
+pub mod standin;
