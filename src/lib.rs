@@ -10,6 +10,7 @@
 //! - [`route`]: which organization the request acts on: path normalization, and the cached
 //!   lookup of networks and devices.
 //! - [`token`]: grants, the OAuth token endpoint, single-flight refresh and the durable store.
+//! - [`forward`]: what forwarding does to the wire: `Link` rewriting, following redirects.
 //! - [`proxy`]: the Pingora hooks; thin, they call the modules above.
 //! - [`audit`] and [`metrics`]: one audit record and the metrics of every request.
 //! - [`admin`]: the admin listener (`/metrics`, `/healthz`, `/readyz`).
@@ -23,6 +24,7 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod errors;
+pub mod forward;
 pub mod identity;
 pub mod metrics;
 pub mod proxy;

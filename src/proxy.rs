@@ -5,6 +5,7 @@
 use crate::audit::{now_rfc3339, Audit, RequestRecord};
 use crate::config::{Client, Config};
 use crate::errors;
+use crate::forward::{RedirectError, RedirectTarget};
 use crate::identity::{Identities, API_KEY_HEADER};
 use crate::metrics::{Metrics, NONE};
 use crate::route::{self, Resolver, RouteError, Target};
@@ -26,6 +27,26 @@ use std::time::{Duration, Instant};
 pub const REQUEST_ID_HEADER: &str = "x-proxy-request-id";
 /// Response header on proxy-generated 5xx: whether the request reached Meraki.
 pub const UPSTREAM_OUTCOME_HEADER: &str = "x-proxy-upstream";
+/// Upstream redirects followed for one request, at most.
+pub const MAX_REDIRECTS: u32 = 3;
+const REDIRECTS: &[u16] = &[301, 302, 303, 307, 308];
+/// Hop-by-hop request headers (RFC 9110 7.6.1) that must not travel to Meraki; Pingora manages
+/// `Connection` and framing itself.
+const HOP_BY_HOP_REQUEST: &[&str] = &[
+    "proxy-authorization",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "upgrade",
+];
+/// Hop-by-hop response headers not to hand to the client.
+const HOP_BY_HOP_RESPONSE: &[&str] = &[
+    "proxy-connection",
+    "keep-alive",
+    "trailer",
+    "upgrade",
+    "proxy-authenticate",
+];
 
 /// Everything the hooks need, built once by [`crate::server`].
 pub struct AppState {
@@ -88,6 +109,9 @@ pub struct Ctx {
     decision: Decision,
     refusal: Option<Refusal>,
     retried_401: bool,
+    /// Where the last upstream redirect led, if one was followed.
+    redirect: Option<RedirectTarget>,
+    redirects: u32,
     /// Set just before an error that must be retried (401 after a refresh).
     retry_requested: bool,
     upstream_status: Option<u16>,
@@ -247,6 +271,108 @@ impl MerakiProxy {
     }
 }
 
+impl MerakiProxy {
+    /// After an upstream 401: refresh (once per token generation) and ask Pingora to retry.
+    /// Returns Ok when there is nothing to retry with, so Meraki's own 401 goes to the client.
+    async fn retry_after_401(&self, ctx: &mut Ctx, integration: &str) -> Result<()> {
+        let (Some(grant), Some(token), Some(org)) =
+            (ctx.grant.clone(), ctx.token.clone(), ctx.org.clone())
+        else {
+            return Ok(());
+        };
+        ctx.retried_401 = true;
+        match self
+            .state
+            .grants
+            .refresh(&grant, &org, token.generation, RefreshCause::Rejected)
+            .await
+        {
+            Ok(fresh) => {
+                ctx.token = Some(fresh);
+                ctx.retry_requested = true;
+                let mut e = Error::explain(
+                    HTTPStatus(401),
+                    "Meraki answered 401; retrying once with a refreshed token",
+                );
+                e.set_retry(true);
+                Err(e)
+            }
+            Err(err) => {
+                self.state.metrics.retry(integration, "refresh_failed");
+                let (_, r) = token_refusal(err);
+                let status = r.status;
+                ctx.refusal = Some(Refusal {
+                    upstream: Some("rejected-401"),
+                    ..r
+                });
+                ctx.decision = Decision::Failed;
+                Error::e_explain(HTTPStatus(status), "refresh after an upstream 401 failed")
+            }
+        }
+    }
+
+    /// Follows an upstream redirect inside the proxy (clients mishandle them), only to allowed
+    /// hosts and at most [`MAX_REDIRECTS`] times; the client never sees an upstream 3xx.
+    fn follow_redirect(
+        &self,
+        session: &mut Session,
+        resp: &ResponseHeader,
+        ctx: &mut Ctx,
+        integration: &str,
+    ) -> Result<()> {
+        let s = &self.state;
+        let current = match &ctx.redirect {
+            Some(t) => format!("{}{}", t.origin(), t.path_and_query),
+            None => format!("{}{}", s.upstream.origin(), ctx.upstream_path),
+        };
+        let location = resp
+            .headers
+            .get(http::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let decision = crate::forward::redirect_target(
+            location,
+            &current,
+            &s.config.upstream.redirect_hosts,
+            &s.upstream.host,
+        );
+        let refusal = match decision {
+            Ok(_) if ctx.redirects >= MAX_REDIRECTS => Refusal {
+                status: 502,
+                reason: "too_many_redirects",
+                message: format!("Meraki redirected more than {MAX_REDIRECTS} times; not followed"),
+                upstream: Some("redirected"),
+            },
+            Ok(_) if session.as_ref().retry_buffer_truncated() => Refusal {
+                status: 502,
+                reason: "redirect_body_too_large",
+                message: "Meraki redirected a request whose body is over 64 KiB, which the proxy cannot replay; it was not applied".into(),
+                upstream: Some("redirected"),
+            },
+            Ok(target) => {
+                ctx.redirects += 1;
+                s.metrics.redirect(integration);
+                tracing::debug!(host = %target.host, "following an upstream redirect");
+                ctx.redirect = Some(target);
+                ctx.retry_requested = true;
+                let mut e = Error::explain(HTTPStatus(502), "following an upstream redirect");
+                e.set_retry(true);
+                return Err(e);
+            }
+            Err(e) => Refusal {
+                status: 502,
+                reason: if matches!(e, RedirectError::HostNotAllowed(_)) { "redirect_not_allowed" } else { "bad_redirect" },
+                message: e.to_string(),
+                upstream: Some("redirected"),
+            },
+        };
+        let status = refusal.status;
+        ctx.refusal = Some(refusal);
+        ctx.decision = Decision::Failed;
+        Error::e_explain(HTTPStatus(status), "upstream redirect not followed")
+    }
+}
+
 fn route_refusal(e: RouteError) -> (Decision, Refusal) {
     let status = e.status();
     let decision = if status >= 500 {
@@ -340,6 +466,8 @@ impl ProxyHttp for MerakiProxy {
             decision: Decision::Forwarded,
             refusal: None,
             retried_401: false,
+            redirect: None,
+            redirects: 0,
             retry_requested: false,
             upstream_status: None,
             upstream_request_id: None,
@@ -360,8 +488,23 @@ impl ProxyHttp for MerakiProxy {
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        Ok(self.state.upstream.peer())
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        match &ctx.redirect {
+            None => Ok(self.state.upstream.peer()),
+            Some(t) => {
+                let addr = tokio::net::lookup_host((t.host.as_str(), t.port))
+                    .await
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .ok_or_else(|| {
+                        Error::explain(
+                            ErrorType::ConnectNoRoute,
+                            "cannot resolve the redirect target",
+                        )
+                    })?;
+                Ok(self.state.upstream.peer_at(addr, t.tls, &t.host))
+            }
+        }
     }
 
     async fn upstream_request_filter(
@@ -373,6 +516,9 @@ impl ProxyHttp for MerakiProxy {
         // Both inbound credential headers go: Meraki accepts either, so either would carry the
         // client's key upstream.
         req.remove_header(API_KEY_HEADER);
+        for h in HOP_BY_HOP_REQUEST {
+            req.remove_header(*h);
+        }
         let Some(access) = ctx.token.as_ref().and_then(|t| t.access.as_ref()) else {
             return Error::e_explain(
                 ErrorType::InternalError,
@@ -388,12 +534,16 @@ impl ProxyHttp for MerakiProxy {
             })?;
         bearer.set_sensitive(true);
         req.insert_header(AUTHORIZATION, bearer)?;
-        req.insert_header(HOST, self.state.upstream.host_header.as_str())?;
-        let uri = ctx.upstream_path.parse::<http::Uri>().map_err(|_| {
-            Error::explain(
-                ErrorType::InternalError,
-                "normalized path is not a valid URI",
-            )
+        let (authority, path) = match &ctx.redirect {
+            Some(t) => (t.authority.as_str(), t.path_and_query.as_str()),
+            None => (
+                self.state.upstream.host_header.as_str(),
+                ctx.upstream_path.as_str(),
+            ),
+        };
+        req.insert_header(HOST, authority)?;
+        let uri = path.parse::<http::Uri>().map_err(|_| {
+            Error::explain(ErrorType::InternalError, "upstream path is not a valid URI")
         })?;
         req.set_uri(uri);
         let ua = match session
@@ -406,7 +556,6 @@ impl ProxyHttp for MerakiProxy {
             _ => crate::PRODUCT.to_owned(),
         };
         req.insert_header(USER_AGENT, ua)?;
-        req.remove_header("proxy-authorization");
         ctx.upstream_sent = Some(Instant::now());
         Ok(())
     }
@@ -420,11 +569,13 @@ impl ProxyHttp for MerakiProxy {
         let status = resp.status.as_u16();
         ctx.upstream_status = Some(status);
         ctx.upstream_elapsed = ctx.upstream_sent.map(|t| t.elapsed());
-        ctx.upstream_request_id = resp
+        if let Some(id) = resp
             .headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        {
+            ctx.upstream_request_id = Some(id.to_owned());
+        }
         let integration = ctx
             .client
             .as_ref()
@@ -433,55 +584,36 @@ impl ProxyHttp for MerakiProxy {
         if let Some(e) = ctx.upstream_elapsed {
             self.state.metrics.upstream(&integration, e);
         }
+        if REDIRECTS.contains(&status) {
+            return self.follow_redirect(session, resp, ctx, &integration);
+        }
         if status == 429 {
             self.state
                 .metrics
                 .upstream_429(ctx.org.as_deref().unwrap_or(NONE));
         }
         if ctx.retried_401 {
-            self.state.metrics.retry(
-                &integration,
-                if status == 401 {
-                    "rejected_again"
-                } else {
-                    "succeeded"
-                },
-            );
+            let outcome = if status == 401 {
+                "rejected_again"
+            } else {
+                "succeeded"
+            };
+            self.state.metrics.retry(&integration, outcome);
         } else if status == 401 && !session.as_ref().retry_buffer_truncated() {
-            if let (Some(grant), Some(token), Some(org)) =
-                (ctx.grant.clone(), ctx.token.clone(), ctx.org.clone())
-            {
-                ctx.retried_401 = true;
-                match self
-                    .state
-                    .grants
-                    .refresh(&grant, &org, token.generation, RefreshCause::Rejected)
-                    .await
-                {
-                    Ok(fresh) => {
-                        ctx.token = Some(fresh);
-                        ctx.retry_requested = true;
-                        let mut e = Error::explain(
-                            HTTPStatus(401),
-                            "Meraki answered 401; retrying once with a refreshed token",
-                        );
-                        e.set_retry(true);
-                        return Err(e);
-                    }
-                    Err(err) => {
-                        self.state.metrics.retry(&integration, "refresh_failed");
-                        let (_, r) = token_refusal(err);
-                        let status = r.status;
-                        ctx.refusal = Some(Refusal {
-                            upstream: Some("rejected-401"),
-                            ..r
-                        });
-                        ctx.decision = Decision::Failed;
-                        return Error::e_explain(
-                            HTTPStatus(status),
-                            "refresh after an upstream 401 failed",
-                        );
-                    }
+            self.retry_after_401(ctx, &integration).await?;
+        }
+        for h in HOP_BY_HOP_RESPONSE {
+            resp.remove_header(*h);
+        }
+        if let Some(link) = resp
+            .headers
+            .get(http::header::LINK)
+            .and_then(|v| v.to_str().ok())
+        {
+            match crate::forward::rewrite_link(link, &self.state.upstream.base_path) {
+                Some(rewritten) => resp.insert_header(http::header::LINK, rewritten)?,
+                None => {
+                    resp.remove_header(&http::header::LINK);
                 }
             }
         }
@@ -519,7 +651,7 @@ impl ProxyHttp for MerakiProxy {
         _e: &Error,
         _w: pingora::proxy::ProxyWarnLogContext,
     ) -> bool {
-        ctx.retried_401
+        ctx.retried_401 || ctx.redirects > 0
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
@@ -621,7 +753,7 @@ impl ProxyHttp for MerakiProxy {
             decision: ctx.decision.as_str(),
             reason: ctx.refusal.as_ref().map(|r| r.reason),
             retried_after_401: ctx.retried_401,
-            redirects_followed: 0,
+            redirects_followed: ctx.redirects,
             token_fingerprint: fingerprint.as_deref(),
             duration_ms: elapsed.as_secs_f64() * 1000.0,
             upstream_duration_ms: ctx.upstream_elapsed.map(|d| d.as_secs_f64() * 1000.0),

@@ -99,8 +99,9 @@ pub fn build(config: Config) -> Result<Server, StartError> {
 
     let conf = ServerConf {
         threads: config.threads,
-        // One retry after a 401, plus room for Pingora's own retries of reused connections.
-        max_retries: 4,
+        // Attempts, not retries: the first, one after a 401, the redirects, and two for
+        // Pingora's own retries of stale reused connections.
+        max_retries: 2 + crate::proxy::MAX_REDIRECTS as usize + 2,
         grace_period_seconds: Some(1),
         graceful_shutdown_timeout_seconds: Some(5),
         ..ServerConf::default()

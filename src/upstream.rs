@@ -69,9 +69,23 @@ impl Upstream {
         Ok(())
     }
 
+    /// `scheme://authority` of the upstream.
+    pub fn origin(&self) -> String {
+        format!(
+            "{}://{}",
+            if self.tls { "https" } else { "http" },
+            self.host_header
+        )
+    }
+
     /// The peer for one request.
     pub fn peer(&self) -> Box<HttpPeer> {
-        let mut peer = HttpPeer::new(**self.addr.load(), self.tls, self.host.clone());
+        self.peer_at(**self.addr.load(), self.tls, &self.host)
+    }
+
+    /// A peer with the upstream's timeouts at another address (a redirect target).
+    pub fn peer_at(&self, addr: SocketAddr, tls: bool, sni: &str) -> Box<HttpPeer> {
+        let mut peer = HttpPeer::new(addr, tls, sni.to_owned());
         let o = &mut peer.options;
         o.connection_timeout = Some(Duration::from_secs(10));
         o.total_connection_timeout = Some(Duration::from_secs(15));

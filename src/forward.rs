@@ -1,0 +1,257 @@
+//! Forwarding rules that touch the wire: `Link` rewriting (every page leads back through the
+//! proxy) and the decision to follow an upstream redirect.
+
+/// Rewrites an upstream `Link` header value so that every target leads back through the proxy.
+///
+/// Each URL whose path lies under the upstream base path (`/api/v1`) becomes the path-absolute
+/// reference `/api/v1/<rest>?<query>`, the query copied byte for byte (cursors are opaque). Both
+/// kinds of clients then stay on the proxy: RFC 8288 clients resolve it against the request URL
+/// (`http://proxy/api/v1/...`), and the official Python SDK, which prefixes any non-Meraki URL
+/// with its base URL, requests `http://proxy/api/v1/api/v1/...`, which [`crate::route::parse`]
+/// folds back. Links elsewhere are dropped rather than handed to the client. Returns `None`
+/// when no link is left.
+pub fn rewrite_link(value: &str, upstream_base_path: &str) -> Option<String> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(open) = rest.find('<') {
+        let after = &rest[open + 1..];
+        let close = after.find('>')?;
+        let target = &after[..close];
+        let tail = &after[close + 1..];
+        // Parameters run to the next comma outside a quoted string.
+        let mut in_quotes = false;
+        let mut end = tail.len();
+        for (i, c) in tail.char_indices() {
+            match c {
+                '"' => in_quotes = !in_quotes,
+                ',' if !in_quotes => {
+                    end = i;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let params = tail[..end].trim_end();
+        rest = tail.get(end + 1..).unwrap_or("");
+        if let Some(rewritten) = rewrite_target(target, upstream_base_path) {
+            if !out.is_empty() {
+                out.push_str(", ");
+            }
+            out.push('<');
+            out.push_str(&rewritten);
+            out.push('>');
+            out.push_str(params);
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+fn rewrite_target(target: &str, base_path: &str) -> Option<String> {
+    let path_and_query = if let Some(after_scheme) = target
+        .strip_prefix("https://")
+        .or_else(|| target.strip_prefix("http://"))
+    {
+        let start = after_scheme
+            .find(['/', '?', '#'])
+            .unwrap_or(after_scheme.len());
+        &after_scheme[start..]
+    } else if target.starts_with('/') && !target.starts_with("//") {
+        target
+    } else {
+        return None;
+    };
+    let below = path_and_query.strip_prefix(base_path)?;
+    if !(below.is_empty() || below.starts_with(['/', '?'])) {
+        return None;
+    }
+    Some(format!("/api/v1{below}"))
+}
+
+/// Where an upstream redirect leads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedirectTarget {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// `Host` header value.
+    pub authority: String,
+    /// Path and query, as the `Location` gave them.
+    pub path_and_query: String,
+}
+
+impl RedirectTarget {
+    /// `scheme://authority`, to resolve a relative `Location` of a later hop.
+    pub fn origin(&self) -> String {
+        format!(
+            "{}://{}",
+            if self.tls { "https" } else { "http" },
+            self.authority
+        )
+    }
+}
+
+/// Why a redirect is not followed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RedirectError {
+    #[error("Meraki redirected to {0}, which is not an allowed upstream host; the redirect was not followed")]
+    HostNotAllowed(String),
+    #[error("Meraki sent a redirect without a usable Location")]
+    BadLocation,
+}
+
+/// Decides whether to follow `location`, resolved against `current` (`scheme://authority/path`).
+/// A host is allowed when it equals an entry of `allowed` or is a subdomain of one, or when it is
+/// the configured upstream host itself.
+pub fn redirect_target(
+    location: &str,
+    current: &str,
+    allowed: &[String],
+    upstream_host: &str,
+) -> Result<RedirectTarget, RedirectError> {
+    let base = url::Url::parse(current).map_err(|_| RedirectError::BadLocation)?;
+    let url = base
+        .join(location.trim())
+        .map_err(|_| RedirectError::BadLocation)?;
+    let tls = match url.scheme() {
+        "https" => true,
+        "http" => false,
+        _ => return Err(RedirectError::BadLocation),
+    };
+    let host = url
+        .host_str()
+        .ok_or(RedirectError::BadLocation)?
+        .to_ascii_lowercase();
+    let allowed_host = host == upstream_host.to_ascii_lowercase()
+        || allowed.iter().any(|a| {
+            host == *a
+                || host
+                    .strip_suffix(a.as_str())
+                    .is_some_and(|p| p.ends_with('.'))
+        });
+    if !allowed_host {
+        return Err(RedirectError::HostNotAllowed(host));
+    }
+    let port = url
+        .port_or_known_default()
+        .ok_or(RedirectError::BadLocation)?;
+    let authority = match url.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.clone(),
+    };
+    // Keep the query exactly as sent when the Location is absolute: cursors are opaque.
+    let raw = location.trim();
+    let path_and_query = match raw
+        .strip_prefix("https://")
+        .or_else(|| raw.strip_prefix("http://"))
+    {
+        Some(after) => {
+            let start = after.find(['/', '?']).unwrap_or(after.len());
+            let pq = after[start..].split('#').next().unwrap_or("");
+            if pq.is_empty() {
+                "/".to_owned()
+            } else {
+                pq.to_owned()
+            }
+        }
+        None => match url.query() {
+            Some(q) => format!("{}?{q}", url.path()),
+            None => url.path().to_owned(),
+        },
+    };
+    Ok(RedirectTarget {
+        tls,
+        host,
+        port,
+        authority,
+        path_and_query,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_urls_come_back_through_the_proxy_with_cursors_untouched() {
+        let up = "<https://api.meraki.com/api/v1/organizations/1/networks?perPage=5&startingAfter=0000000000000000>; rel=first, \
+                  <https://n123.meraki.com/api/v1/organizations/1/networks?perPage=5&startingAfter=N_9&t0=2026-11-23T00%3A00%3A00Z>; rel=next, \
+                  <https://api.meraki.com/api/v1/organizations/1/networks?perPage=5&endingBefore=zzzz>; rel=\"last\"";
+        let got = rewrite_link(up, "/api/v1").unwrap();
+        assert_eq!(
+            got,
+            "</api/v1/organizations/1/networks?perPage=5&startingAfter=0000000000000000>; rel=first, \
+             </api/v1/organizations/1/networks?perPage=5&startingAfter=N_9&t0=2026-11-23T00%3A00%3A00Z>; rel=next, \
+             </api/v1/organizations/1/networks?perPage=5&endingBefore=zzzz>; rel=\"last\""
+        );
+    }
+
+    #[test]
+    fn links_outside_the_api_are_dropped_and_a_stand_in_base_is_mapped() {
+        assert_eq!(
+            rewrite_link("<https://evil.test/other>; rel=next", "/api/v1"),
+            None
+        );
+        assert_eq!(
+            rewrite_link(
+                "<mailto:x@y>; rel=next, <http://127.0.0.1:9/base/x?a=1>; rel=\"a,b\"",
+                "/base"
+            )
+            .unwrap(),
+            "</api/v1/x?a=1>; rel=\"a,b\""
+        );
+        assert_eq!(rewrite_link("</api/v1x/y>; rel=next", "/api/v1"), None);
+    }
+
+    #[test]
+    fn redirects_only_to_allowed_hosts() {
+        let allowed = vec!["meraki.com".to_string()];
+        let t = redirect_target(
+            "https://n42.meraki.com/api/v1/organizations/1?startingAfter=a%2Fb",
+            "https://api.meraki.com/api/v1/organizations/1",
+            &allowed,
+            "api.meraki.com",
+        )
+        .unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.tls),
+            ("n42.meraki.com", 443, true)
+        );
+        assert_eq!(
+            t.path_and_query,
+            "/api/v1/organizations/1?startingAfter=a%2Fb"
+        );
+        let rel = redirect_target(
+            "/api/v1/x",
+            "http://127.0.0.1:8000/api/v1/y",
+            &allowed,
+            "127.0.0.1",
+        )
+        .unwrap();
+        assert_eq!(
+            (rel.authority.as_str(), rel.path_and_query.as_str()),
+            ("127.0.0.1:8000", "/api/v1/x")
+        );
+        for bad in [
+            "https://meraki.com.evil.test/x",
+            "https://evilmeraki.com/x",
+            "https://evil.test/api/v1",
+        ] {
+            assert!(
+                matches!(
+                    redirect_target(bad, "https://api.meraki.com/", &allowed, "api.meraki.com"),
+                    Err(RedirectError::HostNotAllowed(_))
+                ),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            redirect_target(
+                "ftp://meraki.com/x",
+                "https://api.meraki.com/",
+                &allowed,
+                "api.meraki.com"
+            ),
+            Err(RedirectError::BadLocation)
+        );
+    }
+}
