@@ -122,7 +122,7 @@ fn grants(config: Config, cmd: GrantsCommand) -> ExitCode {
         match cmd {
             GrantsCommand::List => {
                 let now = now_unix();
-                println!("{:<6} {:<16} {:<24} {:<24} {:<12} {:<22} {}", "ID", "INTEGRATION", "ORGANIZATIONS", "STATUS", "TOKEN", "EXPIRES", "LAST USED");
+                println!("ID     INTEGRATION      ORGANIZATIONS            STATUS                   TOKEN        EXPIRES                LAST USED");
                 for g in parts.grants.all() {
                     let st = g.state();
                     let expires = if st.expires_at == 0 {

@@ -1,6 +1,51 @@
 //! Forwarding rules that touch the wire: `Link` rewriting (every page leads back through the
 //! proxy) and the decision to follow an upstream redirect.
 
+use crate::identity::API_KEY_HEADER;
+use http::header::{AUTHORIZATION, HOST, USER_AGENT};
+use http::HeaderValue;
+use pingora::http::RequestHeader;
+
+/// Hop-by-hop request headers (RFC 9110 7.6.1) that must not travel to Meraki; Pingora manages
+/// `Connection` and framing itself.
+const HOP_BY_HOP_REQUEST: &[&str] = &[
+    "proxy-authorization",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "upgrade",
+];
+
+/// Turns the client's request header into the one Meraki gets: both inbound credential headers
+/// removed (Meraki accepts either, so either would carry the client's key upstream), the bearer
+/// attached, `Host` and path set, and the proxy's token appended to the User-Agent.
+pub fn prepare_request(
+    req: &mut RequestHeader,
+    bearer: &HeaderValue,
+    authority: &str,
+    path: &str,
+) -> pingora::Result<()> {
+    req.remove_header(API_KEY_HEADER);
+    for h in HOP_BY_HOP_REQUEST {
+        req.remove_header(*h);
+    }
+    req.insert_header(AUTHORIZATION, bearer.clone())?;
+    req.insert_header(HOST, authority)?;
+    let uri = path.parse::<http::Uri>().map_err(|_| {
+        pingora::Error::explain(
+            pingora::ErrorType::InternalError,
+            "upstream path is not a valid URI",
+        )
+    })?;
+    req.set_uri(uri);
+    let ua = match req.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()) {
+        Some(ua) if !ua.is_empty() => format!("{ua} {}", crate::PRODUCT),
+        _ => crate::PRODUCT.to_owned(),
+    };
+    req.insert_header(USER_AGENT, ua)?;
+    Ok(())
+}
+
 /// Rewrites an upstream `Link` header value so that every target leads back through the proxy.
 ///
 /// Each URL whose path lies under the upstream base path (`/api/v1`) becomes the path-absolute
@@ -170,6 +215,41 @@ pub fn redirect_target(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prepared_request_carries_only_the_bearer() {
+        let mut req = RequestHeader::build("PUT", b"/api/v1/networks/N_1?x=1", None).unwrap();
+        req.insert_header("x-cisco-meraki-api-key", "client-key")
+            .unwrap();
+        req.insert_header("authorization", "Bearer client-key")
+            .unwrap();
+        req.insert_header("proxy-authorization", "Basic abc")
+            .unwrap();
+        req.insert_header("user-agent", "script/1.0 Acme").unwrap();
+        let bearer = HeaderValue::from_static("Bearer access-token");
+        prepare_request(
+            &mut req,
+            &bearer,
+            "api.meraki.com",
+            "/api/v1/networks/N_1?x=1",
+        )
+        .unwrap();
+        assert!(req.headers.get("x-cisco-meraki-api-key").is_none());
+        assert!(req.headers.get("proxy-authorization").is_none());
+        assert_eq!(
+            req.headers
+                .get_all("authorization")
+                .iter()
+                .collect::<Vec<_>>(),
+            [&bearer]
+        );
+        assert_eq!(req.headers["host"], "api.meraki.com");
+        assert_eq!(req.uri.to_string(), "/api/v1/networks/N_1?x=1");
+        assert_eq!(
+            req.headers["user-agent"],
+            format!("script/1.0 Acme {}", crate::PRODUCT)
+        );
+    }
 
     #[test]
     fn link_urls_come_back_through_the_proxy_with_cursors_untouched() {

@@ -6,15 +6,14 @@ use crate::audit::{now_rfc3339, Audit, RequestRecord};
 use crate::config::{Client, Config};
 use crate::errors;
 use crate::forward::{RedirectError, RedirectTarget};
-use crate::identity::{Identities, API_KEY_HEADER};
+use crate::identity::Identities;
 use crate::metrics::{Metrics, NONE};
 use crate::route::{self, Resolver, RouteError, Target};
 use crate::token::{Grant, Grants, RefreshCause, TokenError, TokenState};
 use crate::upstream::{ApiClient, LookupWith, Upstream};
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, USER_AGENT};
-use http::HeaderValue;
+use http::header::{CONTENT_TYPE, USER_AGENT};
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
@@ -30,15 +29,6 @@ pub const UPSTREAM_OUTCOME_HEADER: &str = "x-proxy-upstream";
 /// Upstream redirects followed for one request, at most.
 pub const MAX_REDIRECTS: u32 = 3;
 const REDIRECTS: &[u16] = &[301, 302, 303, 307, 308];
-/// Hop-by-hop request headers (RFC 9110 7.6.1) that must not travel to Meraki; Pingora manages
-/// `Connection` and framing itself.
-const HOP_BY_HOP_REQUEST: &[&str] = &[
-    "proxy-authorization",
-    "proxy-connection",
-    "keep-alive",
-    "te",
-    "upgrade",
-];
 /// Hop-by-hop response headers not to hand to the client.
 const HOP_BY_HOP_RESPONSE: &[&str] = &[
     "proxy-connection",
@@ -509,31 +499,16 @@ impl ProxyHttp for MerakiProxy {
 
     async fn upstream_request_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         req: &mut pingora::http::RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        // Both inbound credential headers go: Meraki accepts either, so either would carry the
-        // client's key upstream.
-        req.remove_header(API_KEY_HEADER);
-        for h in HOP_BY_HOP_REQUEST {
-            req.remove_header(*h);
-        }
-        let Some(access) = ctx.token.as_ref().and_then(|t| t.access.as_ref()) else {
+        let Some(bearer) = ctx.token.as_ref().and_then(|t| t.bearer()) else {
             return Error::e_explain(
                 ErrorType::InternalError,
                 "no access token for an admitted request",
             );
         };
-        let mut bearer =
-            HeaderValue::from_str(&format!("Bearer {}", access.expose())).map_err(|_| {
-                Error::explain(
-                    ErrorType::InternalError,
-                    "access token is not a valid header value",
-                )
-            })?;
-        bearer.set_sensitive(true);
-        req.insert_header(AUTHORIZATION, bearer)?;
         let (authority, path) = match &ctx.redirect {
             Some(t) => (t.authority.as_str(), t.path_and_query.as_str()),
             None => (
@@ -541,21 +516,7 @@ impl ProxyHttp for MerakiProxy {
                 ctx.upstream_path.as_str(),
             ),
         };
-        req.insert_header(HOST, authority)?;
-        let uri = path.parse::<http::Uri>().map_err(|_| {
-            Error::explain(ErrorType::InternalError, "upstream path is not a valid URI")
-        })?;
-        req.set_uri(uri);
-        let ua = match session
-            .req_header()
-            .headers
-            .get(USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(ua) if !ua.is_empty() => format!("{ua} {}", crate::PRODUCT),
-            _ => crate::PRODUCT.to_owned(),
-        };
-        req.insert_header(USER_AGENT, ua)?;
+        crate::forward::prepare_request(req, bearer, authority, path)?;
         ctx.upstream_sent = Some(Instant::now());
         Ok(())
     }

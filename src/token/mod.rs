@@ -83,9 +83,24 @@ pub struct TokenState {
     pub refreshed_at: Option<i64>,
     refresh: Secret,
     persisted: bool,
+    /// `Bearer <access>`, built once per token rather than once per request.
+    bearer: std::sync::OnceLock<Option<http::HeaderValue>>,
 }
 
 impl TokenState {
+    /// The `Authorization` header value for this access token (marked sensitive).
+    pub fn bearer(&self) -> Option<&http::HeaderValue> {
+        self.bearer
+            .get_or_init(|| {
+                let access = self.access.as_ref()?;
+                let mut v =
+                    http::HeaderValue::from_str(&format!("Bearer {}", access.expose())).ok()?;
+                v.set_sensitive(true);
+                Some(v)
+            })
+            .as_ref()
+    }
+
     fn from_stored(g: &StoredGrant) -> Self {
         TokenState {
             access: g.access_token.clone(),
@@ -95,6 +110,7 @@ impl TokenState {
             refreshed_at: g.refreshed_at,
             refresh: g.refresh_token.clone(),
             persisted: true,
+            bearer: Default::default(),
         }
     }
 
@@ -246,18 +262,13 @@ impl Grants {
             .map(|t| t.is_none_or(|t| t.elapsed() > Duration::from_secs(5)))
             .unwrap_or(false);
         if due {
-            let store = self.store.clone();
-            // Mark first so a burst of misses causes one reload.
+            // Mark first so a burst of misses causes one reload. The reload is a short SQLite
+            // read on this thread, at most every few seconds, and only on a miss.
             if let Ok(mut t) = self.last_reload.lock() {
                 *t = Some(Instant::now());
             }
-            if let Ok(Ok(stored)) =
-                tokio::task::spawn_blocking(move || store.ping().map(|_| ())).await
-            {
-                let _ = stored;
-                if let Err(e) = self.reload() {
-                    tracing::warn!(error = %e, "reloading grants from the store failed");
-                }
+            if let Err(e) = self.reload() {
+                tracing::warn!(error = %e, "reloading grants from the store failed");
             }
         }
         self.lookup(integration, org)
@@ -363,6 +374,7 @@ impl Grants {
                     refreshed_at: Some(rotation.refreshed_at),
                     refresh: rotation.refresh_token.clone(),
                     persisted: false,
+                    bearer: Default::default(),
                 });
                 self.audit
                     .token_event(TokenEvent::refreshed(grant, org, &next, rotated));
@@ -438,6 +450,7 @@ impl Grants {
                     refreshed_at: next.refreshed_at,
                     refresh: next.refresh.clone(),
                     persisted: true,
+                    bearer: Default::default(),
                 });
                 grant.state.store(done.clone());
                 self.metrics.grant_state(grant);
@@ -486,6 +499,7 @@ impl Grants {
             refreshed_at: st.refreshed_at,
             refresh: st.refresh.clone(),
             persisted: st.persisted,
+            bearer: Default::default(),
         }));
         let store = self.store.clone();
         let id = grant.id;
@@ -540,6 +554,7 @@ impl Grants {
                 refreshed_at: None,
                 refresh: refresh_token,
                 persisted: true,
+                bearer: Default::default(),
             }),
             refreshing: tokio::sync::Mutex::new(()),
             last_used: AtomicI64::new(0),
