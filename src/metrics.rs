@@ -31,6 +31,13 @@ pub struct Metrics {
     store_errors: IntCounterVec,
 }
 
+/// Results of a token endpoint call (see `OAuthError::label`).
+pub const REFRESH_RESULTS: &[&str] = &["ok", "invalid_grant", "as_error", "timeout", "unreachable"];
+/// Outcomes of a retry after an upstream 401.
+pub const RETRY_OUTCOMES: &[&str] = &["succeeded", "rejected_again", "refresh_failed"];
+/// Token store operations that are measured.
+pub const STORE_OPS: &[&str] = &["commit_rotation", "set_status", "touch", "reload"];
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
@@ -165,6 +172,27 @@ impl Metrics {
         })
     }
 
+    /// Creates, at zero, the series whose label values the configuration already names, so
+    /// dashboards and `increase()` alerts see them before the first event.
+    pub fn init_labels(&self, config: &crate::config::Config) {
+        for it in &config.integrations {
+            let name = it.name.as_str();
+            for outcome in RETRY_OUTCOMES {
+                self.retries.with_label_values(&[name, outcome]);
+            }
+            self.redirects.with_label_values(&[name]);
+        }
+        for op in STORE_OPS {
+            self.store_errors.with_label_values(&[op]);
+            self.store_duration.with_label_values(&[op]);
+        }
+        for c in &config.clients {
+            for org in &c.organizations {
+                self.upstream_429.with_label_values(&[org]);
+            }
+        }
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -217,6 +245,21 @@ impl Metrics {
         self.token_call_duration
             .with_label_values(&[integration])
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Creates a grant's refresh-result series at zero.
+    pub fn init_grant(&self, grant: &Grant) {
+        for org in &grant.organizations {
+            for result in REFRESH_RESULTS {
+                self.refreshes.with_label_values(&[
+                    grant.integration.name.as_str(),
+                    org.as_str(),
+                    result,
+                ]);
+            }
+        }
+        self.token_call_duration
+            .with_label_values(&[grant.integration.name.as_str()]);
     }
 
     /// The expiry and health of a grant, for each organization it serves.

@@ -655,6 +655,9 @@ impl ProxyHttp for MerakiProxy {
             _ => refusal.status,
         };
         if code > 0 {
+            // The connection is not reused after a failure (the request body may be unread):
+            // say so in the response instead of announcing keep-alive and closing.
+            session.as_mut().set_keepalive(None);
             if let Err(err) = write_json(
                 session,
                 &ctx.request_id,

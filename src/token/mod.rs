@@ -210,7 +210,11 @@ impl Grants {
     /// Re-reads the grant list from the store (grants added by `grants import` or another
     /// instance). Token state of grants already known is kept.
     pub fn reload(&self) -> Result<(), StoreError> {
-        let stored = self.store.load_all()?;
+        let started = Instant::now();
+        let stored = self.store.load_all();
+        self.metrics
+            .store_op("reload", started.elapsed(), stored.is_ok());
+        let stored = stored?;
         let old = self.map.load();
         let mut map = GrantMap::new();
         for g in stored {
@@ -236,6 +240,7 @@ impl Grants {
                     last_used: AtomicI64::new(g.last_used_at.unwrap_or(0)),
                 })
             });
+            self.metrics.init_grant(&grant);
             self.metrics.grant_state(&grant);
             for org in &g.organizations {
                 map.entry(g.integration.clone())
