@@ -38,6 +38,7 @@ authorize_url = "$(get authorize_url)"
 revoke_url = "$(get revoke_url)"
 [store]
 path = "tokens.db"
+key_file = "store.key"
 [audit]
 path = "audit.jsonl"
 [[integrations]]
@@ -53,6 +54,7 @@ integration = "demo"
 organizations = ["111111"]
 TOML
 
+$bin store gen-key >"$dir/store.key" && chmod 600 "$dir/store.key"
 export DEMO_CLIENT_SECRET="$(get client_secret)"
 get refresh_token >"$dir/refresh-token"
 $bin --config "$dir/proxy.toml" grants import --integration demo --org 111111 --refresh-token-file "$dir/refresh-token"

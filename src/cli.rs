@@ -37,6 +37,26 @@ pub enum Command {
     /// Manage OAuth grants.
     #[command(subcommand)]
     Grants(GrantsCommand),
+    /// Manage the token store's encryption key.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+/// `store` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum StoreCommand {
+    /// Print a new random 32-byte key (base64) for `store.key_env` / `store.key_file`.
+    GenKey,
+    /// Re-seal every token under a new key (stop the proxy first), then switch the
+    /// configuration to the new key.
+    RotateKey {
+        /// Environment variable holding the new key.
+        #[arg(long, conflicts_with = "new_key_file")]
+        new_key_env: Option<String>,
+        /// File holding the new key.
+        #[arg(long)]
+        new_key_file: Option<PathBuf>,
+    },
 }
 
 /// `grants` subcommands.
@@ -69,6 +89,10 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     match cli.command.unwrap_or(Command::Run) {
+        Command::Store(StoreCommand::GenKey) => {
+            println!("{}", crate::token::StoreKey::generate());
+            ExitCode::SUCCESS
+        }
         Command::HashKey => {
             let mut key = String::new();
             if let Err(e) = std::io::stdin().read_to_string(&mut key) {
@@ -93,9 +117,50 @@ pub fn main() -> ExitCode {
                 }
                 Command::Run => run(config),
                 Command::Grants(g) => grants(config, g),
-                Command::HashKey => ExitCode::SUCCESS,
+                Command::Store(StoreCommand::RotateKey {
+                    new_key_env,
+                    new_key_file,
+                }) => rotate_key(&config, new_key_env, new_key_file),
+                Command::HashKey | Command::Store(StoreCommand::GenKey) => ExitCode::SUCCESS,
             }
         }
+    }
+}
+
+fn rotate_key(config: &Config, env: Option<String>, file: Option<PathBuf>) -> ExitCode {
+    let text = match (env, file) {
+        (Some(var), None) => match std::env::var(&var) {
+            Ok(v) => v,
+            Err(_) => {
+                return fail(format!(
+                    "--new-key-env: environment variable {var} is not set"
+                ))
+            }
+        },
+        (None, Some(f)) => match std::fs::read_to_string(&f) {
+            Ok(v) => v,
+            Err(e) => return fail(format!("--new-key-file {}: {e}", f.display())),
+        },
+        _ => return fail("give the new key with --new-key-env VAR or --new-key-file FILE"),
+    };
+    let new = match crate::token::StoreKey::parse(&text) {
+        Ok(k) => k,
+        Err(e) => return fail(format!("new key: {e}")),
+    };
+    let store = match crate::token::SqliteStore::open(&config.store_path, config.store_key.clone())
+    {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    match store.rekey(&new) {
+        Ok(n) => {
+            println!(
+                "re-sealed {n} grant(s) in {} under key {new:?}; now point store.key_env/key_file at the new key and start the proxy",
+                config.store_path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
     }
 }
 

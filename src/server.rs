@@ -45,7 +45,10 @@ pub fn parts(config: &Config) -> Result<Parts, StartError> {
     let audit = Arc::new(Audit::open(config.audit_path.as_deref()).map_err(StartError::Audit)?);
     let metrics = Arc::new(Metrics::new()?);
     metrics.init_labels(config);
-    let store = Arc::new(SqliteStore::open(&config.store_path)?);
+    let store = Arc::new(SqliteStore::open(
+        &config.store_path,
+        config.store_key.clone(),
+    )?);
     let oauth = OAuthClient::new(
         config.upstream.token_url.clone(),
         config.upstream.revoke_url.clone(),

@@ -53,6 +53,10 @@ pub struct Upstream {
 #[serde(deny_unknown_fields)]
 pub struct Store {
     pub path: Option<String>,
+    /// Environment variable holding the token encryption key.
+    pub key_env: Option<String>,
+    /// File holding the token encryption key.
+    pub key_file: Option<String>,
 }
 
 /// `[audit]`

@@ -74,6 +74,7 @@ pub struct Config {
     pub upstream_timeout: Duration,
     pub upstream: UpstreamConfig,
     pub store_path: PathBuf,
+    pub store_key: crate::token::StoreKey,
     pub audit_path: Option<PathBuf>,
     pub refresh_ahead: Duration,
     pub token_timeout: Duration,
@@ -293,6 +294,7 @@ impl Validator<'_> {
             return Err(self.invalid("tokens.token_timeout_secs", "expected at least 1"));
         }
 
+        let store_key = self.store_key(&raw.store)?;
         let integrations = self.integrations(raw.integrations)?;
         let clients = self.clients(raw.clients, &integrations)?;
 
@@ -304,6 +306,7 @@ impl Validator<'_> {
             upstream_timeout,
             upstream,
             store_path: self.path(raw.store.path.as_deref().unwrap_or("tokens.db")),
+            store_key,
             audit_path: match raw.audit.path.as_deref() {
                 None | Some("-") => None,
                 Some(p) => Some(self.path(p)),
@@ -313,6 +316,30 @@ impl Validator<'_> {
             integrations,
             clients,
         })
+    }
+
+    fn store_key(&self, store: &file::Store) -> Result<crate::token::StoreKey, ConfigError> {
+        let (key, text) = match (&store.key_env, &store.key_file) {
+            (Some(_), Some(_)) => return Err(self.invalid("store.key_env", "set key_env or key_file, not both")),
+            (None, None) => {
+                return Err(self.invalid(
+                    "store.key_env",
+                    "expected the name of an environment variable (or store.key_file) holding the key that encrypts tokens at rest; generate one with `meraki-oauth-proxy store gen-key`",
+                ))
+            }
+            (Some(var), None) => match (self.env)(var) {
+                Some(v) if !v.trim().is_empty() => ("store.key_env", v),
+                _ => return Err(self.invalid("store.key_env", format!("environment variable {var} is not set or empty"))),
+            },
+            (None, Some(f)) => {
+                let p = self.path(f);
+                match std::fs::read_to_string(&p) {
+                    Ok(v) => ("store.key_file", v),
+                    Err(e) => return Err(self.invalid("store.key_file", format!("cannot read {}: {e}", p.display()))),
+                }
+            }
+        };
+        crate::token::StoreKey::parse(&text).map_err(|e| self.invalid(key, e.to_string()))
     }
 
     fn integrations(
@@ -531,7 +558,12 @@ impl fmt::Display for Config {
             "redirects allowed to: {}",
             self.upstream.redirect_hosts.join(", ")
         )?;
-        writeln!(f, "token store: {}", self.store_path.display())?;
+        writeln!(
+            f,
+            "token store: {} (tokens sealed with key {:?})",
+            self.store_path.display(),
+            self.store_key
+        )?;
         match &self.audit_path {
             Some(p) => writeln!(f, "audit log: {}", p.display())?,
             None => writeln!(f, "audit log: stdout")?,
@@ -577,6 +609,8 @@ admin_listen = "127.0.0.1:9090"
 [upstream]
 api_base = "https://api.meraki.com/api/v1"
 token_url = "https://as.meraki.com/oauth/token"
+[store]
+key_env = "STORE_KEY"
 [[integrations]]
 name = "netops"
 client_id = "cid"
@@ -591,8 +625,11 @@ methods = ["get"]
 "#;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::parse(text, Path::new("/etc/proxy.toml"), &|v| {
-            (v == "SECRET_VAR").then(|| "s3cret-value".to_string())
+        Config::parse(text, Path::new("/etc/proxy.toml"), &|v| match v {
+            "SECRET_VAR" => Some("s3cret-value".to_string()),
+            "STORE_KEY" => Some("11".repeat(32)),
+            "SHORT_KEY" => Some("abc".to_string()),
+            _ => None,
         })
     }
 

@@ -9,6 +9,7 @@
 //!   it is handed out (`TokenState::persisted`).
 
 pub mod oauth;
+pub mod seal;
 pub mod store;
 
 use crate::audit::{Audit, TokenEvent};
@@ -17,6 +18,7 @@ use crate::metrics::Metrics;
 use crate::secret::Secret;
 use arc_swap::ArcSwap;
 use oauth::{OAuthClient, OAuthError};
+pub use seal::StoreKey;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;

@@ -5,6 +5,7 @@
 //! Updates are conditional on the generation the refresher started from, so two processes
 //! sharing the store never overwrite a newer token with an older one.
 
+use super::seal::{SealError, StoreKey};
 use crate::secret::Secret;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
@@ -19,7 +20,13 @@ pub enum StoreError {
     /// The store file could not be opened.
     #[error("token store {path}: {reason}")]
     Open { path: String, reason: String },
+    /// The key does not open the store (or a value in it).
+    #[error("token store: {0}; refusing to continue (set the key the store was sealed with, or rotate it with `meraki-oauth-proxy store rotate-key`)")]
+    Key(#[from] SealError),
 }
+
+/// What the key check value decrypts to.
+const KEY_CHECK: &str = "meraki-oauth-proxy token store key check";
 
 /// Health of a grant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,11 +86,12 @@ pub struct Rotation {
 /// The embedded SQLite store.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    key: StoreKey,
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the store file.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    pub fn open(path: &Path, key: StoreKey) -> Result<Self, StoreError> {
         let open_err = |reason: String| StoreError::Open {
             path: path.display().to_string(),
             reason,
@@ -93,15 +101,76 @@ impl SqliteStore {
                 .map_err(|e| open_err(format!("cannot create directory: {e}")))?;
         }
         let conn = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
-        Self::init(conn).map_err(|e| open_err(e.to_string()))
+        let store = Self::init(conn, key).map_err(|e| open_err(e.to_string()))?;
+        store.check_key()?;
+        Ok(store)
     }
 
     /// An in-memory store, for tests.
-    pub fn in_memory() -> Result<Self, StoreError> {
-        Ok(Self::init(Connection::open_in_memory()?)?)
+    pub fn in_memory(key: StoreKey) -> Result<Self, StoreError> {
+        let store = Self::init(Connection::open_in_memory()?, key)?;
+        store.check_key()?;
+        Ok(store)
     }
 
-    fn init(conn: Connection) -> Result<Self, rusqlite::Error> {
+    /// Verifies the key against the sealed check value, writing it on first use.
+    fn check_key(&self) -> Result<(), StoreError> {
+        let conn = self.conn();
+        let check: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE name = 'key_check'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match check {
+            Some(sealed) => {
+                let opened = self.key.open(&sealed, "key_check")?;
+                if opened.expose() != KEY_CHECK {
+                    return Err(SealError::Open.into());
+                }
+            }
+            None => {
+                conn.execute(
+                    "INSERT INTO meta (name, value) VALUES ('key_check', ?1)",
+                    [self.key.seal(KEY_CHECK, "key_check")],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-seals every token and the key check under `new`, in one transaction.
+    pub fn rekey(&self, new: &StoreKey) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let rows: Vec<(i64, String, Option<String>)> = {
+            let mut stmt = tx.prepare("SELECT id, refresh_token, access_token FROM grants")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for (id, refresh, access) in &rows {
+            let refresh = self.key.open(refresh, "refresh_token")?;
+            let access = access
+                .as_deref()
+                .map(|a| self.key.open(a, "access_token"))
+                .transpose()?;
+            tx.execute(
+                "UPDATE grants SET refresh_token = ?1, access_token = ?2 WHERE id = ?3",
+                params![
+                    new.seal(refresh.expose(), "refresh_token"),
+                    access.map(|a| new.seal(a.expose(), "access_token")),
+                    id
+                ],
+            )?;
+        }
+        tx.execute(
+            "UPDATE meta SET value = ?1 WHERE name = 'key_check'",
+            [new.seal(KEY_CHECK, "key_check")],
+        )?;
+        tx.commit()?;
+        Ok(rows.len())
+    }
+
+    fn init(conn: Connection, key: StoreKey) -> Result<Self, rusqlite::Error> {
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // FULL: a committed rotation survives power loss, not only a process crash.
@@ -121,6 +190,10 @@ impl SqliteStore {
                 refreshed_at INTEGER,
                 last_used_at INTEGER
             );
+            CREATE TABLE IF NOT EXISTS meta (
+                name TEXT PRIMARY KEY,
+                value TEXT NOT NULL
+            );
             CREATE TABLE IF NOT EXISTS grant_organizations (
                 integration TEXT NOT NULL,
                 organization TEXT NOT NULL,
@@ -130,6 +203,7 @@ impl SqliteStore {
         )?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            key,
         })
     }
 
@@ -147,7 +221,10 @@ impl SqliteStore {
                     created_at, refreshed_at, last_used_at FROM grants ORDER BY id",
         )?;
         let mut grants = stmt
-            .query_map([], row_to_grant)?
+            .query_map([], row_to_raw)?
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .map(|raw| self.unseal(raw))
             .collect::<Result<Vec<_>, _>>()?;
         let mut orgs = conn.prepare("SELECT organization FROM grant_organizations WHERE grant_id = ?1 ORDER BY organization")?;
         for g in &mut grants {
@@ -166,9 +243,11 @@ impl SqliteStore {
                 "SELECT id, integration, refresh_token, access_token, access_expires_at, generation, status, scope,
                         created_at, refreshed_at, last_used_at FROM grants WHERE id = ?1",
                 [id],
-                row_to_grant,
+                row_to_raw,
             )
-            .optional()?;
+            .optional()?
+            .map(|raw| self.unseal(raw))
+            .transpose()?;
         if let Some(g) = g.as_mut() {
             let mut orgs = conn.prepare("SELECT organization FROM grant_organizations WHERE grant_id = ?1 ORDER BY organization")?;
             g.organizations = orgs
@@ -188,7 +267,7 @@ impl SqliteStore {
         let conn = self.conn();
         conn.execute(
             "INSERT INTO grants (integration, refresh_token, generation, status, created_at) VALUES (?1, ?2, 0, 'ok', ?3)",
-            params![integration, refresh_token.expose(), crate::token::now_unix()],
+            params![integration, self.key.seal(refresh_token.expose(), "refresh_token"), crate::token::now_unix()],
         )?;
         Ok(conn.last_insert_rowid())
     }
@@ -232,8 +311,8 @@ impl SqliteStore {
                     status = 'ok', scope = COALESCE(?4, scope), refreshed_at = ?5
              WHERE id = ?6 AND generation = ?7",
             params![
-                tokens.refresh_token.expose(),
-                tokens.access_token.expose(),
+                self.key.seal(tokens.refresh_token.expose(), "refresh_token"),
+                self.key.seal(tokens.access_token.expose(), "access_token"),
                 tokens.access_expires_at,
                 tokens.scope,
                 tokens.refreshed_at,
@@ -277,13 +356,27 @@ impl SqliteStore {
     }
 }
 
-fn row_to_grant(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredGrant> {
-    Ok(StoredGrant {
+impl SqliteStore {
+    fn unseal(&self, (mut g, refresh, access): RawRow) -> Result<StoredGrant, StoreError> {
+        g.refresh_token = self.key.open(&refresh, "refresh_token")?;
+        g.access_token = access
+            .as_deref()
+            .map(|a| self.key.open(a, "access_token"))
+            .transpose()?;
+        Ok(g)
+    }
+}
+
+/// A row with its tokens still sealed.
+type RawRow = (StoredGrant, String, Option<String>);
+
+fn row_to_raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+    let g = StoredGrant {
         id: r.get(0)?,
         integration: r.get(1)?,
         organizations: Vec::new(),
-        refresh_token: Secret::new(r.get::<_, String>(2)?),
-        access_token: r.get::<_, Option<String>>(3)?.map(Secret::new),
+        refresh_token: Secret::new(""),
+        access_token: None,
         access_expires_at: r.get(4)?,
         generation: r.get(5)?,
         status: GrantStatus::parse(&r.get::<_, String>(6)?),
@@ -291,7 +384,8 @@ fn row_to_grant(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredGrant> {
         created_at: r.get(8)?,
         refreshed_at: r.get(9)?,
         last_used_at: r.get(10)?,
-    })
+    };
+    Ok((g, r.get(2)?, r.get(3)?))
 }
 
 #[cfg(test)]
@@ -300,17 +394,62 @@ mod tests {
 
     fn rotation(n: u32) -> Rotation {
         Rotation {
-            refresh_token: Secret::new(format!("r{n}")),
-            access_token: Secret::new(format!("a{n}")),
+            refresh_token: Secret::new(format!("refresh-token-plaintext-{n}")),
+            access_token: Secret::new(format!("access-token-plaintext-{n}")),
             access_expires_at: 1000 + n as i64,
             scope: Some("dashboard:general:config:read".into()),
             refreshed_at: 10,
         }
     }
 
+    fn key() -> StoreKey {
+        StoreKey::parse(&"11".repeat(32)).unwrap()
+    }
+
+    #[test]
+    fn tokens_are_sealed_and_a_wrong_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let s = SqliteStore::open(&path, key()).unwrap();
+        insert(&s, &["1"], 7);
+        drop(s);
+        let bytes = std::fs::read(&path).unwrap();
+        let wal = std::fs::read(dir.path().join("t.db-wal")).unwrap_or_default();
+        for needle in [
+            b"refresh-token-plaintext".as_slice(),
+            b"access-token-plaintext",
+            b"imported-token-plaintext",
+        ] {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "token in clear in the store"
+            );
+            assert!(
+                !wal.windows(needle.len()).any(|w| w == needle),
+                "token in clear in the WAL"
+            );
+        }
+        let wrong = StoreKey::parse(&"22".repeat(32)).unwrap();
+        let err = SqliteStore::open(&path, wrong.clone())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("sealed with another key"), "{err}");
+        // Rotation: re-seal under the new key, then only the new key opens it.
+        let s = SqliteStore::open(&path, key()).unwrap();
+        assert_eq!(s.rekey(&wrong).unwrap(), 1);
+        drop(s);
+        assert!(SqliteStore::open(&path, key()).is_err());
+        let s = SqliteStore::open(&path, wrong).unwrap();
+        assert_eq!(
+            s.load_all().unwrap()[0].refresh_token.expose(),
+            "refresh-token-plaintext-7"
+        );
+    }
+
     fn insert(s: &SqliteStore, orgs: &[&str], n: u32) -> i64 {
         let id = s
-            .insert_pending("netops", &Secret::new("imported"))
+            .insert_pending("netops", &Secret::new("imported-token-plaintext"))
             .unwrap();
         assert!(s.commit_rotation(id, 0, &rotation(n)).unwrap());
         let orgs: Vec<String> = orgs.iter().map(|o| o.to_string()).collect();
@@ -320,7 +459,7 @@ mod tests {
 
     #[test]
     fn rotation_is_conditional_on_generation() {
-        let s = SqliteStore::in_memory().unwrap();
+        let s = SqliteStore::in_memory(key()).unwrap();
         let id = insert(&s, &["1", "2"], 1);
         let g = s.load(id).unwrap().unwrap();
         assert_eq!(g.generation, 1);
@@ -331,13 +470,13 @@ mod tests {
             "stale generation must not win"
         );
         let g = s.load(id).unwrap().unwrap();
-        assert_eq!(g.refresh_token.expose(), "r2");
+        assert_eq!(g.refresh_token.expose(), "refresh-token-plaintext-2");
         assert_eq!(g.generation, 2);
     }
 
     #[test]
     fn insert_replaces_grants_for_the_same_organizations() {
-        let s = SqliteStore::in_memory().unwrap();
+        let s = SqliteStore::in_memory(key()).unwrap();
         let a = insert(&s, &["1"], 1);
         let b = insert(&s, &["1"], 2);
         assert!(s.load(a).unwrap().is_none(), "orphaned grant removed");
@@ -352,8 +491,11 @@ mod tests {
     fn survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let id = insert(&SqliteStore::open(&path).unwrap(), &["1"], 1);
-        let s = SqliteStore::open(&path).unwrap();
-        assert_eq!(s.load(id).unwrap().unwrap().refresh_token.expose(), "r1");
+        let id = insert(&SqliteStore::open(&path, key()).unwrap(), &["1"], 1);
+        let s = SqliteStore::open(&path, key()).unwrap();
+        assert_eq!(
+            s.load(id).unwrap().unwrap().refresh_token.expose(),
+            "refresh-token-plaintext-1"
+        );
     }
 }

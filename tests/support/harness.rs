@@ -13,6 +13,8 @@ pub const CLIENT_ID: &str = "netops-client-id";
 pub const CLIENT_SECRET: &str = "netops-client-secret-value-0123456789";
 pub const ALICE_KEY: &str = "alice-proxy-key-5f1c9a7e";
 pub const BOB_KEY: &str = "bob-proxy-key-8d2e4b6a";
+/// The token store's encryption key (32 bytes, hex).
+pub const STORE_KEY: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
 
 /// A free loopback port (bound then released; small race, acceptable in tests).
 pub fn free_port() -> u16 {
@@ -99,6 +101,7 @@ revoke_url = "{revoke}"
 
 [store]
 path = "tokens.db"
+key_env = "MERAKI_PROXY_STORE_KEY"
 
 [audit]
 path = "audit.jsonl"
@@ -153,6 +156,7 @@ methods = ["GET"]
             .arg(&self.config)
             .args(args)
             .env("NETOPS_CLIENT_SECRET", CLIENT_SECRET)
+            .env("MERAKI_PROXY_STORE_KEY", STORE_KEY)
             .env("RUST_LOG", "info");
         c
     }
