@@ -76,9 +76,16 @@ impl TokenEvent {
     }
 
     /// A refresh succeeded.
-    pub fn refreshed(grant: &Grant, org: &str, st: &TokenState, rotated: bool) -> Self {
+    pub fn refreshed(
+        grant: &Grant,
+        org: &str,
+        st: &TokenState,
+        rotated: bool,
+        cause: &str,
+    ) -> Self {
         TokenEvent {
             rotated: Some(rotated),
+            detail: Some(cause.to_owned()),
             token_fingerprint: st.fingerprint(),
             expires_at: Some(rfc3339(st.expires_at)),
             ..Self::new("token_refreshed", grant, org)

@@ -77,6 +77,24 @@ pub enum GrantsCommand {
         #[arg(long)]
         refresh_token_file: PathBuf,
     },
+    /// Print the consent link of an integration and wait until an org admin has connected it
+    /// (the running proxy's admin listener handles the callback).
+    Connect {
+        #[arg(long)]
+        integration: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        wait_secs: u64,
+    },
+    /// Revoke a grant at Meraki (RFC 7009) and delete it; if Meraki does not confirm, the grant
+    /// is kept.
+    Revoke {
+        #[arg(long)]
+        integration: String,
+        /// An organization the grant serves.
+        #[arg(long)]
+        org: String,
+    },
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -214,6 +232,20 @@ fn grants(config: Config, cmd: GrantsCommand) -> ExitCode {
                 }
                 ExitCode::SUCCESS
             }
+            GrantsCommand::Revoke { integration, org } => {
+                let Some(grant) = parts.grants.get(&integration, &org).await else {
+                    return fail(format!("no grant of integration {integration:?} serves organization {org}"));
+                };
+                match parts.grants.revoke(&grant).await {
+                    Ok(()) => {
+                        println!("revoked and deleted grant {} ({})", grant.id, grant.label());
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(e),
+                }
+            }
+            GrantsCommand::Connect { integration, wait_secs } => connect(&config, &parts, &integration, wait_secs).await,
             GrantsCommand::Import { integration, orgs, refresh_token_file } => {
                 for o in &orgs {
                     if !crate::config::valid_org_id(o) {
@@ -253,6 +285,59 @@ fn grants(config: Config, cmd: GrantsCommand) -> ExitCode {
             }
         }
     })
+}
+
+async fn connect(
+    config: &Config,
+    parts: &crate::server::Parts,
+    integration: &str,
+    wait_secs: u64,
+) -> ExitCode {
+    if config.integration(integration).is_none() {
+        return fail(format!(
+            "no integration named {integration:?} in the configuration"
+        ));
+    }
+    let Some(admin) = config.admin_listen else {
+        return fail(
+            "server.admin_listen is not set: the consent callback is served by the admin listener",
+        );
+    };
+    let base = format!("http://{admin}");
+    if reqwest::get(format!("{base}/healthz"))
+        .await
+        .map(|r| r.status().is_success())
+        .unwrap_or(false)
+    {
+        println!("Open this link as an admin of the organization(s) to connect, and approve:");
+    } else {
+        println!("The proxy does not answer on {base} yet; start it (`meraki-oauth-proxy run`), then open:");
+    }
+    println!("  {base}/oauth/connect?integration={integration}");
+    let before: Vec<i64> = parts.grants.all().iter().map(|g| g.id).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait_secs);
+    while std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        if let Err(e) = parts.grants.reload() {
+            return fail(e);
+        }
+        if let Some(g) = parts
+            .grants
+            .all()
+            .into_iter()
+            .find(|g| g.integration.name == integration && !before.contains(&g.id))
+        {
+            println!(
+                "connected: grant {} for organization(s) {}",
+                g.id,
+                g.organizations.join(",")
+            );
+            return ExitCode::SUCCESS;
+        }
+    }
+    fail(format!(
+        "no new grant for {integration} after {wait_secs} s"
+    ))
 }
 
 fn init_logging() {

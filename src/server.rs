@@ -124,10 +124,7 @@ pub fn build(config: Config) -> Result<Server, StartError> {
     if let Some(admin_addr) = config.admin_listen {
         let mut admin = Service::new(
             "admin".to_string(),
-            Admin {
-                grants: grants.clone(),
-                metrics: metrics.clone(),
-            },
+            Admin::new(config.clone(), grants.clone(), metrics.clone()),
         );
         admin.add_tcp(&admin_addr.to_string());
         server.add_service(admin);
@@ -137,6 +134,14 @@ pub fn build(config: Config) -> Result<Server, StartError> {
         DnsRefresher { upstream },
     ));
     server.add_service(background_service("audit-reopen", AuditReopen { audit }));
+    server.add_service(background_service(
+        "grant-keeper",
+        GrantKeeper {
+            grants: grants.clone(),
+            idle: config.keepalive_idle,
+            every: config.keepalive_check,
+        },
+    ));
     tracing::info!(listen = %config.listen, upstream = %config.upstream.api_base, "meraki-oauth-proxy starting");
     Ok(server)
 }
@@ -158,6 +163,40 @@ impl BackgroundService for DnsRefresher {
                         Ok(Err(e)) => tracing::warn!(error = %e, "upstream DNS refresh failed; keeping the last address"),
                         Err(e) => tracing::warn!(error = %e, "upstream DNS refresh task failed"),
                         Ok(Ok(())) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Every `every`: re-reads the store (grants imported, connected or revoked by another process),
+/// records last use, and refreshes grants idle for `idle` so Meraki never revokes them.
+struct GrantKeeper {
+    grants: Arc<crate::token::Grants>,
+    idle: Duration,
+    every: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for GrantKeeper {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(self.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => {
+                    self.grants.flush_last_used().await;
+                    return;
+                }
+                _ = tick.tick() => {
+                    if let Err(e) = self.grants.reload() {
+                        tracing::warn!(error = %e, "re-reading grants from the store failed");
+                    }
+                    self.grants.flush_last_used().await;
+                    let n = self.grants.keep_alive(self.idle).await;
+                    if n > 0 {
+                        tracing::info!(refreshed = n, "kept idle grants alive");
                     }
                 }
             }

@@ -30,6 +30,10 @@ pub struct Server {
     pub threads: Option<usize>,
     /// Hard cap on one upstream exchange, seconds.
     pub upstream_timeout_secs: Option<u64>,
+    /// Environment variable holding a token that protects the admin listener.
+    pub admin_token_env: Option<String>,
+    /// Whether `/readyz` fails while a grant needs re-authorization (default true).
+    pub reauth_fails_readiness: Option<bool>,
 }
 
 /// `[upstream]`
@@ -74,6 +78,10 @@ pub struct Tokens {
     pub refresh_ahead_secs: Option<u64>,
     /// Timeout of one call to the token endpoint, seconds.
     pub token_timeout_secs: Option<u64>,
+    /// Refresh grants idle this long, so Meraki's 90-day idle revocation never hits.
+    pub keepalive_idle_secs: Option<u64>,
+    /// How often to look for idle grants (and re-read the store), seconds.
+    pub keepalive_check_secs: Option<u64>,
 }
 
 /// `[[integrations]]`

@@ -78,6 +78,11 @@ pub struct Config {
     pub audit_path: Option<PathBuf>,
     pub refresh_ahead: Duration,
     pub token_timeout: Duration,
+    pub keepalive_idle: Duration,
+    pub keepalive_check: Duration,
+    /// Protects the admin listener (all but `/healthz`, `/readyz` and the OAuth callback).
+    pub admin_token: Option<Secret>,
+    pub reauth_fails_readiness: bool,
     pub integrations: Vec<Arc<Integration>>,
     pub clients: Vec<Arc<Client>>,
 }
@@ -294,6 +299,43 @@ impl Validator<'_> {
             return Err(self.invalid("tokens.token_timeout_secs", "expected at least 1"));
         }
 
+        let keepalive_idle = secs(raw.tokens.keepalive_idle_secs.unwrap_or(7 * 86_400));
+        if keepalive_idle.is_zero() || keepalive_idle > Duration::from_secs(60 * 86_400) {
+            return Err(self.invalid(
+                "tokens.keepalive_idle_secs",
+                "expected 1 to 5184000 (60 days): well under Meraki's 90-day idle revocation",
+            ));
+        }
+        let keepalive_check = secs(raw.tokens.keepalive_check_secs.unwrap_or(3600));
+        if keepalive_check.is_zero()
+            || keepalive_check > keepalive_idle.max(Duration::from_secs(3600))
+        {
+            return Err(self.invalid(
+                "tokens.keepalive_check_secs",
+                "expected at least 1 and at most keepalive_idle_secs",
+            ));
+        }
+        let admin_token =
+            match &raw.server.admin_token_env {
+                None => None,
+                Some(var) => match (self.env)(var) {
+                    Some(v) if v.trim().len() >= 16 => Some(Secret::new(v.trim().to_owned())),
+                    _ => return Err(self.invalid(
+                        "server.admin_token_env",
+                        format!(
+                            "environment variable {var} is not set or shorter than 16 characters"
+                        ),
+                    )),
+                },
+            };
+        if let Some(a) = admin_listen {
+            if !a.ip().is_loopback() && admin_token.is_none() {
+                return Err(self.invalid(
+                    "server.admin_listen",
+                    format!("{a} is not a loopback address: set server.admin_token_env so the admin listener (status page, grant onboarding) is protected"),
+                ));
+            }
+        }
         let store_key = self.store_key(&raw.store)?;
         let integrations = self.integrations(raw.integrations)?;
         let clients = self.clients(raw.clients, &integrations)?;
@@ -313,6 +355,10 @@ impl Validator<'_> {
             },
             refresh_ahead,
             token_timeout,
+            keepalive_idle,
+            keepalive_check,
+            admin_token,
+            reauth_fails_readiness: raw.server.reauth_fails_readiness.unwrap_or(true),
             integrations,
             clients,
         })

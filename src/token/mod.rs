@@ -72,6 +72,19 @@ pub enum RefreshCause {
     Expiring,
     /// Meraki answered 401 to this token generation.
     Rejected,
+    /// The grant has been idle long enough that Meraki's 90-day idle revocation must be headed off.
+    KeepAlive,
+}
+
+impl RefreshCause {
+    /// A label for the audit record.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefreshCause::Expiring => "expiring",
+            RefreshCause::Rejected => "rejected_by_meraki",
+            RefreshCause::KeepAlive => "keep-alive",
+        }
+    }
 }
 
 /// The tokens of a grant at one generation. Replaced whole, never mutated.
@@ -308,6 +321,125 @@ impl Grants {
         &self.store
     }
 
+    /// The authorization server client.
+    pub fn oauth(&self) -> &OAuthClient {
+        &self.oauth
+    }
+
+    /// The configured integration with this name.
+    pub fn integration(&self, name: &str) -> Option<&Arc<Integration>> {
+        self.integrations.get(name)
+    }
+
+    /// Stores a grant fresh from a code exchange (`how`: "connect"), for these organizations.
+    pub async fn add(
+        &self,
+        integration: &str,
+        organizations: &[String],
+        tokens: oauth::TokenResponse,
+        how: &str,
+    ) -> Result<Arc<Grant>, ImportError> {
+        let refresh = tokens.refresh_token.clone().ok_or_else(|| {
+            ImportError::Refresh(TokenError::AuthServer(OAuthError::BadResponse(
+                "no refresh_token in the answer".into(),
+            )))
+        })?;
+        let rotation = Rotation {
+            refresh_token: refresh.clone(),
+            access_token: tokens.access_token,
+            access_expires_at: now_unix() + tokens.expires_in as i64,
+            scope: tokens.scope,
+            refreshed_at: now_unix(),
+        };
+        let store = self.store.clone();
+        let (integ, orgs) = (integration.to_owned(), organizations.to_vec());
+        let id = tokio::task::spawn_blocking(move || -> Result<i64, StoreError> {
+            let id = store.insert_pending(&integ, &refresh)?;
+            store.commit_rotation(id, 0, &rotation)?;
+            store.assign(id, &integ, &orgs)?;
+            Ok(id)
+        })
+        .await
+        .map_err(|e| ImportError::Store(e.to_string()))?
+        .map_err(|e| ImportError::Store(e.to_string()))?;
+        self.reload()
+            .map_err(|e| ImportError::Store(e.to_string()))?;
+        let grant = self
+            .all()
+            .into_iter()
+            .find(|g| g.id == id)
+            .ok_or_else(|| ImportError::Store("the new grant is not in the store".into()))?;
+        self.audit.token_event(TokenEvent::added(&grant, how));
+        Ok(grant)
+    }
+
+    /// Revokes a grant at the AS (RFC 7009), then deletes it. An AS failure keeps the grant.
+    pub async fn revoke(&self, grant: &Arc<Grant>) -> Result<(), RevokeError> {
+        let st = grant.state.load_full();
+        self.oauth
+            .revoke(&grant.integration, &st.refresh)
+            .await
+            .map_err(RevokeError::AuthServer)?;
+        let store = self.store.clone();
+        let id = grant.id;
+        tokio::task::spawn_blocking(move || store.delete(id))
+            .await
+            .map_err(|e| RevokeError::Store(e.to_string()))?
+            .map_err(|e| RevokeError::Store(e.to_string()))?;
+        self.audit.token_event(TokenEvent::revoked(grant));
+        self.reload()
+            .map_err(|e| RevokeError::Store(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Refreshes every healthy grant idle for `idle` or longer (plus up to 10% jitter each, so
+    /// grants imported together do not refresh together). Returns how many were refreshed.
+    pub async fn keep_alive(&self, idle: Duration) -> usize {
+        let now = now_unix();
+        let mut refreshed = 0;
+        for grant in self.all() {
+            let st = grant.state();
+            if st.status != GrantStatus::Ok {
+                continue;
+            }
+            let active = grant
+                .last_used()
+                .max(st.refreshed_at.unwrap_or(0))
+                .max(grant.created_at);
+            let jitter = rand::random::<u64>() % (idle.as_secs() / 10 + 1);
+            if now - active < (idle.as_secs() + jitter) as i64 {
+                continue;
+            }
+            let org = grant.organizations.first().cloned().unwrap_or_default();
+            if self
+                .refresh(&grant, &org, st.generation, RefreshCause::KeepAlive)
+                .await
+                .is_ok()
+            {
+                refreshed += 1;
+            }
+        }
+        refreshed
+    }
+
+    /// Writes last-use times to the store, so idleness survives restarts.
+    pub async fn flush_last_used(&self) {
+        let uses: Vec<(i64, i64)> = self
+            .all()
+            .iter()
+            .map(|g| (g.id, g.last_used()))
+            .filter(|(_, t)| *t > 0)
+            .collect();
+        let store = self.store.clone();
+        let started = Instant::now();
+        let res = tokio::task::spawn_blocking(move || {
+            uses.iter().try_for_each(|(id, t)| store.touch(*id, *t))
+        })
+        .await;
+        self.metrics
+            .store_op("touch", started.elapsed(), matches!(res, Ok(Ok(()))));
+    }
+
     /// An access token for `org` of `grant`, refreshed first if it is close to expiry.
     pub async fn token(
         &self,
@@ -383,8 +515,13 @@ impl Grants {
                     persisted: false,
                     bearer: Default::default(),
                 });
-                self.audit
-                    .token_event(TokenEvent::refreshed(grant, org, &next, rotated));
+                self.audit.token_event(TokenEvent::refreshed(
+                    grant,
+                    org,
+                    &next,
+                    rotated,
+                    cause.as_str(),
+                ));
                 grant.state.store(next.clone());
                 self.persist_pending_rotation(grant, next, st.generation, &rotation)
                     .await
@@ -592,6 +729,15 @@ impl Grants {
             }
         }
     }
+}
+
+/// Why a revocation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeError {
+    #[error("the authorization server did not revoke the token ({0}); the grant is kept")]
+    AuthServer(OAuthError),
+    #[error("revoked at the authorization server, but the store could not delete the grant: {0}")]
+    Store(String),
 }
 
 /// Why `grants import` failed.

@@ -47,6 +47,8 @@ pub struct TokenResponse {
     pub refresh_token: Option<Secret>,
     pub expires_in: u64,
     pub scope: Option<String>,
+    /// The organization the grant was given for, when the AS says.
+    pub organization_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -55,6 +57,7 @@ struct RawToken {
     refresh_token: Option<String>,
     expires_in: Option<u64>,
     scope: Option<String>,
+    organization_id: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -180,6 +183,11 @@ impl OAuthClient {
             refresh_token: raw.refresh_token.filter(|r| !r.is_empty()).map(Secret::new),
             expires_in: raw.expires_in.unwrap_or(3600),
             scope: raw.scope,
+            organization_id: match raw.organization_id {
+                Some(serde_json::Value::String(s)) if !s.is_empty() => Some(s),
+                Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            },
         })
     }
 }
