@@ -109,6 +109,8 @@ pub struct Ctx {
     upstream_sent: Option<Instant>,
     upstream_elapsed: Option<Duration>,
     counted_in_flight: bool,
+    /// An action batch, whose body is checked before anything goes upstream.
+    batch: bool,
 }
 
 impl MerakiProxy {
@@ -176,21 +178,14 @@ impl MerakiProxy {
             api: &s.api,
             integration: &client.integration,
         };
-        let org: Arc<str> = match &r.target {
-            Target::OrganizationList => return Ok(Some(Target::OrganizationList)),
-            Target::Unscoped => return Err(route_refusal(RouteError::NoOrganization)),
-            Target::Organization(id) => Arc::from(id.as_str()),
-            Target::Network(id) => s
-                .resolver
-                .network_org(id, &client.organizations, &lookup)
-                .await
-                .map_err(route_refusal)?,
-            Target::Device(serial) => s
-                .resolver
-                .device_org(serial, &client.organizations, &lookup)
-                .await
-                .map_err(route_refusal)?,
-        };
+        if r.target == Target::OrganizationList {
+            return Ok(Some(Target::OrganizationList));
+        }
+        let org = s
+            .resolver
+            .organization_of(&r.target, &client.organizations, &lookup)
+            .await
+            .map_err(route_refusal)?;
         if !client.may_access(&org) {
             return Err(route_refusal(RouteError::ForbiddenOrganization(
                 org.to_string(),
@@ -212,6 +207,7 @@ impl MerakiProxy {
         ctx.grant = Some(grant);
         ctx.token = Some(token);
         ctx.upstream_path = format!("{}{}{}", s.upstream.base_path, r.path, query);
+        ctx.batch = r.is_action_batch(&method);
         Ok(None)
     }
 
@@ -262,6 +258,68 @@ impl MerakiProxy {
 }
 
 impl MerakiProxy {
+    /// Reads a whole action batch body (into Pingora's retry buffer, which then sends it as the
+    /// request body) and checks that every resource lies in the batch's organization, before
+    /// anything goes upstream.
+    async fn check_batch(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+    ) -> std::result::Result<(), (Decision, Refusal)> {
+        let too_large = || {
+            (
+                Decision::Denied,
+                Refusal {
+                    status: 413,
+                    reason: "bad_request",
+                    message: format!(
+                        "action batch bodies over {} bytes are refused",
+                        route::MAX_BATCH_BODY
+                    ),
+                    upstream: None,
+                },
+            )
+        };
+        let read_failed = || {
+            (
+                Decision::Denied,
+                Refusal {
+                    status: 400,
+                    reason: "bad_request",
+                    message: "could not read the request body".into(),
+                    upstream: None,
+                },
+            )
+        };
+        session.as_mut().enable_retry_buffering();
+        let mut body = Vec::new();
+        while let Some(chunk) = session
+            .read_request_body()
+            .await
+            .map_err(|_| read_failed())?
+        {
+            if body.len() + chunk.len() > route::MAX_BATCH_BODY {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if session.as_ref().get_retry_buffer().is_none() && !body.is_empty() {
+            return Err(too_large());
+        }
+        let (Some(client), Some(org)) = (ctx.client.clone(), ctx.org.clone()) else {
+            return Ok(());
+        };
+        let lookup = LookupWith {
+            api: &self.state.api,
+            integration: &client.integration,
+        };
+        self.state
+            .resolver
+            .check_batch(&body, &org, &client.organizations, &lookup)
+            .await
+            .map_err(route_refusal)
+    }
+
     /// After an upstream 401: refresh (once per token generation) and ask Pingora to retry.
     /// Returns Ok when there is nothing to retry with, so Meraki's own 401 goes to the client.
     async fn retry_after_401(&self, ctx: &mut Ctx, integration: &str) -> Result<()> {
@@ -464,6 +522,7 @@ impl ProxyHttp for MerakiProxy {
             upstream_sent: None,
             upstream_elapsed: None,
             counted_in_flight: false,
+            batch: false,
         }
     }
 
@@ -471,6 +530,10 @@ impl ProxyHttp for MerakiProxy {
         self.state.metrics.in_flight().inc();
         ctx.counted_in_flight = true;
         match self.admit(session, ctx).await {
+            Ok(None) if ctx.batch => match self.check_batch(session, ctx).await {
+                Ok(()) => Ok(false),
+                Err((decision, refusal)) => self.refuse(session, ctx, decision, refusal).await,
+            },
             Ok(None) => Ok(false),
             Ok(Some(Target::OrganizationList)) => self.organization_list(session, ctx).await,
             Ok(Some(_)) => Ok(false),
@@ -638,11 +701,14 @@ impl ProxyHttp for MerakiProxy {
                 _ => Refusal { status: 500, reason: "internal_error", message: "internal proxy error".into(), upstream: None },
             }
         });
-        ctx.decision = if refusal.status < 500 && refusal.reason == "bad_request" {
-            Decision::Denied
-        } else {
-            Decision::Failed
-        };
+        // 4xx the proxy answers are refusals of the request; 5xx are failures on the way.
+        if ctx.decision != Decision::Failed {
+            ctx.decision = if refusal.status < 500 {
+                Decision::Denied
+            } else {
+                Decision::Failed
+            };
+        }
         let code = match e.esource() {
             pingora::ErrorSource::Downstream
                 if matches!(

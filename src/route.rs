@@ -48,6 +48,12 @@ pub enum RouteError {
     /// A network or device not found in any of the client's organizations.
     #[error("{kind} {id} is not in an organization this client may access")]
     NotInClientOrganizations { kind: &'static str, id: String },
+    /// An action batch names a resource outside the batch's organization.
+    #[error("action batch resource {resource} is not in organization {org}")]
+    ActionOutsideOrganization { resource: String, org: String },
+    /// An action batch body the proxy cannot check.
+    #[error("malformed action batch: {0}")]
+    BadActionBatch(&'static str),
     /// The lookup of a network or device failed (upstream fault, or no usable token).
     #[error("could not look up {kind} {id}: {}", .cause.message)]
     LookupFailed {
@@ -61,7 +67,8 @@ impl RouteError {
     /// The HTTP status this error is answered with.
     pub fn status(&self) -> u16 {
         match self {
-            RouteError::Malformed(_) => 400,
+            RouteError::Malformed(_) | RouteError::BadActionBatch(_) => 400,
+            RouteError::ActionOutsideOrganization { .. } => 403,
             RouteError::NotUnderApi => 404,
             RouteError::NoOrganization
             | RouteError::ForbiddenOrganization(_)
@@ -73,7 +80,8 @@ impl RouteError {
     /// A short fixed label for metrics and audit.
     pub fn reason(&self) -> &'static str {
         match self {
-            RouteError::Malformed(_) => "bad_request",
+            RouteError::Malformed(_) | RouteError::BadActionBatch(_) => "bad_request",
+            RouteError::ActionOutsideOrganization { .. } => "forbidden_organization",
             RouteError::NotUnderApi => "not_found",
             RouteError::NoOrganization => "no_organization",
             RouteError::ForbiddenOrganization(_) | RouteError::NotInClientOrganizations { .. } => {
@@ -199,6 +207,46 @@ pub struct LookupError {
     pub message: String,
 }
 
+/// An action batch body is checked whole before it is forwarded, from Pingora's retry buffer,
+/// so bodies above that buffer (64 KiB) are refused. Meraki's batches hold at most 20
+/// (synchronous) or 100 actions: well below.
+pub const MAX_BATCH_BODY: usize = 64 * 1024;
+
+impl Route {
+    /// `POST /organizations/{id}/actionBatches`: its body names resources to check.
+    pub fn is_action_batch(&self, method: &http::Method) -> bool {
+        method == http::Method::POST
+            && matches!(self.target, Target::Organization(_))
+            && self
+                .path
+                .split('/')
+                .nth(3)
+                .is_some_and(|s| s.eq_ignore_ascii_case("actionBatches"))
+            && self.path.split('/').count() == 4
+    }
+}
+
+/// The `resource` paths of an action batch body.
+pub fn batch_resources(body: &[u8]) -> Result<Vec<String>, RouteError> {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|_| RouteError::BadActionBatch("the body is not JSON"))?;
+    let actions = v
+        .get("actions")
+        .and_then(|a| a.as_array())
+        .ok_or(RouteError::BadActionBatch("no \"actions\" list"))?;
+    actions
+        .iter()
+        .map(|a| {
+            a.get("resource")
+                .and_then(|r| r.as_str())
+                .map(str::to_owned)
+                .ok_or(RouteError::BadActionBatch(
+                    "an action has no \"resource\" string",
+                ))
+        })
+        .collect()
+}
+
 /// Looks a network or a device up upstream, with the token of one of the client's grants.
 #[async_trait::async_trait]
 pub trait Lookup: Send + Sync {
@@ -229,6 +277,52 @@ impl Resolver {
             networks: build(),
             devices: build(),
         }
+    }
+
+    /// The organization a target acts on, resolving networks and devices among `orgs` (the
+    /// client's organizations).
+    pub async fn organization_of(
+        &self,
+        target: &Target,
+        orgs: &[String],
+        lookup: &dyn Lookup,
+    ) -> Result<Arc<str>, RouteError> {
+        match target {
+            Target::Organization(id) => Ok(Arc::from(id.as_str())),
+            Target::Network(id) => self.network_org(id, orgs, lookup).await,
+            Target::Device(serial) => self.device_org(serial, orgs, lookup).await,
+            Target::OrganizationList | Target::Unscoped => Err(RouteError::NoOrganization),
+        }
+    }
+
+    /// Checks that every resource of an action batch lies in `org`, the batch's organization.
+    pub async fn check_batch(
+        &self,
+        body: &[u8],
+        org: &str,
+        orgs: &[String],
+        lookup: &dyn Lookup,
+    ) -> Result<(), RouteError> {
+        for resource in batch_resources(body)? {
+            let outside = || RouteError::ActionOutsideOrganization {
+                resource: resource.clone(),
+                org: org.to_owned(),
+            };
+            let route = parse(
+                &format!("/api/v1/{}", resource.trim_start_matches('/')),
+                &http::Method::GET,
+            )
+            .map_err(|_| outside())?;
+            match self.organization_of(&route.target, orgs, lookup).await {
+                Ok(o) if &*o == org => {}
+                Ok(_)
+                | Err(RouteError::NoOrganization | RouteError::NotInClientOrganizations { .. }) => {
+                    return Err(outside())
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// The organization of a network, among `orgs` (the client's). Only found results are
@@ -449,6 +543,63 @@ mod tests {
                 .find(|((o, p), _)| *o == org && *p == path)
                 .map(|(_, v)| v.clone()))
         }
+    }
+
+    #[tokio::test]
+    async fn action_batch_resources_must_stay_in_the_batch_organization() {
+        let up = FakeUpstream {
+            objects: HashMap::from([
+                (
+                    ("1", "/networks/N1"),
+                    serde_json::json!({"id": "N1", "organizationId": "1"}),
+                ),
+                (
+                    ("2", "/networks/N2"),
+                    serde_json::json!({"id": "N2", "organizationId": "2"}),
+                ),
+            ]),
+            calls: AtomicUsize::new(0),
+        };
+        let r = Resolver::new(100, Duration::from_secs(60));
+        let orgs = vec!["1".to_string(), "2".to_string()];
+        let batch = |res: &str| {
+            serde_json::json!({"actions": [{"resource": "/networks/N1/appliance/vlans", "operation": "create"}, {"resource": res, "operation": "update"}]}).to_string()
+        };
+        assert!(r
+            .check_batch(batch("/networks/N1").as_bytes(), "1", &orgs, &up)
+            .await
+            .is_ok());
+        assert!(r
+            .check_batch(batch("/organizations/1/admins").as_bytes(), "1", &orgs, &up)
+            .await
+            .is_ok());
+        for bad in [
+            "/networks/N2",
+            "/organizations/2/admins",
+            "/networks/N1/../../organizations/2",
+            "/administered/identities/me",
+            "/networks/N9",
+        ] {
+            let e = r
+                .check_batch(batch(bad).as_bytes(), "1", &orgs, &up)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(e, RouteError::ActionOutsideOrganization { .. }),
+                "{bad}: {e:?}"
+            );
+        }
+        assert!(matches!(
+            r.check_batch(b"not json", "1", &orgs, &up).await,
+            Err(RouteError::BadActionBatch(_))
+        ));
+        let route = parse("/api/v1/organizations/1/actionBatches", &Method::POST).unwrap();
+        assert!(route.is_action_batch(&Method::POST));
+        assert!(
+            !parse("/api/v1/organizations/1/actionBatches/7", &Method::POST)
+                .unwrap()
+                .is_action_batch(&Method::POST)
+        );
     }
 
     #[tokio::test]

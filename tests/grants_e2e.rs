@@ -390,3 +390,104 @@ async fn status_page_in_chromium_shows_grants_and_connect_leads_through_consent(
     let (ready, _) = p.admin("/readyz").await;
     assert_eq!(ready, 200);
 }
+
+#[tokio::test]
+async fn an_admin_token_protects_the_admin_listener_but_not_probes_or_the_callback() {
+    let s = Scenario::new(Options::default()).await;
+    let text = std::fs::read_to_string(&s.config).unwrap().replace(
+        "threads = 2",
+        "threads = 2\nadmin_token_env = \"ADMIN_TOKEN\"",
+    );
+    std::fs::write(&s.config, text).unwrap();
+    let token = "admin-token-0123456789abcdef";
+    let mut cmd = s.command(&["run"]);
+    let log = std::fs::File::create(s.dir.path().join("admin.log")).unwrap();
+    let child = cmd.env("ADMIN_TOKEN", token).stderr(log).spawn().unwrap();
+    let mut p = ProxyProcess {
+        child,
+        port: s.port,
+        admin_port: s.admin_port,
+        log: s.dir.path().join("admin.log"),
+    };
+    eventually_async(|| async { reqwest::get(admin_url(&s, "/healthz")).await.is_ok() }).await;
+    let c = no_redirects();
+    assert_eq!(
+        c.get(admin_url(&s, "/")).send().await.unwrap().status(),
+        401
+    );
+    assert_eq!(
+        c.get(admin_url(&s, "/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        c.get(admin_url(&s, "/metrics"))
+            .bearer_auth("wrong-token-wrong-token")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        c.get(admin_url(&s, "/metrics"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(admin_url(&s, "/"))
+            .basic_auth("ops", Some(token))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(admin_url(&s, "/oauth/connect?integration=netops"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        c.get(admin_url(&s, "/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(admin_url(&s, "/oauth/callback?state=x&code=y"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        400,
+        "callback is reachable, guarded by state"
+    );
+    p.kill9();
+}
+
+async fn eventually_async<F, Fut>(mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..200 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out");
+}

@@ -527,3 +527,55 @@ async fn audit_records_every_request_and_no_secret_appears_anywhere() {
         assert!(!metrics.contains(secret.as_str()), "secret in metrics");
     }
 }
+
+#[tokio::test]
+async fn action_batches_may_only_touch_their_own_organization() {
+    let (s, _p) = ready().await;
+    let batch = |resource: &str| {
+        json!({"confirmed": true, "synchronous": true, "actions": [
+            {"resource": "/networks/L_111_0", "operation": "update", "body": {"name": "batched"}},
+            {"resource": resource, "operation": "update", "body": {"name": "pwned"}}]})
+    };
+    let post = |body: Value| {
+        client()
+            .post(format!("{}/organizations/111/actionBatches", s.base()))
+            .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
+            .json(&body)
+            .send()
+    };
+    for outside in [
+        "/networks/L_222_0",
+        "/organizations/222/networks",
+        "/networks/L_111_0/../../networks/L_222_0",
+    ] {
+        let r = post(batch(outside)).await.unwrap();
+        assert_eq!(r.status(), 403, "{outside}");
+        let v: Value = r.json().await.unwrap();
+        assert!(errors0(&v).contains("not in organization 111"), "{v}");
+    }
+    assert!(
+        !s.standin.requests().iter().any(|r| r.method == "POST"),
+        "no refused batch reached Meraki"
+    );
+    assert_eq!(s.standin.network("L_222_0").unwrap()["name"], "bob net");
+    // A batch inside the organization goes through, body intact, even across a 401 retry
+    // (the network is looked up first, so the injected 401 hits the batch itself).
+    assert_eq!(get(&s, ALICE_KEY, "/networks/L_111_1").await.0, 200);
+    s.standin
+        .fail_next_api(1, 401, r#"{"errors":["Invalid API key"]}"#);
+    let r = post(batch("/networks/L_111_1")).await.unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(s.standin.network("L_111_1").unwrap()["name"], "pwned");
+    let posts: Vec<_> = s
+        .standin
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .collect();
+    assert_eq!(posts.len(), 2);
+    assert_eq!(posts[0].body, posts[1].body);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&posts[1].body).unwrap(),
+        batch("/networks/L_111_1")
+    );
+}

@@ -315,19 +315,20 @@ impl Validator<'_> {
                 "expected at least 1 and at most keepalive_idle_secs",
             ));
         }
-        let admin_token =
-            match &raw.server.admin_token_env {
-                None => None,
-                Some(var) => match (self.env)(var) {
-                    Some(v) if v.trim().len() >= 16 => Some(Secret::new(v.trim().to_owned())),
-                    _ => return Err(self.invalid(
+        let admin_token = match &raw.server.admin_token_env {
+            None => None,
+            Some(var) => match (self.env)(var) {
+                Some(v) if v.trim().len() >= 16 => Some(Secret::new(v.trim().to_owned())),
+                _ => {
+                    return Err(self.invalid(
                         "server.admin_token_env",
                         format!(
                             "environment variable {var} is not set or shorter than 16 characters"
                         ),
-                    )),
-                },
-            };
+                    ))
+                }
+            },
+        };
         if let Some(a) = admin_listen {
             if !a.ip().is_loopback() && admin_token.is_none() {
                 return Err(self.invalid(
