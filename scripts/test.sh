@@ -11,6 +11,11 @@ export MERAKI_SDK_PYTHON="$(bash scripts/python-env.sh | tail -n 1)"
 echo "== cargo test (unit, end-to-end, SDK interop, examples)"
 cargo test --all-features --tests --examples --lib --bins
 
+echo "== Prometheus rules and scrape example (promtool)"
+promtool check rules deploy/prometheus/alerts.yml
+promtool check config deploy/prometheus/prometheus.yml
+promtool test rules deploy/prometheus/alerts_test.yml
+
 echo "== micro-benchmarks, quick mode"
 cargo bench --bench hot_path -- --test
 

@@ -38,12 +38,18 @@ pub fn prepare_request(
         )
     })?;
     req.set_uri(uri);
-    let ua = match req.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()) {
-        Some(ua) if !ua.is_empty() => format!("{ua} {}", crate::PRODUCT),
-        _ => crate::PRODUCT.to_owned(),
-    };
+    let ua = user_agent(req.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()));
     req.insert_header(USER_AGENT, ua)?;
     Ok(())
+}
+
+/// The User-Agent sent upstream: the script's, with the proxy's product token appended (Meraki's
+/// `ApplicationName/Version VendorName` convention), so Meraki's API request log shows both.
+pub fn user_agent(inbound: Option<&str>) -> String {
+    match inbound {
+        Some(ua) if !ua.trim().is_empty() => format!("{} {}", ua.trim(), crate::PRODUCT),
+        _ => crate::PRODUCT.to_owned(),
+    }
 }
 
 /// Rewrites an upstream `Link` header value so that every target leads back through the proxy.

@@ -174,9 +174,11 @@ impl MerakiProxy {
         let r = route::parse(req.uri.path(), &method).map_err(route_refusal)?;
         let query = req.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
         ctx.path = Some(format!("{}{query}", r.path));
+        let user_agent = req.headers.get(USER_AGENT).and_then(|v| v.to_str().ok());
         let lookup = LookupWith {
             api: &s.api,
             integration: &client.integration,
+            user_agent,
         };
         if r.target == Target::OrganizationList {
             return Ok(Some(Target::OrganizationList));
@@ -218,11 +220,22 @@ impl MerakiProxy {
         };
         let mut orgs = Vec::with_capacity(client.organizations.len());
         let mut failure = None;
+        let user_agent = session
+            .req_header()
+            .headers
+            .get(USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         for org in &client.organizations {
             match self
                 .state
                 .api
-                .get_json(&client.integration, org, &format!("/organizations/{org}"))
+                .get_json(
+                    &client.integration,
+                    org,
+                    &format!("/organizations/{org}"),
+                    user_agent.as_deref(),
+                )
                 .await
             {
                 Ok(Some(v)) => orgs.push(v),
@@ -309,9 +322,15 @@ impl MerakiProxy {
         let (Some(client), Some(org)) = (ctx.client.clone(), ctx.org.clone()) else {
             return Ok(());
         };
+        let user_agent = session
+            .req_header()
+            .headers
+            .get(USER_AGENT)
+            .and_then(|v| v.to_str().ok());
         let lookup = LookupWith {
             api: &self.state.api,
             integration: &client.integration,
+            user_agent,
         };
         self.state
             .resolver

@@ -132,12 +132,16 @@ impl ApiClient {
     }
 
     /// `GET base + path` with the grant serving `org` for `integration`: `Ok(None)` on 404.
+    /// `user_agent` is the calling script's, so Meraki's request log names it (with the proxy's
+    /// token appended, as on forwarded requests).
     pub async fn get_json(
         &self,
         integration: &str,
         org: &str,
         path: &str,
+        user_agent: Option<&str>,
     ) -> Result<Option<serde_json::Value>, LookupError> {
+        let ua = crate::forward::user_agent(user_agent);
         let grant = self.grants.get(integration, org).await.ok_or_else(|| {
             token_failure(TokenError::NoGrant {
                 integration: integration.to_owned(),
@@ -159,6 +163,7 @@ impl ApiClient {
                 .http
                 .get(format!("{}{}", self.base, path))
                 .bearer_auth(bearer)
+                .header(http::header::USER_AGENT, ua.as_str())
                 .send()
                 .await
                 .map_err(|e| LookupError {
@@ -212,6 +217,7 @@ fn token_failure(e: TokenError) -> LookupError {
 pub struct LookupWith<'a> {
     pub api: &'a ApiClient,
     pub integration: &'a str,
+    pub user_agent: Option<&'a str>,
 }
 
 #[async_trait::async_trait]
@@ -221,6 +227,8 @@ impl Lookup for LookupWith<'_> {
         org: &str,
         path: &str,
     ) -> Result<Option<serde_json::Value>, LookupError> {
-        self.api.get_json(self.integration, org, path).await
+        self.api
+            .get_json(self.integration, org, path, self.user_agent)
+            .await
     }
 }
