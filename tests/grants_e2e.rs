@@ -410,71 +410,32 @@ async fn an_admin_token_protects_the_admin_listener_but_not_probes_or_the_callba
         log: s.dir.path().join("admin.log"),
     };
     eventually_async(|| async { reqwest::get(admin_url(&s, "/healthz")).await.is_ok() }).await;
-    let c = no_redirects();
-    assert_eq!(
-        c.get(admin_url(&s, "/")).send().await.unwrap().status(),
-        401
-    );
-    assert_eq!(
-        c.get(admin_url(&s, "/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        c.get(admin_url(&s, "/metrics"))
-            .bearer_auth("wrong-token-wrong-token")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        c.get(admin_url(&s, "/metrics"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        c.get(admin_url(&s, "/"))
-            .basic_auth("ops", Some(token))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        c.get(admin_url(&s, "/oauth/connect?integration=netops"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        c.get(admin_url(&s, "/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        c.get(admin_url(&s, "/oauth/callback?state=x&code=y"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        400,
-        "callback is reachable, guarded by state"
-    );
+    enum Auth {
+        None,
+        Bearer(&'static str),
+        Basic(&'static str),
+    }
+    // (path, credentials, expected status)
+    let cases = [
+        ("/", Auth::None, 401),
+        ("/metrics", Auth::None, 401),
+        ("/metrics", Auth::Bearer("wrong-token-wrong-token"), 401),
+        ("/metrics", Auth::Bearer(token), 200),
+        ("/", Auth::Basic(token), 200),
+        ("/oauth/connect?integration=netops", Auth::None, 401),
+        ("/healthz", Auth::None, 200),
+        // Reachable without the token, guarded by its single-use state instead.
+        ("/oauth/callback?state=x&code=y", Auth::None, 400),
+    ];
+    for (path, auth, want) in cases {
+        let req = no_redirects().get(admin_url(&s, path));
+        let req = match auth {
+            Auth::None => req,
+            Auth::Bearer(t) => req.bearer_auth(t),
+            Auth::Basic(t) => req.basic_auth("ops", Some(t)),
+        };
+        assert_eq!(req.send().await.unwrap().status(), want, "{path}");
+    }
     p.kill9();
 }
 
