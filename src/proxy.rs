@@ -127,7 +127,7 @@ impl MerakiProxy {
             self.state.metrics.denial(client, r.reason);
         }
         ctx.decision = decision;
-        write_json(
+        write_error(
             session,
             &ctx.request_id,
             r.status,
@@ -471,7 +471,10 @@ fn token_refusal(e: TokenError) -> (Decision, Refusal) {
     )
 }
 
-async fn write_json(
+/// Writes a proxy-made error response. Through Pingora's `write_error_response`, so it says
+/// `Connection: close` (the request body may be unread; the connection is not reused) and is
+/// skipped when a response header already went out (a failure mid-body).
+async fn write_error(
     session: &mut Session,
     request_id: &str,
     status: u16,
@@ -489,8 +492,7 @@ async fn write_json(
         // Clients (the Python SDK) do int(Retry-After).
         resp.insert_header(http::header::RETRY_AFTER, "1")?;
     }
-    session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await
+    session.as_mut().write_error_response(resp, body).await
 }
 
 fn new_request_id() -> String {
@@ -740,10 +742,7 @@ impl ProxyHttp for MerakiProxy {
             _ => refusal.status,
         };
         if code > 0 {
-            // The connection is not reused after a failure (the request body may be unread):
-            // say so in the response instead of announcing keep-alive and closing.
-            session.as_mut().set_keepalive(None);
-            if let Err(err) = write_json(
+            if let Err(err) = write_error(
                 session,
                 &ctx.request_id,
                 code,

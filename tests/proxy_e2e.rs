@@ -157,6 +157,8 @@ async fn other_organizations_and_methods_are_refused() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
+    // Its body was never read: the refusal must not promise a reusable connection.
+    assert_eq!(r.headers()["connection"], "close");
     // Alice may not write bob's network: the lookup runs with alice's grant, which cannot see it.
     let r = client()
         .put(format!("{}/networks/L_222_0", s.base()))
