@@ -1,0 +1,278 @@
+//! Micro-benchmarks of the work the proxy does for every request, through the library's public
+//! API: key lookup, routing, the cached organization lookup, upstream header rewriting, `Link`
+//! rewriting, metrics and the audit record.
+//!
+//! ```text
+//! cargo bench --bench hot_path              # measure
+//! cargo bench --bench hot_path -- --test    # run each benchmark once (CI)
+//! ```
+//!
+//! The end-to-end numbers (throughput, latency, memory against nginx and a bare Pingora
+//! pass-through) come from `benches/load.sh`.
+
+use async_trait::async_trait;
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
+use http::{HeaderMap, HeaderValue, Method};
+use meraki_oauth_proxy::audit::{now_rfc3339, Audit, RequestRecord};
+use meraki_oauth_proxy::config::Client;
+use meraki_oauth_proxy::forward;
+use meraki_oauth_proxy::identity::{Identities, API_KEY_HEADER};
+use meraki_oauth_proxy::metrics::Metrics;
+use meraki_oauth_proxy::route::{self, Lookup, LookupError, Resolver};
+use pingora::http::RequestHeader;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+const KEY: &str = "bench-client-key-0123456789abcdef";
+const ORG: &str = "111111";
+
+fn client(i: usize, key: &str) -> Arc<Client> {
+    Arc::new(Client {
+        name: format!("client-{i}"),
+        key_sha256: Sha256::digest(key.as_bytes()).into(),
+        integration: "netops".into(),
+        organizations: vec![ORG.into()],
+        methods: None,
+    })
+}
+
+/// `n` clients; the one holding [`KEY`] is the last, though the scan visits every client anyway.
+fn clients(n: usize) -> Vec<Arc<Client>> {
+    let mut v: Vec<_> = (0..n - 1)
+        .map(|i| client(i, &format!("other-key-{i}")))
+        .collect();
+    v.push(client(n - 1, KEY));
+    v
+}
+
+fn identity(c: &mut Criterion) {
+    let mut headers = HeaderMap::new();
+    headers.insert(API_KEY_HEADER, HeaderValue::from_static(KEY));
+    headers.insert(
+        "user-agent",
+        HeaderValue::from_static("python-meraki/1.53.0"),
+    );
+    headers.insert("accept", HeaderValue::from_static("application/json"));
+    let mut g = c.benchmark_group("identify");
+    for n in [10, 10_000] {
+        let ids = Identities::new(&clients(n));
+        assert!(ids.identify(&headers).is_ok());
+        g.bench_with_input(BenchmarkId::new("clients", n), &ids, |b, ids| {
+            b.iter(|| ids.identify(black_box(&headers)))
+        });
+    }
+    g.finish();
+}
+
+fn routing(c: &mut Criterion) {
+    let mut g = c.benchmark_group("route_parse");
+    let cases = [
+        ("organization", "/api/v1/organizations/123/networks"),
+        // The proxy hands `route::parse` the path without its query (`uri.path()`).
+        (
+            "network_with_query",
+            "/api/v1/networks/L_1/clients?perPage=10",
+        ),
+        (
+            "dot_segments",
+            "/api/v1/organizations/123/%2e%2e/999/networks//../networks",
+        ),
+    ];
+    for (name, uri) in cases {
+        let path = uri.split('?').next().unwrap_or(uri);
+        assert!(route::parse(path, &Method::GET).is_ok(), "{uri}");
+        g.bench_function(name, |b| {
+            b.iter(|| route::parse(black_box(path), &Method::GET))
+        });
+    }
+    g.finish();
+}
+
+/// Networks and devices in memory; the benchmark only measures warm-cache hits.
+struct Memory(HashMap<String, serde_json::Value>);
+
+#[async_trait]
+impl Lookup for Memory {
+    async fn get_json(
+        &self,
+        _org: &str,
+        path: &str,
+    ) -> Result<Option<serde_json::Value>, LookupError> {
+        Ok(self.0.get(path).cloned())
+    }
+}
+
+fn resolver(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let lookup = Memory(HashMap::from([
+        (
+            "/networks/L_1".to_owned(),
+            serde_json::json!({ "id": "L_1", "organizationId": ORG }),
+        ),
+        (
+            "/devices/Q2XX-AAAA-BBBB".to_owned(),
+            serde_json::json!({ "serial": "Q2XX-AAAA-BBBB", "networkId": "L_1" }),
+        ),
+    ]));
+    let resolver = Resolver::new(100_000, Duration::from_secs(600));
+    let orgs = vec!["222222".to_owned(), ORG.to_owned()];
+    rt.block_on(async {
+        let org = resolver.network_org("L_1", &orgs, &lookup).await;
+        assert_eq!(org.as_deref().ok(), Some(ORG));
+        let org = resolver.device_org("Q2XX-AAAA-BBBB", &orgs, &lookup).await;
+        assert_eq!(org.as_deref().ok(), Some(ORG));
+    });
+    let mut g = c.benchmark_group("resolver_warm");
+    g.bench_function("network_org", |b| {
+        b.to_async(&rt)
+            .iter(|| resolver.network_org(black_box("L_1"), &orgs, &lookup))
+    });
+    g.bench_function("device_org", |b| {
+        b.to_async(&rt)
+            .iter(|| resolver.device_org(black_box("Q2XX-AAAA-BBBB"), &orgs, &lookup))
+    });
+    g.finish();
+}
+
+fn client_request() -> RequestHeader {
+    let mut req = RequestHeader::build(Method::GET, b"/api/v1/organizations/111111/networks", None)
+        .expect("request header");
+    for (k, v) in [
+        ("host", "127.0.0.1:8080"),
+        (
+            "user-agent",
+            "python-meraki/1.53.0 MyInventoryScript/2.1 Acme",
+        ),
+        ("accept", "application/json"),
+        ("accept-encoding", "gzip, deflate"),
+        ("content-type", "application/json"),
+        (API_KEY_HEADER, KEY),
+    ] {
+        req.insert_header(k, v).expect("header");
+    }
+    req
+}
+
+fn headers(c: &mut Criterion) {
+    let bearer = HeaderValue::from_static("Bearer at-0123456789abcdef0123456789abcdef0123456789");
+    let template = client_request();
+    let path = "/api/v1/organizations/111111/networks?perPage=1000";
+    let mut g = c.benchmark_group("forward");
+    // The clone is part of the measurement; `clone_only` gives its share.
+    g.bench_function("clone_only", |b| b.iter(|| black_box(&template).clone()));
+    g.bench_function("prepare_request", |b| {
+        b.iter(|| {
+            let mut req = template.clone();
+            forward::prepare_request(&mut req, &bearer, "api.meraki.com", black_box(path))
+                .expect("prepare");
+            req
+        })
+    });
+    let link = "<https://api.meraki.com/api/v1/organizations/111111/networks?perPage=10&startingAfter=a000000>; rel=first, \
+                <https://api.meraki.com/api/v1/organizations/111111/networks?perPage=10&endingBefore=L_111111_10>; rel=prev, \
+                <https://api.meraki.com/api/v1/organizations/111111/networks?perPage=10&startingAfter=L_111111_19>; rel=next, \
+                <https://api.meraki.com/api/v1/organizations/111111/networks?perPage=10&endingBefore=zzzzzzz>; rel=last";
+    assert_eq!(
+        forward::rewrite_link(link, "/api/v1").map(|l| l.matches("rel=").count()),
+        Some(4)
+    );
+    g.bench_function("rewrite_link_4_rels", |b| {
+        b.iter(|| forward::rewrite_link(black_box(link), "/api/v1"))
+    });
+    g.finish();
+}
+
+fn metrics(c: &mut Criterion) {
+    let m = Metrics::new().expect("metrics");
+    let mut g = c.benchmark_group("metrics");
+    g.bench_function("request", |b| {
+        b.iter(|| {
+            m.request(
+                black_box("netops"),
+                "inventory-script",
+                ORG,
+                &Method::GET,
+                200,
+                Duration::from_micros(850),
+            )
+        })
+    });
+    // What `proxy.rs` records for one forwarded request.
+    g.bench_function("per_request_total", |b| {
+        b.iter(|| {
+            m.in_flight().inc();
+            m.upstream(black_box("netops"), Duration::from_micros(400));
+            m.request(
+                "netops",
+                "inventory-script",
+                ORG,
+                &Method::GET,
+                200,
+                Duration::from_micros(850),
+            );
+            m.in_flight().dec();
+        })
+    });
+    g.finish();
+}
+
+fn record<'a>(time: String, source: String) -> RequestRecord<'a> {
+    RequestRecord {
+        time,
+        kind: "request",
+        request_id: "5f0c8a1e9b2d4c3a",
+        upstream_request_id: Some("8d3c2e0f4a5b6c7d8e9f0a1b2c3d4e5f"),
+        client: Some("inventory-script"),
+        integration: Some("netops"),
+        organization: Some(ORG),
+        method: "GET",
+        path: "/organizations/111111/networks?perPage=1000",
+        status: 200,
+        upstream_status: Some(200),
+        decision: "forwarded",
+        reason: None,
+        retried_after_401: false,
+        redirects_followed: 0,
+        token_fingerprint: Some("1a2b3c4d"),
+        duration_ms: 0.853,
+        upstream_duration_ms: Some(0.412),
+        bytes_in: 0,
+        bytes_out: 1536,
+        source: Some(source),
+        user_agent: Some("python-meraki/1.53.0 MyInventoryScript/2.1 Acme"),
+    }
+}
+
+fn audit(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let audit = Audit::open(Some(&dir.path().join("audit.jsonl"))).expect("audit log");
+    let mut g = c.benchmark_group("audit");
+    g.bench_function("serialize_only", |b| {
+        b.iter(|| serde_json::to_string(&record(now_rfc3339(), "127.0.0.1:51234".into())))
+    });
+    // As `proxy.rs` does it: timestamp, record, serialization, enqueue to the writer thread
+    // (which shares the machine's cores with the benchmark).
+    g.bench_function("request", |b| {
+        b.iter(|| audit.request(&record(now_rfc3339(), "127.0.0.1:51234".into())))
+    });
+    g.finish();
+    drop(audit);
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+}
+
+criterion_group! {
+    name = hot_path;
+    config = config();
+    targets = identity, routing, resolver, headers, metrics, audit
+}
+criterion_main!(hot_path);

@@ -1,0 +1,679 @@
+#!/usr/bin/env bash
+# Load benchmark for SPEC.md's "Bars": throughput, latency and memory of the full proxy against
+# the same upstream reached directly, through nginx injecting a static bearer, and through a
+# minimal Pingora pass-through, with the same worker count and the same load generator.
+#
+#   bash benches/load.sh            # compare (a) upstream, (b) nginx, (c) pass-through, (d) proxy
+#   bash benches/load.sh scaling    # (d) at 1/32/256 connections, 10/10,000 clients, 1/1,000 grants
+#   QUICK=1 bash benches/load.sh    # CI: 2-second runs, one round; checks every config answers
+#
+# Settings (environment): DURATION (s, default 10; QUICK: 2), ROUNDS (default 2 in compare mode,
+# 1 in scaling mode; QUICK: 1), CONNS (default 32), WORKERS (nginx worker_processes and Pingora
+# threads, default 1), WRK_THREADS (default 1), KEEP=1 keeps the work directory, PERF=1 profiles
+# one extra (d) run with perf (compare mode; report in PERF_DIR, default target/load-perf),
+# IMPORT_JOBS (parallel `grants import` runs in scaling mode, default 1: concurrent imports into
+# one store were seen to fail with "FOREIGN KEY constraint failed").
+#
+# Loopback only (127.0.0.1), bounded in time, installs nothing. Every process it starts is stopped
+# on exit, whatever the exit path. Timings are reported, never asserted: the script fails only when
+# a configuration answered errors (non-2xx) or nothing at all.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PATH:/usr/sbin:/sbin"
+
+MODE=${1:-compare}
+case "$MODE" in
+compare | scaling) ;;
+-h | --help)
+  sed -n '2,19p' "$0"
+  exit 0
+  ;;
+*)
+  echo "usage: bash benches/load.sh [compare|scaling]" >&2
+  exit 2
+  ;;
+esac
+QUICK=${QUICK:-0}
+if [ "$QUICK" = 1 ]; then
+  DURATION=${DURATION:-2}
+  ROUNDS=${ROUNDS:-1}
+fi
+DURATION=${DURATION:-10}
+if [ "$MODE" = scaling ]; then ROUNDS=${ROUNDS:-1}; else ROUNDS=${ROUNDS:-2}; fi
+CONNS=${CONNS:-32}
+WORKERS=${WORKERS:-1}
+WRK_THREADS=${WRK_THREADS:-1}
+KEY=${KEY:-load-bench-client-key-5c9a1f}
+ORG=111111 # the organization the stand-in's demo grant serves
+STATIC_BEARER="Bearer static-0123456789abcdef0123456789abcdef01234567"
+
+# ---------------------------------------------------------------------------------------------
+# Prerequisites.
+missing=()
+for tool in nginx wrk curl; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "load.sh: missing ${missing[*]}; install them with:" >&2
+  echo "    apt-get install -y nginx-light wrk curl" >&2
+  exit 1
+fi
+
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+echo "== building release binaries"
+cargo build --release --quiet --bin meraki-oauth-proxy --example passthrough --example meraki_standin
+PROXY_BIN="$TARGET_DIR/release/meraki-oauth-proxy"
+PASS_BIN="$TARGET_DIR/release/examples/passthrough"
+STANDIN_BIN="$TARGET_DIR/release/examples/meraki_standin"
+
+# ---------------------------------------------------------------------------------------------
+# Process bookkeeping: every process started is recorded and stopped on exit.
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/meraki-load.XXXXXX")
+PIDS=()
+STARTED=()
+
+stop_pid() {
+  local pid=$1 i kids
+  kill -0 "$pid" 2>/dev/null || return 0
+  kids=$(pgrep -P "$pid" 2>/dev/null || true) # nginx workers
+  # SIGINT: fast shutdown for Pingora (SIGTERM would wait out a grace period), nginx, the stand-in.
+  kill -INT "$pid" 2>/dev/null || true
+  for i in $(seq 50); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  for k in $kids; do
+    kill -0 "$k" 2>/dev/null && kill -KILL "$k" 2>/dev/null || true
+  done
+  return 0
+}
+
+cleanup() {
+  local rc=$? pid left=()
+  trap - EXIT INT TERM
+  for pid in $(jobs -p) "${PIDS[@]}"; do stop_pid "$pid"; done
+  sleep 0.2
+  for pid in "${STARTED[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then left+=("$pid"); fi
+  done
+  if [ ${#left[@]} -gt 0 ]; then
+    echo "load.sh: processes still running after cleanup: ${left[*]}" >&2
+    rc=1
+  fi
+  if [ "${KEEP:-0}" = 1 ] || [ "$rc" -ne 0 ]; then
+    echo "load.sh: work directory kept: $WORK" >&2
+  else
+    rm -rf "$WORK"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# spawn NAME CMD...: starts CMD in the background, output to $WORK/NAME.log; sets SPAWNED.
+spawn() {
+  local name=$1
+  shift
+  "$@" >"$WORK/$name.log" 2>&1 &
+  SPAWNED=$!
+  PIDS+=("$SPAWNED")
+  STARTED+=("$SPAWNED")
+}
+
+# stop PID: stops one process started by spawn, and forgets it.
+stop() {
+  local pid=$1 p keep=()
+  # Record nginx-style children too, to check them at exit.
+  STARTED+=($(pgrep -P "$pid" 2>/dev/null || true))
+  stop_pid "$pid"
+  for p in "${PIDS[@]}"; do [ "$p" = "$pid" ] || keep+=("$p"); done
+  PIDS=("${keep[@]}")
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Ports below Linux's ephemeral range, so tests binding port 0 elsewhere do not take them.
+NEXT_PORT=$((20000 + (RANDOM % 1000) * 10))
+pick_port() {
+  while port_open "$NEXT_PORT"; do NEXT_PORT=$((NEXT_PORT + 1)); done
+  PORT=$NEXT_PORT
+  NEXT_PORT=$((NEXT_PORT + 1))
+}
+
+# wait_port PORT PID NAME: until PORT accepts connections (10 s), or fail if PID died.
+wait_port() {
+  local i
+  for i in $(seq 100); do
+    port_open "$1" && return 0
+    if ! kill -0 "$2" 2>/dev/null; then
+      echo "load.sh: $3 exited; its log:" >&2
+      cat "$WORK/$3.log" >&2 || true
+      exit 1
+    fi
+    sleep 0.1
+  done
+  echo "load.sh: $3 does not listen on 127.0.0.1:$1; its log:" >&2
+  cat "$WORK/$3.log" >&2 || true
+  exit 1
+}
+
+# ---------------------------------------------------------------------------------------------
+# nginx: each instance with its own prefix, pid file, temp paths and logs, in the foreground.
+NGINX_USER=""
+[ "$(id -u)" -eq 0 ] && NGINX_USER="user root;"
+
+nginx_conf() { # nginx_conf NAME WORKERS HTTP_BLOCK
+  local dir="$WORK/$1"
+  mkdir -p "$dir/tmp" "$dir/logs"
+  cat >"$dir/nginx.conf" <<EOF
+$NGINX_USER
+daemon off;
+master_process on;
+worker_processes $2;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $dir/tmp/body;
+  proxy_temp_path $dir/tmp/proxy;
+  fastcgi_temp_path $dir/tmp/fastcgi;
+  uwsgi_temp_path $dir/tmp/uwsgi;
+  scgi_temp_path $dir/tmp/scgi;
+  # Long-lived client connections, as wrk and the proxies keep theirs (default: 1000 requests).
+  keepalive_requests 1000000;
+  keepalive_timeout 75s;
+$3
+}
+EOF
+}
+
+start_nginx() { # start_nginx NAME PORT; sets SPAWNED
+  local dir="$WORK/$1"
+  spawn "$1" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log"
+  wait_port "$2" "$SPAWNED" "$1"
+}
+
+# A Meraki-like page of networks (~1.5 KB) with Meraki's pagination Link header.
+networks_body() {
+  local i sep="" out="["
+  for i in 00 01 02 03 04 05; do
+    out+="$sep{\"id\":\"L_6465000000000$i\",\"organizationId\":\"$ORG\",\"name\":\"Branch Office $i\",\"productTypes\":[\"appliance\",\"switch\",\"wireless\"],\"timeZone\":\"America/Los_Angeles\",\"tags\":[\"branch\",\"west\"],\"enrollmentString\":null,\"url\":\"https://n123.meraki.com/Branch-$i/n/abcd$i/manage/usage/list\",\"notes\":\"Additional description of the network\",\"isBoundToConfigTemplate\":false}"
+    sep=","
+  done
+  printf '%s]' "$out"
+}
+BODY=$(networks_body)
+LINK="<https://api.meraki.com/api/v1/organizations/$ORG/networks?perPage=6&startingAfter=a000000>; rel=first, <https://api.meraki.com/api/v1/organizations/$ORG/networks?perPage=6&startingAfter=L_646500000000005>; rel=next, <https://api.meraki.com/api/v1/organizations/$ORG/networks?perPage=6&endingBefore=zzzzzzz>; rel=last"
+
+UPSTREAM_WORKERS=${UPSTREAM_WORKERS:-1}
+pick_port
+UP_PORT=$PORT
+nginx_conf upstream "$UPSTREAM_WORKERS" "
+  server {
+    listen 127.0.0.1:$UP_PORT;
+    location ~ ^/api/v1/organizations/[0-9]+/networks\$ {
+      default_type application/json;
+      add_header X-Request-Id \$request_id always;
+      add_header Link '$LINK' always;
+      return 200 '$BODY';
+    }
+    location / {
+      default_type application/json;
+      return 404 '{\"errors\":[\"Not found\"]}';
+    }
+  }"
+
+pick_port
+NGINX_PORT=$PORT
+nginx_conf nginx-proxy "$WORKERS" "
+  upstream meraki {
+    server 127.0.0.1:$UP_PORT;
+    keepalive 128;
+    keepalive_requests 1000000;
+    keepalive_timeout 60s;
+  }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://meraki;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+      proxy_set_header X-Cisco-Meraki-API-Key \"\";
+      proxy_set_header Authorization \"$STATIC_BEARER\";
+    }
+  }"
+
+echo "== starting the upstream (nginx, $UPSTREAM_WORKERS worker) and the token endpoint (stand-in)"
+start_nginx upstream "$UP_PORT"
+UPSTREAM_PID=$SPAWNED
+URL_PATH="/api/v1/organizations/$ORG/networks"
+curl -fsS -o /dev/null "http://127.0.0.1:$UP_PORT$URL_PATH" || {
+  echo "load.sh: the upstream does not answer 200" >&2
+  exit 1
+}
+
+pick_port
+STANDIN_PORT=$PORT
+spawn standin "$STANDIN_BIN" --listen "127.0.0.1:$STANDIN_PORT"
+STANDIN_PID=$SPAWNED
+for _ in $(seq 100); do
+  grep -q '^refresh_token=' "$WORK/standin.log" && break
+  kill -0 "$STANDIN_PID" 2>/dev/null || break
+  sleep 0.1
+done
+standin_value() { sed -n "s/^$1=//p" "$WORK/standin.log" | head -n 1; }
+TOKEN_URL=$(standin_value token_url)
+AUTHORIZE_URL=$(standin_value authorize_url)
+CLIENT_ID=$(standin_value client_id)
+CLIENT_SECRET=$(standin_value client_secret)
+DEMO_REFRESH=$(standin_value refresh_token)
+if [ -z "$TOKEN_URL" ] || [ -z "$DEMO_REFRESH" ]; then
+  echo "load.sh: the stand-in did not print its token URL and refresh token:" >&2
+  cat "$WORK/standin.log" >&2
+  exit 1
+fi
+export BENCH_CLIENT_SECRET="$CLIENT_SECRET"
+# The key that encrypts tokens at rest (32 bytes, hex).
+BENCH_STORE_KEY=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
+export BENCH_STORE_KEY
+KEY_SHA256=$(printf %s "$KEY" | "$PROXY_BIN" hash-key)
+
+# ---------------------------------------------------------------------------------------------
+# The proxy (d): one configuration directory per variant.
+
+# proxy_config DIR CLIENTS ORGS_TOML: writes DIR/proxy.toml. CLIENTS-1 decoy clients (digests
+# nobody's key has) and the benchmark client, last.
+proxy_config() {
+  local dir=$1 clients=$2 orgs=$3 i
+  mkdir -p "$dir"
+  pick_port
+  PROXY_PORT=$PORT
+  pick_port
+  ADMIN_PORT=$PORT
+  {
+    cat <<EOF
+[server]
+listen = "127.0.0.1:$PROXY_PORT"
+admin_listen = "127.0.0.1:$ADMIN_PORT"
+threads = $WORKERS
+
+[upstream]
+api_base = "http://127.0.0.1:$UP_PORT/api/v1"
+token_url = "$TOKEN_URL"
+
+[store]
+path = "$dir/tokens.db"
+key_env = "BENCH_STORE_KEY"
+
+[audit]
+path = "$dir/audit.jsonl"
+
+[[integrations]]
+name = "bench"
+client_id = "$CLIENT_ID"
+client_secret_env = "BENCH_CLIENT_SECRET"
+
+EOF
+    for ((i = 1; i < clients; i++)); do
+      printf '[[clients]]\nname = "decoy-%d"\nkey_sha256 = "%064x"\nintegration = "bench"\norganizations = ["%s"]\n\n' \
+        "$i" "$i" "$ORG"
+    done
+    printf '[[clients]]\nname = "bench-client"\nkey_sha256 = "%s"\nintegration = "bench"\norganizations = [%s]\n' \
+      "$KEY_SHA256" "$orgs"
+  } >"$dir/proxy.toml"
+}
+
+# import_grant DIR ORG... < refresh token on stdin
+import_grant() {
+  local dir=$1 args=() o
+  shift
+  for o in "$@"; do args+=(--org "$o"); done
+  "$PROXY_BIN" --config "$dir/proxy.toml" grants import --integration bench "${args[@]}" \
+    --refresh-token-file - >>"$dir/import.log" 2>&1 || {
+    echo "load.sh: grants import failed:" >&2
+    cat "$dir/import.log" >&2
+    exit 1
+  }
+}
+
+# start_proxy DIR [PATH]: starts the proxy and checks PATH answers 200 with the key and 401
+# without; sets PROXY_PID (PROXY_PORT/ADMIN_PORT come from proxy_config).
+start_proxy() {
+  local name check_path=${2:-$URL_PATH}
+  name="proxy-$(basename "$1")"
+  spawn "$name" env RUST_LOG=warn "$PROXY_BIN" --config "$1/proxy.toml" run
+  PROXY_PID=$SPAWNED
+  wait_port "$PROXY_PORT" "$PROXY_PID" "$name"
+  local code
+  code=$(curl -s -o /dev/null -w '%{http_code}' -H "X-Cisco-Meraki-API-Key: $KEY" \
+    "http://127.0.0.1:$PROXY_PORT$check_path")
+  if [ "$code" != 200 ]; then
+    echo "load.sh: the proxy answers $code, not 200; its log:" >&2
+    cat "$WORK/$name.log" >&2
+    exit 1
+  fi
+  code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PROXY_PORT$check_path")
+  if [ "$code" != 401 ]; then
+    echo "load.sh: the proxy answers $code without a key, not 401" >&2
+    exit 1
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# wrk.
+
+# run_wrk OUT URL CONNS [LUA]: one measured run; output in OUT.
+run_wrk() {
+  local out=$1 url=$2 conns=$3 lua=${4:-} threads=$WRK_THREADS
+  [ "$conns" -lt "$threads" ] && threads=$conns
+  local args=(-t"$threads" -c"$conns" -d"${DURATION}s" --latency -H "X-Cisco-Meraki-API-Key: $KEY")
+  [ -n "$lua" ] && args+=(-s "$lua")
+  wrk "${args[@]}" "$url" >"$out" 2>&1 || {
+    echo "load.sh: wrk failed on $url:" >&2
+    cat "$out" >&2
+    exit 1
+  }
+}
+
+# warm URL [LUA]: opens the connection pools, not measured.
+warm() {
+  local args=(-t1 -c"$CONNS" -d1s -H "X-Cisco-Meraki-API-Key: $KEY")
+  [ -n "${2:-}" ] && args+=(-s "$2")
+  wrk "${args[@]}" "$1" >/dev/null 2>&1 || true
+}
+
+# parse_wrk FILE: "requests_per_s p50_ms p99_ms requests non2xx socket_errors"
+parse_wrk() {
+  awk '
+    function ms(v) {
+      if (v ~ /us$/) return v / 1000
+      if (v ~ /ms$/) return v + 0
+      if (v ~ /s$/) return v * 1000
+      return v + 0
+    }
+    /Requests\/sec:/ { rps = $2 }
+    $1 == "50%" { p50 = ms($2) }
+    $1 == "99%" { p99 = ms($2) }
+    / requests in / { n = $1 }
+    /Non-2xx or 3xx responses:/ { bad = $NF }
+    /Socket errors:/ { gsub(/,/, ""); sock = $4 + $6 + $8 + $10 }
+    END { printf "%.0f %.3f %.3f %d %d %d\n", rps, p50, p99, n, bad, sock }
+  ' "$1"
+}
+
+FAILURES=()
+# check FILE LABEL: records a failure when the run answered errors or nothing.
+check() {
+  local rps p50 p99 n bad sock
+  read -r rps p50 p99 n bad sock < <(parse_wrk "$1")
+  if [ "$n" -eq 0 ]; then
+    FAILURES+=("$2: no responses")
+  elif [ "$bad" -gt 0 ]; then
+    FAILURES+=("$2: $bad non-2xx responses of $n")
+  fi
+  if [ "$sock" -gt 0 ]; then
+    echo "   note: $2: socket errors: $(grep 'Socket errors' "$1" | sed 's/^ *//')"
+  fi
+}
+
+median() { # median of the numbers on stdin
+  sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print 0; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+# med LABEL FIELD: median of FIELD (1 rps, 2 p50, 3 p99) over the rounds of LABEL.
+med() {
+  local f
+  for f in "$WORK"/results/"$1".*; do parse_wrk "$f"; done | awk -v k="$2" '{ print $k }' | median
+}
+
+hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+
+fail_if_any() {
+  if [ ${#FAILURES[@]} -gt 0 ]; then
+    echo
+    echo "FAILED: a configuration answered errors or nothing:" >&2
+    printf '  %s\n' "${FAILURES[@]}" >&2
+    exit 1
+  fi
+}
+
+mkdir -p "$WORK/results"
+
+# =============================================================================================
+compare() {
+  echo "== starting (b) nginx proxy, (c) Pingora pass-through, (d) meraki-oauth-proxy; $WORKERS worker(s) each"
+  start_nginx nginx-proxy "$NGINX_PORT"
+  local nginx_pid=$SPAWNED
+  pick_port
+  local pass_port=$PORT
+  spawn passthrough "$PASS_BIN" "127.0.0.1:$pass_port" "127.0.0.1:$UP_PORT" "$WORKERS"
+  local pass_pid=$SPAWNED
+  wait_port "$pass_port" "$pass_pid" passthrough
+
+  local dir="$WORK/proxy-main"
+  proxy_config "$dir" 1 "\"$ORG\""
+  printf %s "$DEMO_REFRESH" | import_grant "$dir" "$ORG"
+  start_proxy "$dir"
+  local proxy_pid=$PROXY_PID
+
+  declare -A url=(
+    [a]="http://127.0.0.1:$UP_PORT$URL_PATH"
+    [b]="http://127.0.0.1:$NGINX_PORT$URL_PATH"
+    [c]="http://127.0.0.1:$pass_port$URL_PATH"
+    [d]="http://127.0.0.1:$PROXY_PORT$URL_PATH"
+  )
+  declare -A name=(
+    [a]="(a) upstream direct (nginx)"
+    [b]="(b) nginx + static bearer"
+    [c]="(c) Pingora pass-through"
+    [d]="(d) meraki-oauth-proxy"
+  )
+  local c r order
+  for c in a b c d; do warm "${url[$c]}"; done
+  echo "== measuring: wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s, $ROUNDS round(s), order alternating"
+  for ((r = 1; r <= ROUNDS; r++)); do
+    if ((r % 2)); then order="a b c d"; else order="d c b a"; fi
+    for c in $order; do
+      run_wrk "$WORK/results/$c.$r" "${url[$c]}" "$CONNS"
+      check "$WORK/results/$c.$r" "${name[$c]} round $r"
+      printf '   round %d %-30s %s\n' "$r" "${name[$c]}" "$(parse_wrk "$WORK/results/$c.$r" | awk '{ printf "%8d req/s  p50 %.3f ms  p99 %.3f ms", $1, $2, $3 }')"
+    done
+  done
+
+  if [ "${PERF:-0}" = 1 ]; then
+    # One more (d) run, profiled; not part of the table.
+    local perf_dir=${PERF_DIR:-$TARGET_DIR/load-perf}
+    mkdir -p "$perf_dir"
+    echo "== profiling (d) with perf for ${DURATION}s: $perf_dir/perf.data"
+    perf record -q -F 499 --call-graph dwarf,16384 -p "$proxy_pid" -o "$perf_dir/perf.data" \
+      -- sleep "$DURATION" >"$WORK/perf.log" 2>&1 &
+    local perf_pid=$!
+    STARTED+=("$perf_pid")
+    run_wrk "$WORK/perf.wrk" "${url[d]}" "$CONNS"
+    wait "$perf_pid" || true
+    perf report -i "$perf_dir/perf.data" --no-children --stdio --sort dso,symbol 2>/dev/null |
+      grep -v '^#' | grep '%' | head -n 40 >"$perf_dir/top.txt" || true
+    echo "   flat profile (top 40 symbols): $perf_dir/top.txt"
+  fi
+
+  sleep 1 # the audit writer flushes in batches
+  local audited forwarded
+  audited=$(wc -l <"$dir/audit.jsonl" || echo 0)
+  forwarded=$(curl -s "http://127.0.0.1:$ADMIN_PORT/metrics" |
+    awk '/^meraki_proxy_requests_total\{/ && /status_class="2xx"/ { s += $NF } END { printf "%d", s }')
+
+  echo
+  echo "Results: median over $ROUNDS round(s); wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s; $WORKERS worker(s); loopback"
+  printf '%-32s %12s %10s %10s\n' "configuration" "requests/s" "p50 ms" "p99 ms"
+  local rps_b rps_c rps_d p99_a p99_c p99_d
+  for c in a b c d; do
+    printf '%-32s %12.0f %10.3f %10.3f\n' "${name[$c]}" "$(med "$c" 1)" "$(med "$c" 2)" "$(med "$c" 3)"
+  done
+  rps_b=$(med b 1)
+  rps_c=$(med c 1)
+  rps_d=$(med d 1)
+  p99_a=$(med a 3)
+  p99_c=$(med c 3)
+  p99_d=$(med d 3)
+  echo
+  awk -v d="$rps_d" -v b="$rps_b" -v c="$rps_c" 'BEGIN {
+    printf "throughput (d)/(b) nginx:        %.2fx\n", (b > 0 ? d / b : 0)
+    printf "throughput (d)/(c) pass-through: %.2fx   (bar: >= 0.9x)\n", (c > 0 ? d / c : 0)
+    printf "throughput (c)/(b):              %.2fx\n", (b > 0 ? c / b : 0)
+  }'
+  awk -v a="$p99_a" -v c="$p99_c" -v d="$p99_d" 'BEGIN {
+    printf "p99 (d) - p99 (a) upstream:      %.3f ms (bar: added p99 < 1 ms; a difference of percentiles)\n", d - a
+    printf "p99 (d) - p99 (c) pass-through:  %.3f ms\n", d - c
+  }'
+  printf 'peak RSS (VmHWM) (d) proxy:      %s MiB (bar: < 50 MiB); now %s MiB\n' \
+    "$(mib "$(hwm_kib "$proxy_pid")")" "$(mib "$(rss_kib "$proxy_pid")")"
+  printf 'peak RSS (VmHWM) (c) pass-through: %s MiB; (b) nginx worker: %s MiB\n' \
+    "$(mib "$(hwm_kib "$pass_pid")")" "$(mib "$(hwm_kib "$(pgrep -P "$nginx_pid" | head -n 1)")")"
+  echo "audit records written by (d): $audited; 2xx responses in its metrics: $forwarded (both include warm-up)"
+  fail_if_any
+}
+
+# =============================================================================================
+# scaling: (d) under more connections, more clients, more grants; (c) alongside for connections.
+scaling() {
+  local sdir="$WORK/scaling"
+  mkdir -p "$sdir"
+  pick_port
+  local pass_port=$PORT
+  spawn passthrough "$PASS_BIN" "127.0.0.1:$pass_port" "127.0.0.1:$UP_PORT" "$WORKERS"
+  local pass_pid=$SPAWNED
+  wait_port "$pass_port" "$pass_pid" passthrough
+
+  # Refresh tokens: the demo grant for org 111111, and a grant per org for 1,000 orgs, minted
+  # through the stand-in's (auto-approving) authorization code flow.
+  local refresh=$DEMO_REFRESH
+  local n_grants=1000 i org code loc rt
+  local grant_orgs=()
+  echo "== minting $n_grants grants through the stand-in's authorization code flow"
+  : >"$sdir/tokens"
+  for ((i = 1; i <= n_grants; i++)); do
+    org=$((300000 + i))
+    grant_orgs+=("$org")
+    loc=$(curl -s -o /dev/null -w '%{redirect_url}' \
+      "$AUTHORIZE_URL?client_id=$CLIENT_ID&response_type=code&redirect_uri=http://127.0.0.1/cb&scope=dashboard:general:config:read&org_ids=$org")
+    code=$(printf %s "$loc" | sed -n 's/.*[?&]code=\([^&]*\).*/\1/p')
+    rt=$(curl -s -u "$CLIENT_ID:$CLIENT_SECRET" -d grant_type=authorization_code -d "code=$code" \
+      --data-urlencode redirect_uri=http://127.0.0.1/cb "$TOKEN_URL" |
+      sed -n 's/.*"refresh_token" *: *"\([^"]*\)".*/\1/p')
+    if [ -z "$rt" ]; then
+      echo "load.sh: could not mint a grant for org $org (authorize answered $loc)" >&2
+      exit 1
+    fi
+    printf '%s %s\n' "$org" "$rt" >>"$sdir/tokens"
+  done
+
+  # Variants: name clients orgs-of-the-client
+  local orgs_1000
+  orgs_1000=$(printf '"%s",' "${grant_orgs[@]}")
+  orgs_1000=${orgs_1000%,}
+
+  # wrk scripts: one organization, or round-robin over the 1,000.
+  printf 'local paths = {"%s"}\nlocal i = 0\nrequest = function()\n  i = i %% #paths + 1\n  return wrk.format(nil, paths[i])\nend\n' \
+    "$URL_PATH" >"$sdir/one.lua"
+  {
+    printf 'local paths = {'
+    printf '"/api/v1/organizations/%s/networks",' "${grant_orgs[@]}"
+    printf '}\nlocal i = 0\nrequest = function()\n  i = i %% #paths + 1\n  return wrk.format(nil, paths[i])\nend\n'
+  } >"$sdir/many.lua"
+
+  : >"$sdir/rows"
+  row() { # row LABEL RESULT-PREFIX
+    local f rps p50 p99
+    rps=$(med "$2" 1)
+    p50=$(med "$2" 2)
+    p99=$(med "$2" 3)
+    printf '%-50s %12.0f %10.3f %10.3f\n' "$1" "$rps" "$p50" "$p99" >>"$sdir/rows"
+  }
+  measure() { # measure PREFIX URL CONNS [LUA]
+    local r
+    for ((r = 1; r <= ROUNDS; r++)); do
+      run_wrk "$WORK/results/$1.$r" "$2" "$3" "${4:-}"
+      check "$WORK/results/$1.$r" "$1 round $r"
+      printf '   %-28s %s\n' "$1" "$(parse_wrk "$WORK/results/$1.$r" | awk '{ printf "%8d req/s  p50 %.3f ms  p99 %.3f ms", $1, $2, $3 }')"
+    done
+  }
+
+  local hwm=()
+  # 1) connections: 10 clients, 1 grant.
+  local dir="$sdir/clients-10"
+  proxy_config "$dir" 10 "\"$ORG\""
+  printf %s "$refresh" | import_grant "$dir" "$ORG"
+  start_proxy "$dir"
+  echo "== connections (10 clients, 1 grant)"
+  warm "http://127.0.0.1:$PROXY_PORT$URL_PATH"
+  warm "http://127.0.0.1:$pass_port$URL_PATH"
+  local conns
+  for conns in 1 32 256; do
+    measure "c-conns-$conns" "http://127.0.0.1:$pass_port$URL_PATH" "$conns"
+    measure "d-conns-$conns" "http://127.0.0.1:$PROXY_PORT$URL_PATH" "$conns"
+    row "(c) pass-through, $conns connections" "c-conns-$conns"
+    row "(d) proxy, $conns connections" "d-conns-$conns"
+  done
+  echo "== clients: 10 (this proxy) then 10,000"
+  measure "d-clients-10" "http://127.0.0.1:$PROXY_PORT$URL_PATH" "$CONNS"
+  row "(d) proxy, 10 clients, $CONNS connections" d-clients-10
+  echo "== grants: 1 (this proxy)"
+  measure "d-grants-1" "http://127.0.0.1:$PROXY_PORT$URL_PATH" "$CONNS" "$sdir/one.lua"
+  row "(d) proxy, 1 grant, $CONNS conns (wrk Lua)" d-grants-1
+  hwm+=("10 clients/1 grant: $(mib "$(hwm_kib "$PROXY_PID")") MiB")
+  # The grant's refresh token rotated at import: the next proxy needs the current one. The
+  # store file is copied instead (same integration, same organization).
+  stop "$PROXY_PID"
+
+  # 2) 10,000 clients: the same grant store, copied.
+  local store_src="$dir/tokens.db"
+  dir="$sdir/clients-10000"
+  proxy_config "$dir" 10000 "\"$ORG\""
+  cp "$store_src" "$dir/tokens.db"
+  [ -e "$store_src-wal" ] && cp "$store_src-wal" "$dir/tokens.db-wal"
+  start_proxy "$dir"
+  warm "http://127.0.0.1:$PROXY_PORT$URL_PATH"
+  measure "d-clients-10000" "http://127.0.0.1:$PROXY_PORT$URL_PATH" "$CONNS"
+  row "(d) proxy, 10,000 clients, $CONNS connections" d-clients-10000
+  hwm+=("10,000 clients: $(mib "$(hwm_kib "$PROXY_PID")") MiB")
+  stop "$PROXY_PID"
+
+  # 3) 1,000 grants: one client on 1,000 organizations, a grant per organization.
+  dir="$sdir/grants-1000"
+  proxy_config "$dir" 10 "$orgs_1000"
+  local jobs=${IMPORT_JOBS:-1} running=0 t0=$SECONDS
+  echo "== importing $n_grants grants (grants import, one process each, $jobs at a time)"
+  while read -r org rt; do
+    printf %s "$rt" | import_grant "$dir" "$org" &
+    running=$((running + 1))
+    if [ "$running" -ge "$jobs" ]; then
+      wait -n || exit 1
+      running=$((running - 1))
+    fi
+  done <"$sdir/tokens"
+  while [ "$running" -gt 0 ]; do
+    wait -n || exit 1
+    running=$((running - 1))
+  done
+  echo "   imported in $((SECONDS - t0)) s"
+  start_proxy "$dir" "/api/v1/organizations/${grant_orgs[0]}/networks"
+  warm "http://127.0.0.1:$PROXY_PORT$URL_PATH" "$sdir/many.lua"
+  measure "d-grants-1000" "http://127.0.0.1:$PROXY_PORT$URL_PATH" "$CONNS" "$sdir/many.lua"
+  row "(d) proxy, 1,000 grants, $CONNS conns (wrk Lua)" d-grants-1000
+  hwm+=("1,000 grants: $(mib "$(hwm_kib "$PROXY_PID")") MiB")
+  stop "$PROXY_PID"
+
+  echo
+  echo "Scaling: median over $ROUNDS round(s); wrk -t$WRK_THREADS -d${DURATION}s; $WORKERS worker(s); loopback"
+  printf '%-50s %12s %10s %10s\n' "configuration" "requests/s" "p50 ms" "p99 ms"
+  cat "$sdir/rows"
+  echo "peak RSS (VmHWM) of (d): ${hwm[*]}"
+  fail_if_any
+}
+
+"$MODE"
