@@ -188,7 +188,10 @@ impl SqliteStore {
                 scope TEXT NOT NULL DEFAULT '',
                 created_at INTEGER NOT NULL,
                 refreshed_at INTEGER,
-                last_used_at INTEGER
+                last_used_at INTEGER,
+                -- 1 from insert_pending until assign: an import or onboarding in progress, whose
+                -- (possibly already rotated) token must survive other grants' clean-up.
+                pending INTEGER NOT NULL DEFAULT 0
             );
             CREATE TABLE IF NOT EXISTS meta (
                 name TEXT PRIMARY KEY,
@@ -266,14 +269,14 @@ impl SqliteStore {
     ) -> Result<i64, StoreError> {
         let conn = self.conn();
         conn.execute(
-            "INSERT INTO grants (integration, refresh_token, generation, status, created_at) VALUES (?1, ?2, 0, 'ok', ?3)",
+            "INSERT INTO grants (integration, refresh_token, generation, status, created_at, pending) VALUES (?1, ?2, 0, 'ok', ?3, 1)",
             params![integration, self.key.seal(refresh_token.expose(), "refresh_token"), crate::token::now_unix()],
         )?;
         Ok(conn.last_insert_rowid())
     }
 
     /// Makes grant `id` the one serving these organizations. Grants left serving none are
-    /// deleted, except recent ones that may be another import in progress.
+    /// deleted, except pending ones (another import in progress).
     pub fn assign(
         &self,
         id: i64,
@@ -289,10 +292,12 @@ impl SqliteStore {
                 params![integration, org, id],
             )?;
         }
+        tx.execute("UPDATE grants SET pending = 0 WHERE id = ?1", [id])?;
+        // Grants replaced for every organization they served go; grants still being imported or
+        // onboarded by another process (pending) stay, whatever their generation.
         tx.execute(
-            "DELETE FROM grants WHERE id NOT IN (SELECT grant_id FROM grant_organizations)
-               AND (generation > 0 OR created_at < ?1)",
-            [crate::token::now_unix() - 600],
+            "DELETE FROM grants WHERE pending = 0 AND id NOT IN (SELECT grant_id FROM grant_organizations)",
+            [],
         )?;
         tx.commit()?;
         Ok(())
@@ -455,6 +460,20 @@ mod tests {
         let orgs: Vec<String> = orgs.iter().map(|o| o.to_string()).collect();
         s.assign(id, "netops", &orgs).unwrap();
         id
+    }
+
+    #[test]
+    fn an_import_in_progress_survives_another_import_finishing() {
+        let s = SqliteStore::in_memory(key()).unwrap();
+        // Import A has stored and refreshed its token (generation 1) but not assigned it yet.
+        let a = s.insert_pending("netops", &Secret::new("imported-token-plaintext-a")).unwrap();
+        assert!(s.commit_rotation(a, 0, &rotation(1)).unwrap());
+        // Import B finishes meanwhile.
+        insert(&s, &["2"], 2);
+        let kept = s.load(a).unwrap().expect("import A's rotated token must survive");
+        assert_eq!(kept.refresh_token.expose(), "refresh-token-plaintext-1");
+        s.assign(a, "netops", &["1".into()]).unwrap();
+        assert_eq!(s.load_all().unwrap().len(), 2);
     }
 
     #[test]
