@@ -239,7 +239,7 @@ fn grants(config: Config, cmd: GrantsCommand) -> ExitCode {
                 match parts.grants.revoke(&grant).await {
                     Ok(()) => {
                         println!("revoked and deleted grant {} ({})", grant.id, grant.label());
-                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        parts.audit.flush();
                         ExitCode::SUCCESS
                     }
                     Err(e) => fail(e),
@@ -276,8 +276,7 @@ fn grants(config: Config, cmd: GrantsCommand) -> ExitCode {
                             st.fingerprint().unwrap_or_default(),
                             crate::audit::rfc3339(st.expires_at)
                         );
-                        // Let the audit writer drain before exit.
-                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        parts.audit.flush();
                         ExitCode::SUCCESS
                     }
                     Err(e) => fail(e),

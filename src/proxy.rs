@@ -785,7 +785,7 @@ impl ProxyHttp for MerakiProxy {
             elapsed,
         );
         let path = req.uri.path_and_query().map_or("", |p| p.as_str());
-        let fingerprint = ctx.token.as_ref().and_then(|t| t.fingerprint());
+        let fingerprint = ctx.token.as_ref().and_then(|t| t.fingerprint_str());
         let record = RequestRecord {
             time: now_rfc3339(),
             kind: "request",
@@ -802,7 +802,7 @@ impl ProxyHttp for MerakiProxy {
             reason: ctx.refusal.as_ref().map(|r| r.reason),
             retried_after_401: ctx.retried_401,
             redirects_followed: ctx.redirects,
-            token_fingerprint: fingerprint.as_deref(),
+            token_fingerprint: fingerprint,
             duration_ms: elapsed.as_secs_f64() * 1000.0,
             upstream_duration_ms: ctx.upstream_elapsed.map(|d| d.as_secs_f64() * 1000.0),
             bytes_in: session.body_bytes_read() as u64,

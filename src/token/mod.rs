@@ -100,6 +100,8 @@ pub struct TokenState {
     persisted: bool,
     /// `Bearer <access>`, built once per token rather than once per request.
     bearer: std::sync::OnceLock<Option<http::HeaderValue>>,
+    /// The access token's fingerprint, likewise computed once.
+    fingerprint: std::sync::OnceLock<Option<String>>,
 }
 
 impl TokenState {
@@ -126,6 +128,7 @@ impl TokenState {
             refresh: g.refresh_token.clone(),
             persisted: true,
             bearer: Default::default(),
+            fingerprint: Default::default(),
         }
     }
 
@@ -141,7 +144,14 @@ impl TokenState {
 
     /// The access token's fingerprint, for audit records.
     pub fn fingerprint(&self) -> Option<String> {
-        self.access.as_ref().map(Secret::fingerprint)
+        self.fingerprint_str().map(str::to_owned)
+    }
+
+    /// The access token's fingerprint, borrowed (computed once per token).
+    pub fn fingerprint_str(&self) -> Option<&str> {
+        self.fingerprint
+            .get_or_init(|| self.access.as_ref().map(Secret::fingerprint))
+            .as_deref()
     }
 }
 
@@ -514,6 +524,7 @@ impl Grants {
                     refresh: rotation.refresh_token.clone(),
                     persisted: false,
                     bearer: Default::default(),
+                    fingerprint: Default::default(),
                 });
                 self.audit.token_event(TokenEvent::refreshed(
                     grant,
@@ -595,6 +606,7 @@ impl Grants {
                     refresh: next.refresh.clone(),
                     persisted: true,
                     bearer: Default::default(),
+                    fingerprint: Default::default(),
                 });
                 grant.state.store(done.clone());
                 self.metrics.grant_state(grant);
@@ -644,6 +656,7 @@ impl Grants {
             refresh: st.refresh.clone(),
             persisted: st.persisted,
             bearer: Default::default(),
+            fingerprint: Default::default(),
         }));
         let store = self.store.clone();
         let id = grant.id;
@@ -699,6 +712,7 @@ impl Grants {
                 refresh: refresh_token,
                 persisted: true,
                 bearer: Default::default(),
+                fingerprint: Default::default(),
             }),
             refreshing: tokio::sync::Mutex::new(()),
             last_used: AtomicI64::new(0),

@@ -466,11 +466,16 @@ mod tests {
     fn an_import_in_progress_survives_another_import_finishing() {
         let s = SqliteStore::in_memory(key()).unwrap();
         // Import A has stored and refreshed its token (generation 1) but not assigned it yet.
-        let a = s.insert_pending("netops", &Secret::new("imported-token-plaintext-a")).unwrap();
+        let a = s
+            .insert_pending("netops", &Secret::new("imported-token-plaintext-a"))
+            .unwrap();
         assert!(s.commit_rotation(a, 0, &rotation(1)).unwrap());
         // Import B finishes meanwhile.
         insert(&s, &["2"], 2);
-        let kept = s.load(a).unwrap().expect("import A's rotated token must survive");
+        let kept = s
+            .load(a)
+            .unwrap()
+            .expect("import A's rotated token must survive");
         assert_eq!(kept.refresh_token.expose(), "refresh-token-plaintext-1");
         s.assign(a, "netops", &["1".into()]).unwrap();
         assert_eq!(s.load_all().unwrap().len(), 2);
