@@ -340,12 +340,21 @@ async fn connect(
 }
 
 fn init_logging() {
-    let _ = tracing_log::LogTracer::init();
+    use tracing_log::AsLog;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Pingora logs through `log`. Forward only what the filter can keep: at TRACE (LogTracer's
+    // default) every Pingora `debug!` on the request path would go through tracing first.
+    let level = filter
+        .max_level_hint()
+        .map_or(tracing_log::log::LevelFilter::Trace, |l| l.as_log());
+    let _ = tracing_log::LogTracer::builder()
+        .with_max_level(level)
+        .init();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }

@@ -89,8 +89,9 @@ impl Upstream {
         let o = &mut peer.options;
         o.connection_timeout = Some(Duration::from_secs(10));
         o.total_connection_timeout = Some(Duration::from_secs(15));
+        // A read timeout bounds a silent upstream; writes are bounded by the kernel's buffers and
+        // the read that follows, and each timeout costs a timer per I/O operation.
         o.read_timeout = Some(self.timeout);
-        o.write_timeout = Some(self.timeout);
         o.idle_timeout = Some(Duration::from_secs(55));
         Box::new(peer)
     }
