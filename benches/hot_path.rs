@@ -151,7 +151,7 @@ fn client_request() -> RequestHeader {
         ("accept", "application/json"),
         ("accept-encoding", "gzip, deflate"),
         ("content-type", "application/json"),
-        (API_KEY_HEADER, KEY),
+        (API_KEY_HEADER.as_str(), KEY),
     ] {
         req.insert_header(k, v).expect("header");
     }

@@ -8,9 +8,10 @@
 #   QUICK=1 bash benches/load.sh    # CI: 2-second runs, one round; checks every config answers
 #
 # Settings (environment): DURATION (s, default 10; QUICK: 2), ROUNDS (default 2 in compare mode,
-# 1 in scaling mode; QUICK: 1), CONNS (default 32), WORKERS (nginx worker_processes and Pingora
+# 1 in scaling mode; QUICK: 1), CONNS (default 32), PACE_MS (compare mode's paced latency runs:
+# each connection's pause between requests, default 16 ms, i.e. about 2,000 req/s), WORKERS (nginx worker_processes and Pingora
 # threads, default 1), WRK_THREADS (default 1), KEEP=1 keeps the work directory, PERF=1 profiles
-# one extra (d) run with perf (compare mode; report in PERF_DIR, default target/load-perf),
+# one extra run each of (c) and (d) with perf (compare mode; report in PERF_DIR, default target/load-perf),
 # IMPORT_JOBS (parallel `grants import` runs in scaling mode, default 1: concurrent imports into
 # one store were seen to fail with "FOREIGN KEY constraint failed").
 #
@@ -25,7 +26,7 @@ MODE=${1:-compare}
 case "$MODE" in
 compare | scaling) ;;
 -h | --help)
-  sed -n '2,19p' "$0"
+  sed -n '2,20p' "$0"
   exit 0
   ;;
 *)
@@ -41,6 +42,7 @@ fi
 DURATION=${DURATION:-10}
 if [ "$MODE" = scaling ]; then ROUNDS=${ROUNDS:-1}; else ROUNDS=${ROUNDS:-2}; fi
 CONNS=${CONNS:-32}
+PACE_MS=${PACE_MS:-16}
 WORKERS=${WORKERS:-1}
 WRK_THREADS=${WRK_THREADS:-1}
 KEY=${KEY:-load-bench-client-key-5c9a1f}
@@ -426,7 +428,28 @@ median() { # median of the numbers on stdin
 # med LABEL FIELD: median of FIELD (1 rps, 2 p50, 3 p99) over the rounds of LABEL.
 med() {
   local f
-  for f in "$WORK"/results/"$1".*; do parse_wrk "$f"; done | awk -v k="$2" '{ print $k }' | median
+  for f in "$WORK"/results/"$1".*[0-9]; do parse_wrk "$f"; done | awk -v k="$2" '{ print $k }' | median
+}
+
+# cpu_ticks PID...: user + system CPU of the processes and their children (nginx workers), in
+# clock ticks. CPU per request is each configuration's own cost, whatever share of the 2 cores
+# wrk and the upstream took during its run.
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ticks() {
+  local p t=0 v
+  for p in "$@" $(for p in "$@"; do pgrep -P "$p" 2>/dev/null || true; done); do
+    v=$(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0)
+    t=$((t + v))
+  done
+  echo "$t"
+}
+# cpu_us FILE-PREFIX: median CPU microseconds per request over the rounds of FILE-PREFIX.
+cpu_us() {
+  local f n
+  for f in "$WORK"/results/"$1".*[0-9]; do
+    n=$(parse_wrk "$f" | awk '{ print $4 }')
+    awk -v t="$(cat "$f.cpu")" -v n="$n" -v hz="$CLK_TCK" 'BEGIN { printf "%.1f\n", (n > 0 ? t * 1e6 / hz / n : 0) }'
+  done | median
 }
 
 hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
@@ -467,38 +490,68 @@ compare() {
     [c]="http://127.0.0.1:$pass_port$URL_PATH"
     [d]="http://127.0.0.1:$PROXY_PORT$URL_PATH"
   )
+  declare -A pids=(
+    [a]="$UPSTREAM_PID"
+    [b]="$nginx_pid"
+    [c]="$pass_pid"
+    [d]="$proxy_pid"
+  )
   declare -A name=(
     [a]="(a) upstream direct (nginx)"
     [b]="(b) nginx + static bearer"
     [c]="(c) Pingora pass-through"
     [d]="(d) meraki-oauth-proxy"
   )
-  local c r order
+  local c r order t0
   for c in a b c d; do warm "${url[$c]}"; done
   echo "== measuring: wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s, $ROUNDS round(s), order alternating"
   for ((r = 1; r <= ROUNDS; r++)); do
     if ((r % 2)); then order="a b c d"; else order="d c b a"; fi
     for c in $order; do
+      t0=$(cpu_ticks ${pids[$c]})
       run_wrk "$WORK/results/$c.$r" "${url[$c]}" "$CONNS"
+      echo $(($(cpu_ticks ${pids[$c]}) - t0)) >"$WORK/results/$c.$r.cpu"
       check "$WORK/results/$c.$r" "${name[$c]} round $r"
       printf '   round %d %-30s %s\n' "$r" "${name[$c]}" "$(parse_wrk "$WORK/results/$c.$r" | awk '{ printf "%8d req/s  p50 %.3f ms  p99 %.3f ms", $1, $2, $3 }')"
     done
   done
 
+  # Latency below saturation. At full load every connection is always busy and a percentile is
+  # mostly queueing (about CONNS / throughput); SPEC's "added p99 at 32 connections" is about
+  # the proxy's own delay. Paced runs keep CONNS connections each waiting DELAY_MS after a
+  # response before the next request (wrk's Lua delay(), not counted in wrk's latency).
+  # Pauses drawn uniformly from [0, 2 x PACE_MS] so the connections do not move in lockstep.
+  printf 'function delay()\n  return math.random(0, %d)\nend\n' "$((2 * PACE_MS))" >"$WORK/paced.lua"
+  echo "== paced: wrk -c$CONNS, each connection pausing ${PACE_MS} ms on average between requests (about $((CONNS * 1000 / PACE_MS)) req/s in all)"
+  for ((r = 1; r <= ROUNDS; r++)); do
+    if ((r % 2)); then order="a b c d"; else order="d c b a"; fi
+    for c in $order; do
+      t0=$(cpu_ticks ${pids[$c]})
+      run_wrk "$WORK/results/paced-$c.$r" "${url[$c]}" "$CONNS" "$WORK/paced.lua"
+      echo $(($(cpu_ticks ${pids[$c]}) - t0)) >"$WORK/results/paced-$c.$r.cpu"
+      check "$WORK/results/paced-$c.$r" "${name[$c]} paced round $r"
+      printf '   round %d %-30s %s\n' "$r" "${name[$c]}" "$(parse_wrk "$WORK/results/paced-$c.$r" | awk '{ printf "%8d req/s  p50 %.3f ms  p99 %.3f ms", $1, $2, $3 }')"
+    done
+  done
+
   if [ "${PERF:-0}" = 1 ]; then
-    # One more (d) run, profiled; not part of the table.
-    local perf_dir=${PERF_DIR:-$TARGET_DIR/load-perf}
+    # One more run each of (c) and (d), profiled; not part of the table.
+    local perf_dir=${PERF_DIR:-$TARGET_DIR/load-perf} perf_pid
     mkdir -p "$perf_dir"
-    echo "== profiling (d) with perf for ${DURATION}s: $perf_dir/perf.data"
-    perf record -q -F 499 --call-graph dwarf,16384 -p "$proxy_pid" -o "$perf_dir/perf.data" \
-      -- sleep "$DURATION" >"$WORK/perf.log" 2>&1 &
-    local perf_pid=$!
-    STARTED+=("$perf_pid")
-    run_wrk "$WORK/perf.wrk" "${url[d]}" "$CONNS"
-    wait "$perf_pid" || true
-    perf report -i "$perf_dir/perf.data" --no-children --stdio --sort dso,symbol 2>/dev/null |
-      grep -v '^#' | grep '%' | head -n 40 >"$perf_dir/top.txt" || true
-    echo "   flat profile (top 40 symbols): $perf_dir/top.txt"
+    for c in c d; do
+      echo "== profiling ($c) with perf for ${DURATION}s: $perf_dir/perf-$c.data"
+      perf record -q -F 499 --call-graph dwarf,32768 -p "${pids[$c]}" -o "$perf_dir/perf-$c.data" \
+        -- sleep "$DURATION" >"$WORK/perf-$c.log" 2>&1 &
+      perf_pid=$!
+      STARTED+=("$perf_pid")
+      run_wrk "$WORK/perf-$c.wrk" "${url[$c]}" "$CONNS"
+      wait "$perf_pid" || true
+      perf report -i "$perf_dir/perf-$c.data" --no-children --stdio --sort dso,symbol -g none 2>/dev/null |
+        grep -v '^#' | grep '%' | head -n 60 >"$perf_dir/top-$c.txt" || true
+      perf report -i "$perf_dir/perf-$c.data" --no-children --stdio --sort dso -g none 2>/dev/null |
+        grep -v '^#' | grep '%' >"$perf_dir/dso-$c.txt" || true
+      echo "   flat profile: $perf_dir/top-$c.txt; by library: $perf_dir/dso-$c.txt"
+    done
   fi
 
   sleep 1 # the audit writer flushes in batches
@@ -509,10 +562,10 @@ compare() {
 
   echo
   echo "Results: median over $ROUNDS round(s); wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s; $WORKERS worker(s); loopback"
-  printf '%-32s %12s %10s %10s\n' "configuration" "requests/s" "p50 ms" "p99 ms"
+  printf '%-32s %12s %10s %10s %14s\n' "configuration" "requests/s" "p50 ms" "p99 ms" "CPU us/request"
   local rps_b rps_c rps_d p99_a p99_c p99_d
   for c in a b c d; do
-    printf '%-32s %12.0f %10.3f %10.3f\n' "${name[$c]}" "$(med "$c" 1)" "$(med "$c" 2)" "$(med "$c" 3)"
+    printf '%-32s %12.0f %10.3f %10.3f %14.1f\n' "${name[$c]}" "$(med "$c" 1)" "$(med "$c" 2)" "$(med "$c" 3)" "$(cpu_us "$c")"
   done
   rps_b=$(med b 1)
   rps_c=$(med c 1)
@@ -526,10 +579,25 @@ compare() {
     printf "throughput (d)/(c) pass-through: %.2fx   (bar: >= 0.9x)\n", (c > 0 ? d / c : 0)
     printf "throughput (c)/(b):              %.2fx\n", (b > 0 ? c / b : 0)
   }'
-  awk -v a="$p99_a" -v c="$p99_c" -v d="$p99_d" 'BEGIN {
-    printf "p99 (d) - p99 (a) upstream:      %.3f ms (bar: added p99 < 1 ms; a difference of percentiles)\n", d - a
-    printf "p99 (d) - p99 (c) pass-through:  %.3f ms\n", d - c
+  awk -v c="$(cpu_us c)" -v d="$(cpu_us d)" -v b="$(cpu_us b)" 'BEGIN {
+    printf "CPU per request (c)/(d):         %.2fx   (the throughput ratio one core each would give)\n", (d > 0 ? c / d : 0)
+    printf "CPU per request (b)/(d):         %.2fx\n", (d > 0 ? b / d : 0)
   }'
+  awk -v a="$p99_a" -v c="$p99_c" -v d="$p99_d" 'BEGIN {
+    printf "saturated p99 (d) - (a):         %.3f ms (queueing: about CONNS / throughput)\n", d - a
+    printf "saturated p99 (d) - (c):         %.3f ms\n", d - c
+  }'
+  echo
+  echo "Paced: $CONNS connections, ${PACE_MS} ms mean pause per connection between requests; median over $ROUNDS round(s)"
+  printf '%-32s %12s %10s %10s %14s\n' "configuration" "requests/s" "p50 ms" "p99 ms" "CPU us/request"
+  for c in a b c d; do
+    printf '%-32s %12.0f %10.3f %10.3f %14.1f\n' "${name[$c]}" "$(med "paced-$c" 1)" "$(med "paced-$c" 2)" "$(med "paced-$c" 3)" "$(cpu_us "paced-$c")"
+  done
+  awk -v a="$(med paced-a 3)" -v c="$(med paced-c 3)" -v d="$(med paced-d 3)" 'BEGIN {
+    printf "added p99 (d) - (a) upstream:    %.3f ms (bar: < 1 ms at 32 connections; a difference of percentiles)\n", d - a
+    printf "added p99 (d) - (c) pass-through: %.3f ms\n", d - c
+  }'
+  echo
   printf 'peak RSS (VmHWM) (d) proxy:      %s MiB (bar: < 50 MiB); now %s MiB\n' \
     "$(mib "$(hwm_kib "$proxy_pid")")" "$(mib "$(rss_kib "$proxy_pid")")"
   printf 'peak RSS (VmHWM) (c) pass-through: %s MiB; (b) nginx worker: %s MiB\n' \

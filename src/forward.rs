@@ -2,18 +2,19 @@
 //! proxy) and the decision to follow an upstream redirect.
 
 use crate::identity::API_KEY_HEADER;
-use http::header::{AUTHORIZATION, HOST, USER_AGENT};
-use http::HeaderValue;
+use http::header::{AUTHORIZATION, HOST, PROXY_AUTHORIZATION, TE, UPGRADE, USER_AGENT};
+use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 
 /// Hop-by-hop request headers (RFC 9110 7.6.1) that must not travel to Meraki; Pingora manages
 /// `Connection` and framing itself.
-const HOP_BY_HOP_REQUEST: &[&str] = &[
-    "proxy-authorization",
-    "proxy-connection",
-    "keep-alive",
-    "te",
-    "upgrade",
+/// Names are parsed once, here, not per request.
+const HOP_BY_HOP_REQUEST: [HeaderName; 5] = [
+    PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    TE,
+    UPGRADE,
 ];
 
 /// Turns the client's request header into the one Meraki gets: both inbound credential headers
@@ -25,9 +26,9 @@ pub fn prepare_request(
     authority: &str,
     path: &str,
 ) -> pingora::Result<()> {
-    req.remove_header(API_KEY_HEADER);
-    for h in HOP_BY_HOP_REQUEST {
-        req.remove_header(*h);
+    req.remove_header(&API_KEY_HEADER);
+    for h in &HOP_BY_HOP_REQUEST {
+        req.remove_header(h);
     }
     req.insert_header(AUTHORIZATION, bearer.clone())?;
     req.insert_header(HOST, authority)?;

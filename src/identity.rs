@@ -8,7 +8,8 @@ use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
 /// The Meraki API-key header.
-pub const API_KEY_HEADER: &str = "x-cisco-meraki-api-key";
+pub const API_KEY_HEADER: http::HeaderName =
+    http::HeaderName::from_static("x-cisco-meraki-api-key");
 
 /// Why a caller could not be identified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -79,7 +80,7 @@ impl Identities {
 
 /// Reads the key from either credential header.
 pub fn extract_key(headers: &http::HeaderMap) -> Result<&[u8], IdentityError> {
-    let api_key = headers.get(API_KEY_HEADER).map(|v| trim(v.as_bytes()));
+    let api_key = headers.get(&API_KEY_HEADER).map(|v| trim(v.as_bytes()));
     let bearer = match headers.get(http::header::AUTHORIZATION) {
         None => None,
         Some(v) => {
@@ -131,10 +132,12 @@ mod tests {
         })
     }
 
-    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+    static API_KEY: http::HeaderName = API_KEY_HEADER;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(*k, v.parse().unwrap());
+            h.append(http::HeaderName::try_from(*k).unwrap(), v.parse().unwrap());
         }
         h
     }
@@ -143,7 +146,7 @@ mod tests {
     fn both_headers_identify() {
         let ids = Identities::new(&[client("a", "key-a"), client("b", "key-b")]);
         let by_api_key = ids
-            .identify(&headers(&[(API_KEY_HEADER, "key-b")]))
+            .identify(&headers(&[(API_KEY.as_str(), "key-b")]))
             .unwrap();
         assert_eq!(by_api_key.name, "b");
         let by_bearer = ids
@@ -156,7 +159,7 @@ mod tests {
         assert_eq!(lower.name, "a");
         let same = ids
             .identify(&headers(&[
-                (API_KEY_HEADER, "key-a"),
+                (API_KEY.as_str(), "key-a"),
                 ("authorization", "Bearer key-a"),
             ]))
             .unwrap();
@@ -168,16 +171,19 @@ mod tests {
         let ids = Identities::new(&[client("a", "key-a"), client("b", "key-b")]);
         let e = |h: &[(&'static str, &str)]| ids.identify(&headers(h)).unwrap_err();
         assert_eq!(e(&[]), IdentityError::Missing);
-        assert_eq!(e(&[(API_KEY_HEADER, "nope")]), IdentityError::Unknown);
+        assert_eq!(e(&[(API_KEY.as_str(), "nope")]), IdentityError::Unknown);
         assert_eq!(
-            e(&[(API_KEY_HEADER, "key-a"), ("authorization", "Bearer key-b")]),
+            e(&[
+                (API_KEY.as_str(), "key-a"),
+                ("authorization", "Bearer key-b")
+            ]),
             IdentityError::Conflicting
         );
         assert_eq!(
             e(&[("authorization", "Basic a2V5")]),
             IdentityError::Malformed
         );
-        assert_eq!(e(&[(API_KEY_HEADER, "")]), IdentityError::Missing);
+        assert_eq!(e(&[(API_KEY.as_str(), "")]), IdentityError::Missing);
         assert_eq!(IdentityError::Unknown.status(), 401);
         assert_eq!(IdentityError::Conflicting.status(), 400);
     }

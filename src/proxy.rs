@@ -13,7 +13,7 @@ use crate::token::{Grant, Grants, RefreshCause, TokenError, TokenState};
 use crate::upstream::{ApiClient, LookupWith, Upstream};
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, USER_AGENT};
+use http::header::{HeaderName, CONTENT_TYPE, USER_AGENT};
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
@@ -23,19 +23,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Response header naming the proxy's id for the request (also in the audit record).
-pub const REQUEST_ID_HEADER: &str = "x-proxy-request-id";
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-proxy-request-id");
 /// Response header on proxy-generated 5xx: whether the request reached Meraki.
-pub const UPSTREAM_OUTCOME_HEADER: &str = "x-proxy-upstream";
+pub const UPSTREAM_OUTCOME_HEADER: HeaderName = HeaderName::from_static("x-proxy-upstream");
+/// Meraki's id for a request, kept for the audit record.
+const UPSTREAM_REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 /// Upstream redirects followed for one request, at most.
 pub const MAX_REDIRECTS: u32 = 3;
 const REDIRECTS: &[u16] = &[301, 302, 303, 307, 308];
 /// Hop-by-hop response headers not to hand to the client.
-const HOP_BY_HOP_RESPONSE: &[&str] = &[
-    "proxy-connection",
-    "keep-alive",
-    "trailer",
-    "upgrade",
-    "proxy-authenticate",
+const HOP_BY_HOP_RESPONSE: [HeaderName; 5] = [
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    http::header::TRAILER,
+    http::header::UPGRADE,
+    http::header::PROXY_AUTHENTICATE,
 ];
 
 /// Everything the hooks need, built once by [`crate::server`].
@@ -172,14 +174,17 @@ impl MerakiProxy {
             ));
         }
         let r = route::parse(req.uri.path(), &method).map_err(route_refusal)?;
-        let query = req.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-        ctx.path = Some(format!("{}{query}", r.path));
+        let path = match req.uri.query() {
+            Some(q) => format!("{}?{q}", r.path),
+            None => r.path.to_string(),
+        };
         let user_agent = req.headers.get(USER_AGENT).and_then(|v| v.to_str().ok());
         let lookup = LookupWith {
             api: &s.api,
             integration: &client.integration,
             user_agent,
         };
+        ctx.path = Some(path);
         if r.target == Target::OrganizationList {
             return Ok(Some(Target::OrganizationList));
         }
@@ -208,7 +213,8 @@ impl MerakiProxy {
         s.grants.mark_used(&grant);
         ctx.grant = Some(grant);
         ctx.token = Some(token);
-        ctx.upstream_path = format!("{}{}{}", s.upstream.base_path, r.path, query);
+        let path = ctx.path.as_deref().unwrap_or_default();
+        ctx.upstream_path = format!("{}{path}", s.upstream.base_path);
         ctx.batch = r.is_action_batch(&method);
         Ok(None)
     }
@@ -616,21 +622,18 @@ impl ProxyHttp for MerakiProxy {
         ctx.upstream_elapsed = ctx.upstream_sent.map(|t| t.elapsed());
         if let Some(id) = resp
             .headers
-            .get("x-request-id")
+            .get(&UPSTREAM_REQUEST_ID_HEADER)
             .and_then(|v| v.to_str().ok())
         {
             ctx.upstream_request_id = Some(id.to_owned());
         }
-        let integration = ctx
-            .client
-            .as_ref()
-            .map_or(NONE, |c| c.integration.as_str())
-            .to_owned();
+        let client = ctx.client.clone();
+        let integration = client.as_deref().map_or(NONE, |c| c.integration.as_str());
         if let Some(e) = ctx.upstream_elapsed {
-            self.state.metrics.upstream(&integration, e);
+            self.state.metrics.upstream(integration, e);
         }
         if REDIRECTS.contains(&status) {
-            return self.follow_redirect(session, resp, ctx, &integration);
+            return self.follow_redirect(session, resp, ctx, integration);
         }
         if status == 429 {
             self.state
@@ -643,12 +646,12 @@ impl ProxyHttp for MerakiProxy {
             } else {
                 "succeeded"
             };
-            self.state.metrics.retry(&integration, outcome);
+            self.state.metrics.retry(integration, outcome);
         } else if status == 401 && !session.as_ref().retry_buffer_truncated() {
-            self.retry_after_401(ctx, &integration).await?;
+            self.retry_after_401(ctx, integration).await?;
         }
-        for h in HOP_BY_HOP_RESPONSE {
-            resp.remove_header(*h);
+        for h in &HOP_BY_HOP_RESPONSE {
+            resp.remove_header(h);
         }
         if let Some(link) = resp
             .headers
