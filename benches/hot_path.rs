@@ -151,10 +151,10 @@ fn client_request() -> RequestHeader {
         ("accept", "application/json"),
         ("accept-encoding", "gzip, deflate"),
         ("content-type", "application/json"),
-        (API_KEY_HEADER.as_str(), KEY),
     ] {
         req.insert_header(k, v).expect("header");
     }
+    req.insert_header(API_KEY_HEADER, KEY).expect("header");
     req
 }
 
