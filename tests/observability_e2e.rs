@@ -3,22 +3,14 @@
 
 mod support;
 
+use reqwest::Method;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use support::harness::*;
 
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
 async fn send(s: &Scenario, key: &str, path: &str) -> u16 {
-    http()
-        .get(format!("{}{}", s.base(), path))
-        .header("X-Cisco-Meraki-API-Key", key)
+    s.script(Method::GET, path, key)
         .send()
         .await
         .unwrap()

@@ -2,25 +2,14 @@
 
 mod support;
 
+use reqwest::Method;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::time::Duration;
 use support::harness::*;
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
 async fn get(s: &Scenario, key: &str, path: &str) -> (StatusCode, Value) {
-    let r = client()
-        .get(format!("{}{}", s.base(), path))
-        .header("X-Cisco-Meraki-API-Key", key)
-        .send()
-        .await
-        .unwrap();
+    let r = s.script(Method::GET, path, key).send().await.unwrap();
     let status = r.status();
     let text = r.text().await.unwrap();
     (
@@ -51,7 +40,7 @@ async fn forwards_with_a_bearer_token_and_never_the_client_key() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body.as_array().unwrap().len(), 3);
     // Same through `Authorization: Bearer <key>`, the other way scripts send keys.
-    let r = client()
+    let r = http()
         .get(format!("{}/networks/L_111_1", s.base()))
         .bearer_auth(ALICE_KEY)
         .header("User-Agent", "backup-script/1.0 Acme")
@@ -111,16 +100,15 @@ async fn unknown_missing_and_conflicting_keys_are_refused_and_nothing_is_forward
     let (status, body) = get(&s, "not-a-known-key", "/organizations/111/networks").await;
     assert_eq!(status, 401);
     assert_eq!(errors0(&body), "invalid API key");
-    let r = client()
+    let r = http()
         .get(format!("{}/organizations/111/networks", s.base()))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
     assert!(errors0(&r.json().await.unwrap()).contains("missing API key"));
-    let r = client()
-        .get(format!("{}/organizations/111/networks", s.base()))
-        .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
+    let r = s
+        .script(Method::GET, "/organizations/111/networks", ALICE_KEY)
         .bearer_auth(BOB_KEY)
         .send()
         .await
@@ -149,9 +137,8 @@ async fn other_organizations_and_methods_are_refused() {
     let (status, body) = get(&s, ALICE_KEY, "/organizations/111%2F..%2F222").await;
     assert_eq!(status, 400, "{body}");
     // Bob may only GET.
-    let r = client()
-        .put(format!("{}/networks/L_222_0", s.base()))
-        .header("X-Cisco-Meraki-API-Key", BOB_KEY)
+    let r = s
+        .script(Method::PUT, "/networks/L_222_0", BOB_KEY)
         .json(&json!({"name": "x"}))
         .send()
         .await
@@ -160,9 +147,8 @@ async fn other_organizations_and_methods_are_refused() {
     // Its body was never read: the refusal must not promise a reusable connection.
     assert_eq!(r.headers()["connection"], "close");
     // Alice may not write bob's network: the lookup runs with alice's grant, which cannot see it.
-    let r = client()
-        .put(format!("{}/networks/L_222_0", s.base()))
-        .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
+    let r = s
+        .script(Method::PUT, "/networks/L_222_0", ALICE_KEY)
         .json(&json!({"name": "pwned"}))
         .send()
         .await
@@ -229,7 +215,7 @@ async fn concurrent_requests_across_expiry_cause_one_token_call() {
         .map(|i| {
             let url = format!("{}/organizations/111/networks?i={i}", s.base());
             tokio::spawn(async move {
-                client()
+                http()
                     .get(url)
                     .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
                     .send()
@@ -268,7 +254,7 @@ async fn proactive_refresh_ahead_of_expiry_is_single_flight() {
         .map(|_| {
             let url = format!("{}/organizations/111", s.base());
             tokio::spawn(async move {
-                client()
+                http()
                     .get(url)
                     .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
                     .send()
@@ -292,9 +278,8 @@ async fn put_with_a_body_is_retried_once_after_a_401_and_succeeds() {
     s.standin
         .fail_next_api(1, 401, r#"{"errors":["Invalid API key"]}"#);
     let body = json!({"name": "renamed by script", "tags": ["a", "b"]});
-    let r = client()
-        .put(format!("{}/networks/L_111_1", s.base()))
-        .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
+    let r = s
+        .script(Method::PUT, "/networks/L_111_1", ALICE_KEY)
         .json(&body)
         .send()
         .await
@@ -305,9 +290,8 @@ async fn put_with_a_body_is_retried_once_after_a_401_and_succeeds() {
         .fail_next_api(1, 401, r#"{"errors":["Invalid API key"]}"#);
     let calls = s.standin.token_calls();
     let body = json!({"name": "renamed again", "timeZone": "Europe/Berlin"});
-    let r = client()
-        .put(format!("{}/networks/L_111_1", s.base()))
-        .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
+    let r = s
+        .script(Method::PUT, "/networks/L_111_1", ALICE_KEY)
         .json(&body)
         .send()
         .await
@@ -347,9 +331,8 @@ async fn a_second_401_or_an_unreplayable_body_passes_meraki_401_through() {
     let (s, _p) = ready().await;
     let meraki_401 = r#"{"errors":["Invalid API key (from Meraki)"]}"#;
     s.standin.fail_next_api(2, 401, meraki_401);
-    let r = client()
-        .get(format!("{}/organizations/111", s.base()))
-        .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
+    let r = s
+        .script(Method::GET, "/organizations/111", ALICE_KEY)
         .send()
         .await
         .unwrap();
@@ -363,9 +346,8 @@ async fn a_second_401_or_an_unreplayable_body_passes_meraki_401_through() {
     // Over 64 KiB: Pingora cannot replay it, so the 401 goes back as Meraki sent it.
     let big = json!({"name": "x".repeat(100 * 1024)});
     s.standin.fail_next_api(1, 401, meraki_401);
-    let r = client()
-        .put(format!("{}/organizations/111/networks", s.base()))
-        .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
+    let r = s
+        .script(Method::PUT, "/organizations/111/networks", ALICE_KEY)
         .json(&big)
         .send()
         .await
@@ -539,9 +521,7 @@ async fn action_batches_may_only_touch_their_own_organization() {
             {"resource": resource, "operation": "update", "body": {"name": "pwned"}}]})
     };
     let post = |body: Value| {
-        client()
-            .post(format!("{}/organizations/111/actionBatches", s.base()))
-            .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
+        s.script(Method::POST, "/organizations/111/actionBatches", ALICE_KEY)
             .json(&body)
             .send()
     };

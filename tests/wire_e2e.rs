@@ -3,17 +3,9 @@
 
 mod support;
 
+use reqwest::Method;
 use serde_json::{json, Value};
-use std::time::Duration;
 use support::harness::*;
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-}
 
 async fn ready(opts: Options) -> (Scenario, ProxyProcess) {
     let s = Scenario::new(opts).await;
@@ -94,9 +86,12 @@ async fn rfc8288_client_walks_every_page_through_the_proxy() {
 #[tokio::test]
 async fn sdk_style_link_following_with_doubled_prefix_works() {
     let (s, _p) = ready(Options::default()).await;
-    let r = http()
-        .get(format!("{}/organizations/111/networks?perPage=3", s.base()))
-        .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
+    let r = s
+        .script(
+            Method::GET,
+            "/organizations/111/networks?perPage=3",
+            ALICE_KEY,
+        )
         .send()
         .await
         .unwrap();
@@ -108,12 +103,7 @@ async fn sdk_style_link_following_with_doubled_prefix_works() {
         "{next}"
     );
     // The SDK sends base_url + url for a non-Meraki URL.
-    let r = http()
-        .get(format!("{}{}", s.base(), next))
-        .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
-        .send()
-        .await
-        .unwrap();
+    let r = s.script(Method::GET, next, ALICE_KEY).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Vec<Value>>().await.unwrap().len(), 3);
 }
@@ -122,25 +112,22 @@ async fn sdk_style_link_following_with_doubled_prefix_works() {
 async fn redirects_are_followed_inside_the_proxy_with_method_body_and_bearer() {
     let (s, _p) = ready(shard_allowed()).await;
     s.standin.redirect_next_to_shard(1);
-    let r = http()
-        .get(format!("{}/organizations/111/devices", s.base()))
-        .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
+    let r = s
+        .script(Method::GET, "/organizations/111/devices", ALICE_KEY)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "the client never sees the 3xx");
     // A PUT with a body, redirected with 307, arrives at the shard intact.
-    let _ = http()
-        .get(format!("{}/networks/L_111_1", s.base()))
-        .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
+    let _ = s
+        .script(Method::GET, "/networks/L_111_1", ALICE_KEY)
         .send()
         .await
         .unwrap();
     s.standin.redirect_next_to_shard(1);
     let body = json!({"name": "via shard"});
-    let r = http()
-        .put(format!("{}/networks/L_111_1", s.base()))
-        .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
+    let r = s
+        .script(Method::PUT, "/networks/L_111_1", ALICE_KEY)
         .json(&body)
         .send()
         .await
@@ -168,9 +155,8 @@ async fn a_redirect_to_a_host_not_allowed_is_refused_with_502() {
     let (s, _p) = ready(Options::default()).await;
     s.standin
         .set_redirect_location(1, "http://evil.example.test/api/v1/organizations/111");
-    let r = http()
-        .get(format!("{}/organizations/111", s.base()))
-        .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
+    let r = s
+        .script(Method::GET, "/organizations/111", ALICE_KEY)
         .send()
         .await
         .unwrap();
@@ -187,9 +173,8 @@ async fn a_redirect_to_a_host_not_allowed_is_refused_with_502() {
     // A redirect loop on an allowed host ends after a few hops.
     let own = format!("{}/organizations/111", s.standin.api_base());
     s.standin.set_redirect_location(10, &own);
-    let r = http()
-        .get(format!("{}/organizations/111", s.base()))
-        .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
+    let r = s
+        .script(Method::GET, "/organizations/111", ALICE_KEY)
         .send()
         .await
         .unwrap();
@@ -210,9 +195,8 @@ async fn a_redirect_to_a_host_not_allowed_is_refused_with_502() {
 async fn rate_limits_pass_through_with_an_integer_retry_after() {
     let (s, p) = ready(Options::default()).await;
     s.standin.rate_limit_next(1, 2);
-    let r = http()
-        .get(format!("{}/organizations/111", s.base()))
-        .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
+    let r = s
+        .script(Method::GET, "/organizations/111", ALICE_KEY)
         .send()
         .await
         .unwrap();
@@ -270,9 +254,8 @@ async fn a_100_mb_response_streams_with_bounded_memory() {
 #[tokio::test]
 async fn head_and_upstream_faults() {
     let (s, _p) = ready(Options::default()).await;
-    let r = http()
-        .head(format!("{}/organizations/111", s.base()))
-        .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
+    let r = s
+        .script(Method::HEAD, "/organizations/111", ALICE_KEY)
         .send()
         .await
         .unwrap();
@@ -282,9 +265,8 @@ async fn head_and_upstream_faults() {
     // proxy's outcome header.
     s.standin
         .fail_next_api(1, 500, r#"{"errors":["Internal server error (Meraki)"]}"#);
-    let r = http()
-        .get(format!("{}/organizations/111", s.base()))
-        .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
+    let r = s
+        .script(Method::GET, "/organizations/111", ALICE_KEY)
         .send()
         .await
         .unwrap();
@@ -296,9 +278,8 @@ async fn head_and_upstream_faults() {
     );
     // Meraki gone: the proxy says the request was not sent.
     s.standin.shutdown();
-    let r = http()
-        .get(format!("{}/organizations/111", s.base()))
-        .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
+    let r = s
+        .script(Method::GET, "/organizations/111", ALICE_KEY)
         .send()
         .await
         .unwrap();

@@ -227,6 +227,19 @@ methods = ["GET"]
         format!("http://127.0.0.1:{}/api/v1", self.port)
     }
 
+    /// A request as a legacy script sends it: `path` below the proxy's base URL, `key` in
+    /// Meraki's API key header.
+    pub fn script(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: &str,
+    ) -> reqwest::RequestBuilder {
+        http()
+            .request(method, format!("{}{path}", self.base()))
+            .header("X-Cisco-Meraki-API-Key", key)
+    }
+
     /// The audit log's records.
     pub fn audit(&self) -> Vec<serde_json::Value> {
         read_jsonl(&self.dir.path().join("audit.jsonl"))
@@ -246,6 +259,16 @@ methods = ["GET"]
 }
 
 /// Parses a JSON-lines file (missing file: no records).
+/// The tests' HTTP client: bounded in time, and never following a redirect (an upstream 3xx
+/// reaching a client is a failure the tests look for).
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
 pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
