@@ -15,9 +15,10 @@ cargo build --release --bin meraki-oauth-proxy --example meraki_standin
 
 dir=".demo"
 rm -rf "$dir" && mkdir -p "$dir"
-bin=target/release/meraki-oauth-proxy
+target_dir=${CARGO_TARGET_DIR:-target}
+bin=$target_dir/release/meraki-oauth-proxy
 
-target/release/examples/meraki_standin --listen 127.0.0.1:9400 >"$dir/standin.out" 2>&1 &
+"$target_dir/release/examples/meraki_standin" --listen 127.0.0.1:9400 >"$dir/standin.out" 2>&1 &
 standin=$!
 trap 'kill $standin 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do grep -q '^refresh_token=' "$dir/standin.out" && break; sleep 0.1; done
