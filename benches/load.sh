@@ -8,12 +8,13 @@
 #   QUICK=1 bash benches/load.sh    # CI: 2-second runs, one round; checks every config answers
 #
 # Settings (environment): DURATION (s, default 10; QUICK: 2), ROUNDS (default 2 in compare mode,
-# 1 in scaling mode; QUICK: 1), CONNS (default 32), PACE_MS (compare mode's paced latency runs:
-# each connection's pause between requests, default 16 ms, i.e. about 2,000 req/s), WORKERS (nginx worker_processes and Pingora
-# threads, default 1), WRK_THREADS (default 1), KEEP=1 keeps the work directory, PERF=1 profiles
-# one extra run each of (c) and (d) with perf (compare mode; report in PERF_DIR, default target/load-perf),
-# IMPORT_JOBS (parallel `grants import` runs in scaling mode, default 1: concurrent imports into
-# one store were seen to fail with "FOREIGN KEY constraint failed").
+# 1 in scaling mode; QUICK: 1), CONNS (default 32), PACE_MS (compare mode's paced runs: each
+# connection's mean pause between requests, default 16 ms, about 2,000 req/s in all), WORKERS
+# (nginx worker_processes and Pingora threads, default 1), WRK_THREADS (default 1), KEEP=1 keeps
+# the work directory, PERF=1 profiles one extra run each of (c) and (d) with perf (compare mode;
+# reports in PERF_DIR, default target/load-perf), IMPORT_JOBS (parallel `grants import` runs in
+# scaling mode, default 1: concurrent imports into one store were once seen to fail with
+# "FOREIGN KEY constraint failed").
 #
 # Loopback only (127.0.0.1), bounded in time, installs nothing. Every process it starts is stopped
 # on exit, whatever the exit path. Timings are reported, never asserted: the script fails only when
@@ -26,7 +27,7 @@ MODE=${1:-compare}
 case "$MODE" in
 compare | scaling) ;;
 -h | --help)
-  sed -n '2,20p' "$0"
+  sed -n '2,22p' "$0"
   exit 0
   ;;
 *)
@@ -502,37 +503,44 @@ compare() {
     [c]="(c) Pingora pass-through"
     [d]="(d) meraki-oauth-proxy"
   )
-  local c r order t0
+  local c
+  # rounds PREFIX [LUA]: ROUNDS rounds of every configuration in alternating order, each run's
+  # wrk output in results/PREFIX$c.$r and the CPU it cost the configuration in results/...cpu.
+  rounds() {
+    local r c order t0 out
+    for ((r = 1; r <= ROUNDS; r++)); do
+      if ((r % 2)); then order="a b c d"; else order="d c b a"; fi
+      for c in $order; do
+        out="$WORK/results/$1$c.$r"
+        t0=$(cpu_ticks ${pids[$c]})
+        run_wrk "$out" "${url[$c]}" "$CONNS" "${2:-}"
+        echo $(($(cpu_ticks ${pids[$c]}) - t0)) >"$out.cpu"
+        check "$out" "${name[$c]} $1round $r"
+        printf '   round %d %-30s %s\n' "$r" "${name[$c]}" "$(parse_wrk "$out" | awk '{ printf "%8d req/s  p50 %.3f ms  p99 %.3f ms", $1, $2, $3 }')"
+      done
+    done
+  }
+  # table PREFIX: the medians of every configuration.
+  table() {
+    local c
+    printf '%-32s %12s %10s %10s %14s\n' "configuration" "requests/s" "p50 ms" "p99 ms" "CPU us/request"
+    for c in a b c d; do
+      printf '%-32s %12.0f %10.3f %10.3f %14.1f\n' "${name[$c]}" "$(med "$1$c" 1)" "$(med "$1$c" 2)" "$(med "$1$c" 3)" "$(cpu_us "$1$c")"
+    done
+  }
+
   for c in a b c d; do warm "${url[$c]}"; done
   echo "== measuring: wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s, $ROUNDS round(s), order alternating"
-  for ((r = 1; r <= ROUNDS; r++)); do
-    if ((r % 2)); then order="a b c d"; else order="d c b a"; fi
-    for c in $order; do
-      t0=$(cpu_ticks ${pids[$c]})
-      run_wrk "$WORK/results/$c.$r" "${url[$c]}" "$CONNS"
-      echo $(($(cpu_ticks ${pids[$c]}) - t0)) >"$WORK/results/$c.$r.cpu"
-      check "$WORK/results/$c.$r" "${name[$c]} round $r"
-      printf '   round %d %-30s %s\n' "$r" "${name[$c]}" "$(parse_wrk "$WORK/results/$c.$r" | awk '{ printf "%8d req/s  p50 %.3f ms  p99 %.3f ms", $1, $2, $3 }')"
-    done
-  done
+  rounds ""
 
   # Latency below saturation. At full load every connection is always busy and a percentile is
   # mostly queueing (about CONNS / throughput); SPEC's "added p99 at 32 connections" is about
-  # the proxy's own delay. Paced runs keep CONNS connections each waiting DELAY_MS after a
-  # response before the next request (wrk's Lua delay(), not counted in wrk's latency).
-  # Pauses drawn uniformly from [0, 2 x PACE_MS] so the connections do not move in lockstep.
+  # the proxy's own delay. Paced runs keep CONNS connections each pausing after a response
+  # before the next request (wrk's Lua delay(), not counted in wrk's latency), for PACE_MS on
+  # average: drawn uniformly from [0, 2 x PACE_MS] so the connections do not move in lockstep.
   printf 'function delay()\n  return math.random(0, %d)\nend\n' "$((2 * PACE_MS))" >"$WORK/paced.lua"
   echo "== paced: wrk -c$CONNS, each connection pausing ${PACE_MS} ms on average between requests (about $((CONNS * 1000 / PACE_MS)) req/s in all)"
-  for ((r = 1; r <= ROUNDS; r++)); do
-    if ((r % 2)); then order="a b c d"; else order="d c b a"; fi
-    for c in $order; do
-      t0=$(cpu_ticks ${pids[$c]})
-      run_wrk "$WORK/results/paced-$c.$r" "${url[$c]}" "$CONNS" "$WORK/paced.lua"
-      echo $(($(cpu_ticks ${pids[$c]}) - t0)) >"$WORK/results/paced-$c.$r.cpu"
-      check "$WORK/results/paced-$c.$r" "${name[$c]} paced round $r"
-      printf '   round %d %-30s %s\n' "$r" "${name[$c]}" "$(parse_wrk "$WORK/results/paced-$c.$r" | awk '{ printf "%8d req/s  p50 %.3f ms  p99 %.3f ms", $1, $2, $3 }')"
-    done
-  done
+  rounds paced- "$WORK/paced.lua"
 
   if [ "${PERF:-0}" = 1 ]; then
     # One more run each of (c) and (d), profiled; not part of the table.
@@ -562,11 +570,8 @@ compare() {
 
   echo
   echo "Results: median over $ROUNDS round(s); wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s; $WORKERS worker(s); loopback"
-  printf '%-32s %12s %10s %10s %14s\n' "configuration" "requests/s" "p50 ms" "p99 ms" "CPU us/request"
+  table ""
   local rps_b rps_c rps_d p99_a p99_c p99_d
-  for c in a b c d; do
-    printf '%-32s %12.0f %10.3f %10.3f %14.1f\n' "${name[$c]}" "$(med "$c" 1)" "$(med "$c" 2)" "$(med "$c" 3)" "$(cpu_us "$c")"
-  done
   rps_b=$(med b 1)
   rps_c=$(med c 1)
   rps_d=$(med d 1)
@@ -589,10 +594,7 @@ compare() {
   }'
   echo
   echo "Paced: $CONNS connections, ${PACE_MS} ms mean pause per connection between requests; median over $ROUNDS round(s)"
-  printf '%-32s %12s %10s %10s %14s\n' "configuration" "requests/s" "p50 ms" "p99 ms" "CPU us/request"
-  for c in a b c d; do
-    printf '%-32s %12.0f %10.3f %10.3f %14.1f\n' "${name[$c]}" "$(med "paced-$c" 1)" "$(med "paced-$c" 2)" "$(med "paced-$c" 3)" "$(cpu_us "paced-$c")"
-  done
+  table paced-
   awk -v a="$(med paced-a 3)" -v c="$(med paced-c 3)" -v d="$(med paced-d 3)" 'BEGIN {
     printf "added p99 (d) - (a) upstream:    %.3f ms (bar: < 1 ms at 32 connections; a difference of percentiles)\n", d - a
     printf "added p99 (d) - (c) pass-through: %.3f ms\n", d - c

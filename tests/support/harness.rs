@@ -258,7 +258,6 @@ methods = ["GET"]
     }
 }
 
-/// Parses a JSON-lines file (missing file: no records).
 /// The tests' HTTP client: bounded in time, and never following a redirect (an upstream 3xx
 /// reaching a client is a failure the tests look for).
 pub fn http() -> reqwest::Client {
@@ -269,6 +268,7 @@ pub fn http() -> reqwest::Client {
         .unwrap()
 }
 
+/// Parses a JSON-lines file (missing file: no records).
 pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
