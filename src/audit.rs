@@ -199,9 +199,9 @@ impl Audit {
         self.reopen.store(true, Ordering::SeqCst);
     }
 
-    /// Records written so far.
+    /// Records written and flushed to the sink so far.
     pub fn written(&self) -> u64 {
-        self.written.load(Ordering::Relaxed)
+        self.written.load(Ordering::Acquire)
     }
 }
 
@@ -260,38 +260,41 @@ fn writer(mut sink: Sink, rx: Receiver<Msg>, reopen: Arc<AtomicBool>, written: A
                 }
             }
         }
-        let mut pending = false;
+        // Records written to the buffer since the last flush; `written` counts only flushed ones,
+        // so a reader that sees the count also sees the lines in the file.
+        let mut unflushed = 0u64;
         loop {
             match rx.try_recv() {
-                Ok(Msg::Line(line)) => {
-                    pending = true;
-                    match sink.write_line(&line) {
-                        Ok(()) => {
-                            written.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => tracing::error!(error = %e, "audit write failed"),
-                    }
-                }
+                Ok(Msg::Line(line)) => match sink.write_line(&line) {
+                    Ok(()) => unflushed += 1,
+                    Err(e) => tracing::error!(error = %e, "audit write failed"),
+                },
                 Ok(Msg::Flush(ack)) => {
-                    pending = false;
-                    if let Err(e) = sink.flush() {
-                        tracing::error!(error = %e, "audit flush failed");
-                    }
+                    flush(&mut sink, &mut unflushed, &written);
                     let _ = ack.try_send(());
                 }
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                    let _ = sink.flush();
+                    flush(&mut sink, &mut unflushed, &written);
                     return;
                 }
             }
         }
-        if pending {
-            if let Err(e) = sink.flush() {
-                tracing::error!(error = %e, "audit flush failed");
-            }
+        if unflushed > 0 {
+            flush(&mut sink, &mut unflushed, &written);
         }
     }
+}
+
+/// Flushes the sink and, once the lines are in the file, counts them as written.
+fn flush(sink: &mut Sink, unflushed: &mut u64, written: &AtomicU64) {
+    match sink.flush() {
+        Ok(()) => {
+            written.fetch_add(*unflushed, Ordering::Release);
+        }
+        Err(e) => tracing::error!(error = %e, "audit flush failed"),
+    }
+    *unflushed = 0;
 }
 
 /// Now, RFC 3339, UTC.
