@@ -503,6 +503,12 @@ compare() {
     [c]="(c) Pingora pass-through"
     [d]="(d) meraki-oauth-proxy"
   )
+  # What each configuration answers, head and size, kept with the work directory (KEEP=1): a
+  # difference in framing or headers would explain a difference in cost.
+  for c in a b c d; do
+    curl -sS -D "$WORK/headers-$c.txt" -o /dev/null -w 'body bytes: %{size_download}\n' \
+      -H "X-Cisco-Meraki-API-Key: $KEY" "${url[$c]}" >>"$WORK/headers-$c.txt"
+  done
   local c
   # rounds PREFIX [LUA]: ROUNDS rounds of every configuration in alternating order, each run's
   # wrk output in results/PREFIX$c.$r and the CPU it cost the configuration in results/...cpu.
