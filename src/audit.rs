@@ -1,19 +1,116 @@
-//! The audit log: one JSON line per request and per token event, written by a dedicated thread so
-//! the request path only serializes and enqueues. Never holds a secret: tokens appear only as
+//! The audit log: one JSON line per request and per token event, written by a dedicated thread.
+//! The request path only moves what it knows into a [`RequestEntry`] (reference counts, no
+//! formatting) and enqueues it; timestamps and JSON are made on the writer thread. Never holds a secret: tokens appear only as
 //! 8-hex-character fingerprints, client keys not at all.
 
+use crate::config::Client;
 use crate::token::{Grant, TokenState};
+use http::HeaderValue;
 use serde::Serialize;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// Records queued beyond this make writers wait: audit completeness over latency.
 const QUEUE: usize = 65_536;
+
+/// A proxy request id: random, 16 hex digits on the wire and in the audit log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RequestId(pub u64);
+
+impl RequestId {
+    /// A fresh random id.
+    pub fn new() -> Self {
+        RequestId(rand::random())
+    }
+
+    /// The 16 hex digits, without allocating.
+    pub fn hex(self) -> HexId {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 16];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = DIGITS[((self.0 >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        HexId(out)
+    }
+}
+
+/// A [`RequestId`] as text.
+pub struct HexId([u8; 16]);
+
+impl HexId {
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever written.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+/// What the request path knows of one finished request, handed to the writer thread as is.
+#[derive(Debug)]
+pub struct RequestEntry {
+    pub at: SystemTime,
+    pub request_id: RequestId,
+    pub upstream_request_id: Option<HeaderValue>,
+    pub client: Option<Arc<Client>>,
+    pub organization: Option<Arc<str>>,
+    pub method: http::Method,
+    /// The normalized path and query below the API base (the raw one if it did not parse).
+    pub path: String,
+    pub status: u16,
+    pub upstream_status: Option<u16>,
+    pub decision: &'static str,
+    pub reason: Option<&'static str>,
+    pub retried_after_401: bool,
+    pub redirects_followed: u32,
+    /// The token the request used; only its fingerprint is written.
+    pub token: Option<Arc<TokenState>>,
+    pub duration: Duration,
+    pub upstream_duration: Option<Duration>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub source: Option<SocketAddr>,
+    pub user_agent: Option<HeaderValue>,
+}
+
+impl RequestEntry {
+    /// Writes the entry as one JSON line (the [`RequestRecord`] schema).
+    pub fn write_json<W: Write>(&self, out: &mut W) -> serde_json::Result<()> {
+        let id = self.request_id.hex();
+        let record = RequestRecord {
+            time: system_rfc3339(self.at),
+            kind: "request",
+            request_id: id.as_str(),
+            upstream_request_id: self
+                .upstream_request_id
+                .as_ref()
+                .and_then(|v| v.to_str().ok()),
+            client: self.client.as_deref().map(|c| c.name.as_str()),
+            integration: self.client.as_deref().map(|c| c.integration.as_str()),
+            organization: self.organization.as_deref(),
+            method: self.method.as_str(),
+            path: &self.path,
+            status: self.status,
+            upstream_status: self.upstream_status,
+            decision: self.decision,
+            reason: self.reason,
+            retried_after_401: self.retried_after_401,
+            redirects_followed: self.redirects_followed,
+            token_fingerprint: self.token.as_deref().and_then(TokenState::fingerprint_str),
+            duration_ms: self.duration.as_secs_f64() * 1000.0,
+            upstream_duration_ms: self.upstream_duration.map(|d| d.as_secs_f64() * 1000.0),
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            source: self.source.map(|a| a.to_string()),
+            user_agent: self.user_agent.as_ref().and_then(|v| v.to_str().ok()),
+        };
+        serde_json::to_writer(&mut *out, &record)
+    }
+}
 
 /// One request, as the audit log records it.
 #[derive(Debug, Default, Serialize)]
@@ -128,6 +225,7 @@ const BATCH_INTERVAL: Duration = Duration::from_millis(20);
 
 enum Msg {
     Line(String),
+    Request(Box<RequestEntry>),
     Flush(SyncSender<()>),
 }
 
@@ -157,8 +255,8 @@ impl Audit {
     }
 
     /// Queues a request record.
-    pub fn request(&self, record: &RequestRecord<'_>) {
-        self.send(serde_json::to_string(record));
+    pub fn request(&self, entry: RequestEntry) {
+        self.enqueue(Msg::Request(Box::new(entry)));
     }
 
     /// Queues a token event.
@@ -167,18 +265,18 @@ impl Audit {
     }
 
     fn send(&self, line: serde_json::Result<String>) {
-        let line = match line {
-            Ok(l) => Msg::Line(l),
-            Err(e) => {
-                tracing::error!(error = %e, "could not serialize an audit record");
-                return;
-            }
-        };
-        match self.tx.try_send(line) {
+        match line {
+            Ok(l) => self.enqueue(Msg::Line(l)),
+            Err(e) => tracing::error!(error = %e, "could not serialize an audit record"),
+        }
+    }
+
+    fn enqueue(&self, msg: Msg) {
+        match self.tx.try_send(msg) {
             Ok(()) => {}
-            Err(TrySendError::Full(line)) => {
+            Err(TrySendError::Full(msg)) => {
                 // The disk is slower than the traffic: wait rather than drop a record.
-                let _ = self.tx.send(line);
+                let _ = self.tx.send(msg);
             }
             Err(TrySendError::Disconnected(_)) => {
                 tracing::error!("audit writer is gone; record lost")
@@ -238,6 +336,21 @@ impl Sink {
         }
     }
 
+    /// Serializes straight into the file's buffer (standard output: through one line).
+    fn write_entry(&mut self, entry: &RequestEntry) -> io::Result<()> {
+        match self {
+            Sink::Stdout(_) => {
+                let mut line = Vec::with_capacity(512);
+                entry.write_json(&mut line)?;
+                self.write_line(std::str::from_utf8(&line).unwrap_or_default())
+            }
+            Sink::File { out, .. } => {
+                entry.write_json(out)?;
+                out.write_all(b"\n")
+            }
+        }
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Sink::Stdout(s) => s.flush(),
@@ -266,6 +379,10 @@ fn writer(mut sink: Sink, rx: Receiver<Msg>, reopen: Arc<AtomicBool>, written: A
         loop {
             match rx.try_recv() {
                 Ok(Msg::Line(line)) => match sink.write_line(&line) {
+                    Ok(()) => unflushed += 1,
+                    Err(e) => tracing::error!(error = %e, "audit write failed"),
+                },
+                Ok(Msg::Request(entry)) => match sink.write_entry(&entry) {
                     Ok(()) => unflushed += 1,
                     Err(e) => tracing::error!(error = %e, "audit write failed"),
                 },
@@ -299,7 +416,12 @@ fn flush(sink: &mut Sink, unflushed: &mut u64, written: &AtomicU64) {
 
 /// Now, RFC 3339, UTC.
 pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
+    system_rfc3339(SystemTime::now())
+}
+
+/// A moment, RFC 3339, UTC.
+pub fn system_rfc3339(at: SystemTime) -> String {
+    time::OffsetDateTime::from(at)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
@@ -324,24 +446,45 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let audit = Audit::open(Some(&path)).unwrap();
-        let rec = RequestRecord {
-            kind: "request",
-            method: "GET",
-            path: "/organizations",
+        let entry = || RequestEntry {
+            at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            request_id: RequestId(0x00ab_cdef_0123_4567),
+            upstream_request_id: None,
+            client: None,
+            organization: Some("123".into()),
+            method: http::Method::GET,
+            path: "/organizations".into(),
             status: 200,
-            ..Default::default()
+            upstream_status: None,
+            decision: "answered",
+            reason: None,
+            retried_after_401: false,
+            redirects_followed: 0,
+            token: None,
+            duration: Duration::from_micros(1500),
+            upstream_duration: None,
+            bytes_in: 0,
+            bytes_out: 2,
+            source: Some(([127, 0, 0, 1], 50000).into()),
+            user_agent: Some(HeaderValue::from_static("curl/8")),
         };
-        audit.request(&rec);
+        audit.request(entry());
         wait_for(|| audit.written() == 1);
         std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
         audit.reopen();
-        audit.request(&rec);
+        audit.request(entry());
         wait_for(|| audit.written() == 2);
         let new = std::fs::read_to_string(&path).unwrap();
         let old = std::fs::read_to_string(dir.path().join("audit.jsonl.1")).unwrap();
         assert_eq!((old.lines().count(), new.lines().count()), (1, 1));
         let v: serde_json::Value = serde_json::from_str(new.lines().next().unwrap()).unwrap();
         assert_eq!(v["status"], 200);
+        assert_eq!(v["time"], "2023-11-14T22:13:20Z");
+        assert_eq!(v["request_id"], "00abcdef01234567");
+        assert_eq!(v["source"], "127.0.0.1:50000");
+        assert_eq!(v["user_agent"], "curl/8");
+        assert_eq!(v["organization"], "123");
+        assert_eq!(v["duration_ms"], 1.5);
     }
 
     fn wait_for(f: impl Fn() -> bool) {

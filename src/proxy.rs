@@ -2,7 +2,7 @@
 //! [`crate::token`], and records through [`crate::audit`] and [`crate::metrics`] in `logging`,
 //! which Pingora runs once per request on every path.
 
-use crate::audit::{now_rfc3339, Audit, RequestRecord};
+use crate::audit::{Audit, RequestEntry, RequestId};
 use crate::config::{Client, Config};
 use crate::errors;
 use crate::forward::{RedirectError, RedirectTarget};
@@ -90,7 +90,7 @@ struct Refusal {
 /// Per-request state, kept across retries.
 pub struct Ctx {
     start: Instant,
-    request_id: String,
+    request_id: RequestId,
     client: Option<Arc<Client>>,
     org: Option<Arc<str>>,
     grant: Option<Arc<Grant>>,
@@ -107,7 +107,7 @@ pub struct Ctx {
     /// Set just before an error that must be retried (401 after a refresh).
     retry_requested: bool,
     upstream_status: Option<u16>,
-    upstream_request_id: Option<String>,
+    upstream_request_id: Option<http::HeaderValue>,
     upstream_sent: Option<Instant>,
     upstream_elapsed: Option<Duration>,
     counted_in_flight: bool,
@@ -131,7 +131,7 @@ impl MerakiProxy {
         ctx.decision = decision;
         write_error(
             session,
-            &ctx.request_id,
+            ctx.request_id,
             r.status,
             errors::body(&r.message),
             r.upstream,
@@ -265,7 +265,7 @@ impl MerakiProxy {
         let body = Bytes::from(serde_json::Value::Array(orgs).to_string());
         let mut resp = ResponseHeader::build(200, Some(4))?;
         resp.insert_header(CONTENT_TYPE, "application/json")?;
-        resp.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
+        resp.insert_header(REQUEST_ID_HEADER, ctx.request_id.hex().as_str())?;
         resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         let head = session.req_header().method == http::Method::HEAD;
         session.write_response_header(Box::new(resp), head).await?;
@@ -482,7 +482,7 @@ fn token_refusal(e: TokenError) -> (Decision, Refusal) {
 /// skipped when a response header already went out (a failure mid-body).
 async fn write_error(
     session: &mut Session,
-    request_id: &str,
+    request_id: RequestId,
     status: u16,
     body: Bytes,
     upstream: Option<&str>,
@@ -490,7 +490,7 @@ async fn write_error(
     let mut resp = ResponseHeader::build(status, Some(5))?;
     resp.insert_header(CONTENT_TYPE, "application/json")?;
     resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-    resp.insert_header(REQUEST_ID_HEADER, request_id)?;
+    resp.insert_header(REQUEST_ID_HEADER, request_id.hex().as_str())?;
     if let Some(u) = upstream {
         resp.insert_header(UPSTREAM_OUTCOME_HEADER, u)?;
     }
@@ -499,10 +499,6 @@ async fn write_error(
         resp.insert_header(http::header::RETRY_AFTER, "1")?;
     }
     session.as_mut().write_error_response(resp, body).await
-}
-
-fn new_request_id() -> String {
-    format!("{:016x}", rand::random::<u64>())
 }
 
 /// Connection-level failures happen before anything is sent upstream.
@@ -531,7 +527,7 @@ impl ProxyHttp for MerakiProxy {
     fn new_ctx(&self) -> Ctx {
         Ctx {
             start: Instant::now(),
-            request_id: new_request_id(),
+            request_id: RequestId::new(),
             client: None,
             org: None,
             grant: None,
@@ -620,12 +616,8 @@ impl ProxyHttp for MerakiProxy {
         let status = resp.status.as_u16();
         ctx.upstream_status = Some(status);
         ctx.upstream_elapsed = ctx.upstream_sent.map(|t| t.elapsed());
-        if let Some(id) = resp
-            .headers
-            .get(&UPSTREAM_REQUEST_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-        {
-            ctx.upstream_request_id = Some(id.to_owned());
+        if let Some(id) = resp.headers.get(&UPSTREAM_REQUEST_ID_HEADER) {
+            ctx.upstream_request_id = Some(id.clone());
         }
         let client = ctx.client.clone();
         let integration = client.as_deref().map_or(NONE, |c| c.integration.as_str());
@@ -665,7 +657,7 @@ impl ProxyHttp for MerakiProxy {
                 }
             }
         }
-        resp.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
+        resp.insert_header(REQUEST_ID_HEADER, ctx.request_id.hex().as_str())?;
         Ok(())
     }
 
@@ -747,7 +739,7 @@ impl ProxyHttp for MerakiProxy {
         if code > 0 {
             if let Err(err) = write_error(
                 session,
-                &ctx.request_id,
+                ctx.request_id,
                 code,
                 errors::body(&refusal.message),
                 refusal.upstream,
@@ -787,32 +779,35 @@ impl ProxyHttp for MerakiProxy {
             status,
             elapsed,
         );
-        let path = req.uri.path_and_query().map_or("", |p| p.as_str());
-        let fingerprint = ctx.token.as_ref().and_then(|t| t.fingerprint_str());
-        let record = RequestRecord {
-            time: now_rfc3339(),
-            kind: "request",
-            request_id: &ctx.request_id,
-            upstream_request_id: ctx.upstream_request_id.as_deref(),
-            client: client.map(|c| c.name.as_str()),
-            integration: client.map(|c| c.integration.as_str()),
-            organization: org,
-            method: req.method.as_str(),
-            path: ctx.path.as_deref().unwrap_or(path),
+        let path = match ctx.path.take() {
+            Some(p) => p,
+            None => req
+                .uri
+                .path_and_query()
+                .map_or("", |p| p.as_str())
+                .to_owned(),
+        };
+        s.audit.request(RequestEntry {
+            at: std::time::SystemTime::now(),
+            request_id: ctx.request_id,
+            upstream_request_id: ctx.upstream_request_id.take(),
+            client: ctx.client.clone(),
+            organization: ctx.org.clone(),
+            method: req.method.clone(),
+            path,
             status,
             upstream_status: ctx.upstream_status,
             decision: ctx.decision.as_str(),
             reason: ctx.refusal.as_ref().map(|r| r.reason),
             retried_after_401: ctx.retried_401,
             redirects_followed: ctx.redirects,
-            token_fingerprint: fingerprint,
-            duration_ms: elapsed.as_secs_f64() * 1000.0,
-            upstream_duration_ms: ctx.upstream_elapsed.map(|d| d.as_secs_f64() * 1000.0),
+            token: ctx.token.clone(),
+            duration: elapsed,
+            upstream_duration: ctx.upstream_elapsed,
             bytes_in: session.body_bytes_read() as u64,
             bytes_out: session.body_bytes_sent() as u64,
-            source: session.client_addr().map(|a| a.to_string()),
-            user_agent: req.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()),
-        };
-        s.audit.request(&record);
+            source: session.client_addr().and_then(|a| a.as_inet()).copied(),
+            user_agent: req.headers.get(USER_AGENT).cloned(),
+        });
     }
 }
