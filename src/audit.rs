@@ -487,6 +487,49 @@ mod tests {
         assert_eq!(v["duration_ms"], 1.5);
     }
 
+    #[test]
+    fn an_entry_shows_the_token_only_as_its_fingerprint() {
+        let (access, refresh) = ("access-5ecret-0123456789", "refresh-5ecret-9876543210");
+        let token = Arc::new(TokenState::for_test(access, refresh));
+        assert!(
+            token.bearer().is_some(),
+            "the bearer header is built and cached"
+        );
+        let entry = RequestEntry {
+            at: SystemTime::now(),
+            request_id: RequestId::new(),
+            upstream_request_id: None,
+            client: None,
+            organization: None,
+            method: http::Method::POST,
+            path: "/organizations/1/networks".into(),
+            status: 201,
+            upstream_status: Some(201),
+            decision: "forwarded",
+            reason: None,
+            retried_after_401: false,
+            redirects_followed: 0,
+            token: Some(token.clone()),
+            duration: Duration::ZERO,
+            upstream_duration: None,
+            bytes_in: 10,
+            bytes_out: 20,
+            source: None,
+            user_agent: None,
+        };
+        let mut json = Vec::new();
+        entry.write_json(&mut json).unwrap();
+        let json = String::from_utf8(json).unwrap();
+        let debug = format!("{entry:?}");
+        for text in [&json, &debug] {
+            assert!(!text.contains("5ecret"), "a token leaked: {text}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let fp = v["token_fingerprint"].as_str().unwrap();
+        assert_eq!(fp.len(), 8);
+        assert_eq!(Some(fp), token.fingerprint_str());
+    }
+
     fn wait_for(f: impl Fn() -> bool) {
         for _ in 0..200 {
             if f() {

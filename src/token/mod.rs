@@ -132,6 +132,22 @@ impl TokenState {
         }
     }
 
+    /// A stored state with these tokens, for tests elsewhere in the crate.
+    #[cfg(test)]
+    pub(crate) fn for_test(access: &str, refresh: &str) -> Self {
+        TokenState {
+            access: Some(Secret::new(access)),
+            expires_at: 4_000_000_000,
+            generation: 1,
+            status: GrantStatus::Ok,
+            refreshed_at: None,
+            refresh: Secret::new(refresh),
+            persisted: true,
+            bearer: Default::default(),
+            fingerprint: Default::default(),
+        }
+    }
+
     /// Whether the access token may be used now without refreshing first.
     fn fresh(&self, now: i64, ahead: Duration) -> bool {
         self.persisted && self.access.is_some() && self.expires_at - now > ahead.as_secs() as i64
