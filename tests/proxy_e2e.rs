@@ -211,23 +211,12 @@ async fn concurrent_requests_across_expiry_cause_one_token_call() {
     s.standin.set_token_delay(Duration::from_millis(300));
     s.standin.expire_all_access_tokens();
     let before = s.standin.token_calls();
-    let tasks: Vec<_> = (0..200)
-        .map(|i| {
-            let url = format!("{}/organizations/111/networks?i={i}", s.base());
-            tokio::spawn(async move {
-                http()
-                    .get(url)
-                    .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-            })
+    let statuses = s
+        .burst(200, ALICE_KEY, |i| {
+            format!("/organizations/111/networks?i={i}")
         })
-        .collect();
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), 200);
-    }
+        .await;
+    assert!(statuses.iter().all(|st| *st == 200), "{statuses:?}");
     assert_eq!(
         s.standin.token_calls() - before,
         1,
@@ -250,23 +239,10 @@ async fn proactive_refresh_ahead_of_expiry_is_single_flight() {
     s.standin.set_token_delay(Duration::from_millis(300));
     s.standin.set_access_ttl(3600);
     let before = s.standin.token_calls();
-    let tasks: Vec<_> = (0..200)
-        .map(|_| {
-            let url = format!("{}/organizations/111", s.base());
-            tokio::spawn(async move {
-                http()
-                    .get(url)
-                    .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-            })
-        })
-        .collect();
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), 200);
-    }
+    let statuses = s
+        .burst(200, ALICE_KEY, |_| "/organizations/111".into())
+        .await;
+    assert!(statuses.iter().all(|st| *st == 200), "{statuses:?}");
     assert_eq!(s.standin.token_calls() - before, 1);
     // No 401 was needed: the token was replaced before Meraki would refuse it.
     assert!(s.standin.requests().iter().all(|r| r.status != 401));

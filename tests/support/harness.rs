@@ -240,6 +240,23 @@ methods = ["GET"]
             .header("X-Cisco-Meraki-API-Key", key)
     }
 
+    /// Sends `n` GETs at once as `key`, the i-th to `path_of(i)`; their statuses, in order.
+    pub async fn burst(
+        &self,
+        n: usize,
+        key: &str,
+        path_of: impl Fn(usize) -> String,
+    ) -> Vec<reqwest::StatusCode> {
+        let tasks: Vec<_> = (0..n)
+            .map(|i| tokio::spawn(self.script(reqwest::Method::GET, &path_of(i), key).send()))
+            .collect();
+        let mut statuses = Vec::with_capacity(n);
+        for t in tasks {
+            statuses.push(t.await.expect("request task").expect("response").status());
+        }
+        statuses
+    }
+
     /// The audit log's records.
     pub fn audit(&self) -> Vec<serde_json::Value> {
         read_jsonl(&self.dir.path().join("audit.jsonl"))
