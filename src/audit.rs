@@ -1,7 +1,7 @@
 //! The audit log: one JSON line per request and per token event, written by a dedicated thread.
 //! The request path only moves what it knows into a [`RequestEntry`] (reference counts, no
-//! formatting) and enqueues it; timestamps and JSON are made on the writer thread. Never holds a secret: tokens appear only as
-//! 8-hex-character fingerprints, client keys not at all.
+//! formatting) and enqueues it; timestamps and JSON are made on the writer thread. Never holds a
+//! secret: tokens appear only as 8-hex-character fingerprints, client keys not at all.
 
 use crate::config::Client;
 use crate::token::{Grant, TokenState};
@@ -31,11 +31,9 @@ impl RequestId {
 
     /// The 16 hex digits, without allocating.
     pub fn hex(self) -> HexId {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut out = [0u8; 16];
-        for (i, b) in out.iter_mut().enumerate() {
-            *b = DIGITS[((self.0 >> (60 - 4 * i)) & 0xf) as usize];
-        }
+        // 8 bytes always fit 16 digits.
+        let _ = hex::encode_to_slice(self.0.to_be_bytes(), &mut out);
         HexId(out)
     }
 }
@@ -79,7 +77,7 @@ pub struct RequestEntry {
 
 impl RequestEntry {
     /// Writes the entry as one JSON line (the [`RequestRecord`] schema).
-    pub fn write_json<W: Write>(&self, out: &mut W) -> serde_json::Result<()> {
+    pub fn write_json<W: Write + ?Sized>(&self, out: &mut W) -> serde_json::Result<()> {
         let id = self.request_id.hex();
         let record = RequestRecord {
             time: system_rfc3339(self.at),
@@ -112,32 +110,32 @@ impl RequestEntry {
     }
 }
 
-/// One request, as the audit log records it.
-#[derive(Debug, Default, Serialize)]
-pub struct RequestRecord<'a> {
-    pub time: String,
-    pub kind: &'static str,
-    pub request_id: &'a str,
-    pub upstream_request_id: Option<&'a str>,
-    pub client: Option<&'a str>,
-    pub integration: Option<&'a str>,
-    pub organization: Option<&'a str>,
-    pub method: &'a str,
-    pub path: &'a str,
-    pub status: u16,
-    pub upstream_status: Option<u16>,
+/// One request, as the audit log records it: the JSON view of a [`RequestEntry`].
+#[derive(Serialize)]
+struct RequestRecord<'a> {
+    time: String,
+    kind: &'static str,
+    request_id: &'a str,
+    upstream_request_id: Option<&'a str>,
+    client: Option<&'a str>,
+    integration: Option<&'a str>,
+    organization: Option<&'a str>,
+    method: &'a str,
+    path: &'a str,
+    status: u16,
+    upstream_status: Option<u16>,
     /// `forwarded`, `answered` (by the proxy itself, e.g. the organization list), `denied`, `error`.
-    pub decision: &'static str,
-    pub reason: Option<&'a str>,
-    pub retried_after_401: bool,
-    pub redirects_followed: u32,
-    pub token_fingerprint: Option<&'a str>,
-    pub duration_ms: f64,
-    pub upstream_duration_ms: Option<f64>,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub source: Option<String>,
-    pub user_agent: Option<&'a str>,
+    decision: &'static str,
+    reason: Option<&'a str>,
+    retried_after_401: bool,
+    redirects_followed: u32,
+    token_fingerprint: Option<&'a str>,
+    duration_ms: f64,
+    upstream_duration_ms: Option<f64>,
+    bytes_in: u64,
+    bytes_out: u64,
+    source: Option<String>,
+    user_agent: Option<&'a str>,
 }
 
 /// A grant or token event.
@@ -322,30 +320,20 @@ impl Sink {
         })
     }
 
-    fn write_line(&mut self, line: &str) -> io::Result<()> {
+    /// Writes one line: `write` puts the record straight into the file's buffer (or into
+    /// standard output under its lock), then the newline.
+    fn write_line(
+        &mut self,
+        write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    ) -> io::Result<()> {
         match self {
             Sink::Stdout(s) => {
                 let mut l = s.lock();
-                l.write_all(line.as_bytes())?;
+                write(&mut l)?;
                 l.write_all(b"\n")
             }
             Sink::File { out, .. } => {
-                out.write_all(line.as_bytes())?;
-                out.write_all(b"\n")
-            }
-        }
-    }
-
-    /// Serializes straight into the file's buffer (standard output: through one line).
-    fn write_entry(&mut self, entry: &RequestEntry) -> io::Result<()> {
-        match self {
-            Sink::Stdout(_) => {
-                let mut line = Vec::with_capacity(512);
-                entry.write_json(&mut line)?;
-                self.write_line(std::str::from_utf8(&line).unwrap_or_default())
-            }
-            Sink::File { out, .. } => {
-                entry.write_json(out)?;
+                write(out)?;
                 out.write_all(b"\n")
             }
         }
@@ -378,11 +366,11 @@ fn writer(mut sink: Sink, rx: Receiver<Msg>, reopen: Arc<AtomicBool>, written: A
         let mut unflushed = 0u64;
         loop {
             match rx.try_recv() {
-                Ok(Msg::Line(line)) => match sink.write_line(&line) {
+                Ok(Msg::Line(line)) => match sink.write_line(|w| w.write_all(line.as_bytes())) {
                     Ok(()) => unflushed += 1,
                     Err(e) => tracing::error!(error = %e, "audit write failed"),
                 },
-                Ok(Msg::Request(entry)) => match sink.write_entry(&entry) {
+                Ok(Msg::Request(entry)) => match sink.write_line(|w| Ok(entry.write_json(w)?)) {
                     Ok(()) => unflushed += 1,
                     Err(e) => tracing::error!(error = %e, "audit write failed"),
                 },

@@ -353,3 +353,44 @@ async fn dashboards_and_alerts_name_only_metrics_that_exist() {
         );
     }
 }
+
+#[tokio::test]
+async fn audit_to_standard_output_writes_whole_json_lines() {
+    let s = Scenario::new(Options::default()).await;
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let text = text.replace("path = \"audit.jsonl\"", "path = \"-\"");
+    std::fs::write(&s.config, text).unwrap();
+    s.import().await;
+    let p = s.start().await;
+    let r = s
+        .script(Method::GET, "/organizations/111/networks", ALICE_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-proxy-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(send(&s, "no-such-key", "/organizations/111").await, 401);
+    // Standard output and standard error share the log file: records are whole lines of their own.
+    let records = || -> Vec<Value> {
+        std::fs::read_to_string(&p.log)
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["kind"] == "request" && !is_probe(v))
+            .collect()
+    };
+    eventually("two request records on standard output", || {
+        records().len() == 2
+    })
+    .await;
+    let recs = records();
+    assert_eq!(recs[0]["request_id"], id.as_str());
+    assert_eq!(recs[0]["client"], "alice");
+    assert_eq!(recs[0]["status"], 200);
+    assert_eq!(recs[1]["decision"], "denied");
+    assert!(!std::fs::read_to_string(&p.log).unwrap().contains(ALICE_KEY));
+    assert!(!s.dir.path().join("audit.jsonl").exists());
+}
