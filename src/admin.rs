@@ -1,11 +1,12 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz`, the status page (`/`), and grant
 //! onboarding through Meraki's consent page (`/oauth/connect`, `/oauth/callback`).
 
-use crate::audit::rfc3339;
+use crate::clock::{describe_expiry, describe_past, now_unix, rfc3339};
 use crate::config::{Config, Integration};
 use crate::metrics::Metrics;
+use crate::refusal::chain;
 use crate::secret::Secret;
-use crate::token::{now_unix, GrantStatus, Grants};
+use crate::token::{GrantStatus, Grants};
 use async_trait::async_trait;
 use dashmap::DashMap;
 use http::Response;
@@ -98,30 +99,30 @@ fn error_page(status: u16, title: &str, detail: &str) -> Response<Vec<u8>> {
 
 impl Admin {
     /// The admin app over the proxy's shared state.
-    pub fn new(config: Arc<Config>, grants: Arc<Grants>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        grants: Arc<Grants>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .timeout(config.token_timeout)
+            .connect_timeout(config.token_timeout.min(Duration::from_secs(10)))
             .user_agent(crate::PRODUCT)
             .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap_or_default();
-        Admin {
+            .build()?;
+        Ok(Admin {
             config,
             grants,
             metrics,
             http,
             pending: DashMap::new(),
-        }
+        })
     }
 
     /// Readiness: the store answers and (unless configured otherwise) no grant needs
     /// re-authorization.
     pub async fn readiness(&self) -> (bool, serde_json::Value) {
-        let store = self.grants.store().clone();
-        let store_ok = matches!(
-            tokio::task::spawn_blocking(move || store.ping()).await,
-            Ok(Ok(()))
-        );
+        let store_ok = self.grants.store().ping().await.is_ok();
         let reauth: Vec<String> = self
             .grants
             .all()
@@ -270,7 +271,7 @@ impl Admin {
             .unwrap_or_default();
         let tokens = match self
             .grants
-            .oauth()
+            .endpoint()
             .exchange_code(&it, &Secret::new(code.clone()), &redirect_uri)
             .await
         {
@@ -279,7 +280,7 @@ impl Admin {
                 return error_page(
                     502,
                     "Authorization failed",
-                    &format!("Exchanging the code failed: {e}."),
+                    &format!("Exchanging the code failed: {}.", chain(&e)),
                 )
             }
         };
@@ -314,7 +315,10 @@ impl Admin {
                     g.id
                 ),
             ),
-            Err(e) => error_page(500, "Authorization failed", &format!("The grant could not be stored: {e}.")),
+            Err(e) => {
+                tracing::error!(error = %chain(&e), "storing a connected grant failed");
+                error_page(500, "Authorization failed", &format!("The grant could not be stored: {}.", chain(&e)))
+            }
         }
     }
 
@@ -326,10 +330,13 @@ impl Admin {
         let resp = self
             .http
             .get(url)
-            .bearer_auth(access.expose())
+            .header(
+                http::header::AUTHORIZATION,
+                crate::token::state::bearer(access).ok_or("the access token is not a valid header")?,
+            )
             .send()
             .await
-            .map_err(|e| e.without_url().to_string())?;
+            .map_err(|e| chain(&e.without_url()))?;
         if resp.status() != 200 {
             return Err(format!("Meraki answered {}", resp.status().as_u16()));
         }
@@ -384,22 +391,15 @@ impl Admin {
                         .unwrap_or_default()
                 ),
             };
-            let expires = match st.expires_at {
-                0 => "-".to_owned(),
-                t if t <= now => format!("{} (expired)", rfc3339(t)),
-                t => format!("{} (in {} min)", rfc3339(t), (t - now) / 60),
-            };
+            let expires = describe_expiry(st.expires_at, now);
             let _ = write!(
                 b,
                 "<tr data-grant=\"{id}\"><td>{id}</td><td>{}</td><td>{}</td><td class=\"status\">{status}</td><td><code>{}</code></td><td>{expires}</td><td>{}</td><td>{}</td></tr>",
                 escape(&g.integration.name),
                 escape(&g.organizations.join(", ")),
-                st.fingerprint().unwrap_or_else(|| "-".into()),
-                st.refreshed_at.map(rfc3339).unwrap_or_else(|| "-".into()),
-                match g.last_used() {
-                    0 => "never".to_owned(),
-                    t => rfc3339(t),
-                },
+                st.fingerprint().map_or("-", |f| &**f),
+                st.issued_at.map(rfc3339).unwrap_or_else(|| "-".into()),
+                describe_past(g.last_used()),
                 id = g.id,
             );
         }
@@ -457,7 +457,7 @@ impl ServeHttp for Admin {
             let mut r = respond(
                 401,
                 "application/json",
-                crate::errors::body("admin token required").to_vec(),
+                crate::refusal::body("admin token required").to_vec(),
             );
             r.headers_mut().insert(
                 "www-authenticate",
@@ -469,7 +469,7 @@ impl ServeHttp for Admin {
             return respond(
                 405,
                 "application/json",
-                crate::errors::body("method not allowed").to_vec(),
+                crate::refusal::body("method not allowed").to_vec(),
             );
         }
         match path.as_str() {
@@ -489,7 +489,7 @@ impl ServeHttp for Admin {
             _ => respond(
                 404,
                 "application/json",
-                crate::errors::body("not found").to_vec(),
+                crate::refusal::body("not found").to_vec(),
             ),
         }
     }

@@ -4,7 +4,7 @@
 //! secret: tokens appear only as 8-hex-character fingerprints, client keys not at all.
 
 use crate::config::Client;
-use crate::token::{Grant, TokenState};
+use crate::token::events::TokenEvent;
 use http::HeaderValue;
 use serde::Serialize;
 use std::fs::{File, OpenOptions};
@@ -65,8 +65,8 @@ pub struct RequestEntry {
     pub reason: Option<&'static str>,
     pub retried_after_401: bool,
     pub redirects_followed: u32,
-    /// The token the request used; only its fingerprint is written.
-    pub token: Option<Arc<TokenState>>,
+    /// The fingerprint of the access token the request used (never the token).
+    pub token_fingerprint: Option<Arc<str>>,
     pub duration: Duration,
     pub upstream_duration: Option<Duration>,
     pub bytes_in: u64,
@@ -98,7 +98,7 @@ impl RequestEntry {
             reason: self.reason,
             retried_after_401: self.retried_after_401,
             redirects_followed: self.redirects_followed,
-            token_fingerprint: self.token.as_deref().and_then(TokenState::fingerprint_str),
+            token_fingerprint: self.token_fingerprint.as_deref(),
             duration_ms: self.duration.as_secs_f64() * 1000.0,
             upstream_duration_ms: self.upstream_duration.map(|d| d.as_secs_f64() * 1000.0),
             bytes_in: self.bytes_in,
@@ -138,82 +138,61 @@ struct RequestRecord<'a> {
     user_agent: Option<&'a str>,
 }
 
-/// A grant or token event.
+/// A grant or token event, as the audit log records it.
 #[derive(Debug, Serialize)]
-pub struct TokenEvent {
-    pub time: String,
-    pub kind: &'static str,
-    /// `grant_added`, `token_refreshed`, `refresh_failed`, `needs_reauthorization`, `grant_revoked`.
-    pub event: &'static str,
-    pub integration: String,
-    pub organization: String,
-    pub grant_id: i64,
-    pub rotated: Option<bool>,
-    pub token_fingerprint: Option<String>,
-    pub expires_at: Option<String>,
-    pub detail: Option<String>,
+struct TokenRecord<'a> {
+    time: String,
+    kind: &'static str,
+    /// `grant_added`, `token_refreshed`, `refresh_failed`, `needs_reauthorization`,
+    /// `commit_failed`, `short_token_lifetime`, `fresh_token_rejected`, `grant_revoked`.
+    event: &'static str,
+    integration: &'a str,
+    /// The requesting organization, or every organization of the grant.
+    organization: String,
+    grant_id: i64,
+    generation: i64,
+    /// Why a refresh was made: `expiring`, `rejected_by_meraki`, `keep-alive`, `import`.
+    cause: Option<&'static str>,
+    rotated: Option<bool>,
+    token_fingerprint: Option<&'a str>,
+    expires_at: Option<String>,
+    token_call_ms: Option<f64>,
+    detail: Option<String>,
 }
 
-impl TokenEvent {
-    fn new(event: &'static str, grant: &Grant, org: &str) -> Self {
-        TokenEvent {
+impl<'a> TokenRecord<'a> {
+    fn of(e: &'a TokenEvent) -> Self {
+        use crate::token::EventKind as K;
+        let detail = match &e.kind {
+            K::Added { how } => Some((*how).to_owned()),
+            K::RefreshFailed { label, retry_in } => Some(format!(
+                "{label}: {} (next attempt in {} ms)",
+                e.detail.as_deref().unwrap_or(""),
+                retry_in.as_millis()
+            )),
+            _ => e.detail.clone(),
+        };
+        TokenRecord {
             time: now_rfc3339(),
             kind: "token",
-            event,
-            integration: grant.integration.name.clone(),
-            organization: org.to_owned(),
-            grant_id: grant.id,
-            rotated: None,
-            token_fingerprint: None,
-            expires_at: None,
-            detail: None,
+            event: e.kind.name(),
+            integration: &e.integration,
+            organization: e
+                .organization
+                .clone()
+                .unwrap_or_else(|| e.organizations.join(",")),
+            grant_id: e.grant_id,
+            generation: e.generation,
+            cause: e.cause.map(|c| c.as_str()),
+            rotated: match e.kind {
+                K::Refreshed { rotated } => Some(rotated),
+                _ => None,
+            },
+            token_fingerprint: e.fingerprint.as_deref(),
+            expires_at: (e.expires_at > 0).then(|| rfc3339(e.expires_at)),
+            token_call_ms: e.call_duration.map(|d| d.as_secs_f64() * 1000.0),
+            detail,
         }
-    }
-
-    /// A refresh succeeded.
-    pub fn refreshed(
-        grant: &Grant,
-        org: &str,
-        st: &TokenState,
-        rotated: bool,
-        cause: &str,
-    ) -> Self {
-        TokenEvent {
-            rotated: Some(rotated),
-            detail: Some(cause.to_owned()),
-            token_fingerprint: st.fingerprint(),
-            expires_at: Some(rfc3339(st.expires_at)),
-            ..Self::new("token_refreshed", grant, org)
-        }
-    }
-
-    /// A refresh failed for a reason other than `invalid_grant`.
-    pub fn failed(grant: &Grant, org: &str, label: &str, detail: &str) -> Self {
-        TokenEvent {
-            detail: Some(format!("{label}: {detail}")),
-            ..Self::new("refresh_failed", grant, org)
-        }
-    }
-
-    /// The AS said `invalid_grant`.
-    pub fn needs_reauth(grant: &Grant, org: &str, detail: &str) -> Self {
-        TokenEvent {
-            detail: Some(format!("invalid_grant: {detail}")),
-            ..Self::new("needs_reauthorization", grant, org)
-        }
-    }
-
-    /// A grant was stored (`how`: import, connect).
-    pub fn added(grant: &Grant, how: &str) -> Self {
-        TokenEvent {
-            detail: Some(how.to_owned()),
-            ..Self::new("grant_added", grant, &grant.organizations.join(","))
-        }
-    }
-
-    /// A grant was revoked and deleted.
-    pub fn revoked(grant: &Grant) -> Self {
-        Self::new("grant_revoked", grant, &grant.organizations.join(","))
     }
 }
 
@@ -257,9 +236,9 @@ impl Audit {
         self.enqueue(Msg::Request(Box::new(entry)));
     }
 
-    /// Queues a token event.
-    pub fn token_event(&self, event: TokenEvent) {
-        self.send(serde_json::to_string(&event));
+    /// Queues a token event's record.
+    pub fn token_event(&self, event: &TokenEvent) {
+        self.send(serde_json::to_string(&TokenRecord::of(event)));
     }
 
     fn send(&self, line: serde_json::Result<String>) {
@@ -401,29 +380,7 @@ fn flush(sink: &mut Sink, unflushed: &mut u64, written: &AtomicU64) {
     }
     *unflushed = 0;
 }
-
-/// Now, RFC 3339, UTC.
-pub fn now_rfc3339() -> String {
-    system_rfc3339(SystemTime::now())
-}
-
-/// A moment, RFC 3339, UTC.
-pub fn system_rfc3339(at: SystemTime) -> String {
-    time::OffsetDateTime::from(at)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
-/// Unix seconds as RFC 3339, UTC.
-pub fn rfc3339(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
+pub use crate::clock::{now_rfc3339, rfc3339, system_rfc3339};
 
 #[cfg(test)]
 mod tests {
@@ -448,7 +405,7 @@ mod tests {
             reason: None,
             retried_after_401: false,
             redirects_followed: 0,
-            token: None,
+            token_fingerprint: None,
             duration: Duration::from_micros(1500),
             upstream_duration: None,
             bytes_in: 0,
@@ -478,7 +435,7 @@ mod tests {
     #[test]
     fn an_entry_shows_the_token_only_as_its_fingerprint() {
         let (access, refresh) = ("access-5ecret-0123456789", "refresh-5ecret-9876543210");
-        let token = Arc::new(TokenState::for_test(access, refresh));
+        let token = Arc::new(crate::token::TokenState::for_test(access, refresh, 0));
         assert!(
             token.bearer().is_some(),
             "the bearer header is built and cached"
@@ -497,7 +454,7 @@ mod tests {
             reason: None,
             retried_after_401: false,
             redirects_followed: 0,
-            token: Some(token.clone()),
+            token_fingerprint: token.fingerprint().cloned(),
             duration: Duration::ZERO,
             upstream_duration: None,
             bytes_in: 10,
@@ -515,7 +472,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         let fp = v["token_fingerprint"].as_str().unwrap();
         assert_eq!(fp.len(), 8);
-        assert_eq!(Some(fp), token.fingerprint_str());
+        assert_eq!(Some(fp), token.fingerprint().map(|f| &**f));
     }
 
     fn wait_for(f: impl Fn() -> bool) {

@@ -2,7 +2,8 @@
 
 use crate::config::Config;
 use crate::secret::Secret;
-use crate::token::now_unix;
+use crate::clock::{describe_expiry, describe_past, now_unix};
+use crate::refusal::chain;
 use clap::{Parser, Subcommand};
 use std::io::Read;
 use std::path::PathBuf;
@@ -102,13 +103,18 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Fails with an error and its causes.
+fn fail_chain(e: &(dyn std::error::Error + 'static)) -> ExitCode {
+    fail(chain(e))
+}
+
 /// Runs the command line.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     match cli.command.unwrap_or(Command::Run) {
         Command::Store(StoreCommand::GenKey) => {
-            println!("{}", crate::token::StoreKey::generate());
+            println!("{}", crate::seal::StoreKey::generate());
             ExitCode::SUCCESS
         }
         Command::HashKey => {
@@ -161,7 +167,7 @@ fn rotate_key(config: &Config, env: Option<String>, file: Option<PathBuf>) -> Ex
         },
         _ => return fail("give the new key with --new-key-env VAR or --new-key-file FILE"),
     };
-    let new = match crate::token::StoreKey::parse(&text) {
+    let new = match crate::seal::StoreKey::parse(&text) {
         Ok(k) => k,
         Err(e) => return fail(format!("new key: {e}")),
     };
@@ -183,9 +189,14 @@ fn rotate_key(config: &Config, env: Option<String>, file: Option<PathBuf>) -> Ex
 }
 
 fn run(config: Config) -> ExitCode {
-    match crate::server::build(config) {
-        Ok(server) => server.run_forever(),
-        Err(e) => fail(e),
+    let listeners = match crate::server::Listeners::bind(&config) {
+        Ok(l) => l,
+        Err(e) => return fail_chain(&e),
+    };
+    let shutdown = Box::new(pingora::server::UnixShutdownSignalWatch);
+    match crate::server::run(config, listeners, shutdown) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail_chain(&e),
     }
 }
 
@@ -198,9 +209,9 @@ fn grants(config: Config, cmd: GrantsCommand) -> ExitCode {
         Err(e) => return fail(e),
     };
     rt.block_on(async move {
-        let parts = match crate::server::parts(&config) {
+        let parts = match crate::server::parts(&config).await {
             Ok(p) => p,
-            Err(e) => return fail(e),
+            Err(e) => return fail_chain(&e),
         };
         match cmd {
             GrantsCommand::List => {
@@ -208,24 +219,15 @@ fn grants(config: Config, cmd: GrantsCommand) -> ExitCode {
                 println!("ID     INTEGRATION      ORGANIZATIONS            STATUS                   TOKEN        EXPIRES                LAST USED");
                 for g in parts.grants.all() {
                     let st = g.state();
-                    let expires = if st.expires_at == 0 {
-                        "-".to_string()
-                    } else if st.expires_at <= now {
-                        "expired".to_string()
-                    } else {
-                        format!("in {} min", (st.expires_at - now) / 60)
-                    };
-                    let last = match g.last_used() {
-                        0 => "never".to_string(),
-                        t => crate::audit::rfc3339(t),
-                    };
+                    let expires = describe_expiry(st.expires_at, now);
+                    let last = describe_past(g.last_used());
                     println!(
                         "{:<6} {:<16} {:<24} {:<24} {:<12} {:<22} {}",
                         g.id,
                         g.integration.name,
                         g.organizations.join(","),
                         st.status.as_str(),
-                        st.fingerprint().unwrap_or_else(|| "-".into()),
+                        st.fingerprint().map_or("-", |f| &**f),
                         expires,
                         last
                     );
@@ -242,7 +244,7 @@ fn grants(config: Config, cmd: GrantsCommand) -> ExitCode {
                         parts.audit.flush();
                         ExitCode::SUCCESS
                     }
-                    Err(e) => fail(e),
+                    Err(e) => fail_chain(&e),
                 }
             }
             GrantsCommand::Connect { integration, wait_secs } => connect(&config, &parts, &integration, wait_secs).await,
@@ -273,13 +275,13 @@ fn grants(config: Config, cmd: GrantsCommand) -> ExitCode {
                             g.id,
                             integration,
                             orgs.join(","),
-                            st.fingerprint().unwrap_or_default(),
-                            crate::audit::rfc3339(st.expires_at)
+                            st.fingerprint().map_or("-", |f| &**f),
+                            crate::clock::rfc3339(st.expires_at)
                         );
                         parts.audit.flush();
                         ExitCode::SUCCESS
                     }
-                    Err(e) => fail(e),
+                    Err(e) => fail_chain(&e),
                 }
             }
         }
@@ -303,11 +305,19 @@ async fn connect(
         );
     };
     let base = format!("http://{admin}");
-    if reqwest::get(format!("{base}/healthz"))
-        .await
-        .map(|r| r.status().is_success())
-        .unwrap_or(false)
+    let up = match reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(3))
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .build()
     {
+        Ok(http) => http
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success()),
+        Err(e) => return fail_chain(&e),
+    };
+    if up {
         println!("Open this link as an admin of the organization(s) to connect, and approve:");
     } else {
         println!("The proxy does not answer on {base} yet; start it (`meraki-oauth-proxy run`), then open:");
@@ -317,8 +327,8 @@ async fn connect(
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait_secs);
     while std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        if let Err(e) = parts.grants.reload() {
-            return fail(e);
+        if let Err(e) = parts.grants.reload().await {
+            return fail_chain(&e);
         }
         if let Some(g) = parts
             .grants

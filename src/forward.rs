@@ -1,21 +1,29 @@
-//! Forwarding rules that touch the wire: `Link` rewriting (every page leads back through the
-//! proxy) and the decision to follow an upstream redirect.
+//! Forwarding rules that touch the wire: what the request Meraki gets looks like, what the
+//! client gets back (hop-by-hop headers, `Link` rewriting so every page leads back through the
+//! proxy), and the decision to follow an upstream redirect.
 
 use crate::identity::API_KEY_HEADER;
-use http::header::{AUTHORIZATION, HOST, PROXY_AUTHORIZATION, TE, UPGRADE, USER_AGENT};
+use http::header::{AUTHORIZATION, HOST, LINK, PROXY_AUTHORIZATION, TE, UPGRADE, USER_AGENT};
 use http::{HeaderName, HeaderValue};
-use pingora::http::RequestHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 
-/// Hop-by-hop request headers (RFC 9110 7.6.1) that must not travel to Meraki; Pingora manages
-/// `Connection` and framing itself.
-/// Names are parsed once, here, not per request.
-const HOP_BY_HOP_REQUEST: [HeaderName; 5] = [
+/// Upstream redirects followed for one request, at most.
+pub const MAX_REDIRECTS: u32 = 3;
+/// The statuses followed as redirects.
+pub const REDIRECTS: &[u16] = &[301, 302, 303, 307, 308];
+
+/// Hop-by-hop headers (RFC 9110 7.6.1) that travel in neither direction; Pingora manages
+/// `Connection` and framing itself. Names are parsed once, here, not per request.
+const HOP_BY_HOP: [HeaderName; 6] = [
     PROXY_AUTHORIZATION,
+    http::header::PROXY_AUTHENTICATE,
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("keep-alive"),
     TE,
     UPGRADE,
 ];
+/// Also dropped from responses: a trailer announcement without the trailers.
+const TRAILER: HeaderName = http::header::TRAILER;
 
 /// Turns the client's request header into the one Meraki gets: both inbound credential headers
 /// removed (Meraki accepts either, so either would carry the client's key upstream), the bearer
@@ -27,7 +35,7 @@ pub fn prepare_request(
     path: &str,
 ) -> pingora::Result<()> {
     req.remove_header(&API_KEY_HEADER);
-    for h in &HOP_BY_HOP_REQUEST {
+    for h in &HOP_BY_HOP {
         req.remove_header(h);
     }
     req.insert_header(AUTHORIZATION, bearer.clone())?;
@@ -41,6 +49,23 @@ pub fn prepare_request(
     req.set_uri(uri);
     let ua = user_agent(req.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()));
     req.insert_header(USER_AGENT, ua)?;
+    Ok(())
+}
+
+/// Turns Meraki's response header into the client's: hop-by-hop headers removed, `Link`
+/// rewritten to lead back through the proxy (see [`rewrite_link`]).
+pub fn prepare_response(resp: &mut ResponseHeader, upstream_base_path: &str) -> pingora::Result<()> {
+    for h in HOP_BY_HOP.iter().chain([&TRAILER]) {
+        resp.remove_header(h);
+    }
+    if let Some(link) = resp.headers.get(LINK).and_then(|v| v.to_str().ok()) {
+        match rewrite_link(link, upstream_base_path) {
+            Some(rewritten) => resp.insert_header(LINK, rewritten)?,
+            None => {
+                resp.remove_header(&LINK);
+            }
+        }
+    }
     Ok(())
 }
 
@@ -149,6 +174,33 @@ pub enum RedirectError {
     HostNotAllowed(String),
     #[error("Meraki sent a redirect without a usable Location")]
     BadLocation,
+    #[error("Meraki redirected more than {MAX_REDIRECTS} times; not followed")]
+    TooMany,
+    #[error("Meraki redirected a request whose body is over 64 KiB, which the proxy cannot replay; it was not applied")]
+    BodyTooLarge,
+}
+
+/// Decides whether to follow a redirect: the target must be allowed ([`redirect_target`]), fewer
+/// than [`MAX_REDIRECTS`] followed so far, and the request body still replayable.
+pub fn follow(
+    location: Option<&str>,
+    current: &str,
+    allowed: &[String],
+    upstream_host: &str,
+    followed: u32,
+    body_replayable: bool,
+) -> Result<RedirectTarget, RedirectError> {
+    let location = location
+        .filter(|l| !l.trim().is_empty())
+        .ok_or(RedirectError::BadLocation)?;
+    let target = redirect_target(location, current, allowed, upstream_host)?;
+    if followed >= MAX_REDIRECTS {
+        return Err(RedirectError::TooMany);
+    }
+    if !body_replayable {
+        return Err(RedirectError::BodyTooLarge);
+    }
+    Ok(target)
 }
 
 /// Decides whether to follow `location`, resolved against `current` (`scheme://authority/path`).
@@ -287,6 +339,52 @@ mod tests {
             "</api/v1/x?a=1>; rel=\"a,b\""
         );
         assert_eq!(rewrite_link("</api/v1x/y>; rel=next", "/api/v1"), None);
+    }
+
+    #[test]
+    fn redirects_are_followed_a_bounded_number_of_times_with_a_replayable_body() {
+        let allowed = vec!["meraki.com".to_string()];
+        let go = |n, replayable| {
+            follow(
+                Some("https://n1.meraki.com/api/v1/x"),
+                "https://api.meraki.com/api/v1/x",
+                &allowed,
+                "api.meraki.com",
+                n,
+                replayable,
+            )
+        };
+        assert!(go(0, true).is_ok() && go(MAX_REDIRECTS - 1, true).is_ok());
+        assert_eq!(go(MAX_REDIRECTS, true), Err(RedirectError::TooMany));
+        assert_eq!(go(0, false), Err(RedirectError::BodyTooLarge));
+        assert_eq!(
+            follow(None, "https://api.meraki.com/", &allowed, "api.meraki.com", 0, true),
+            Err(RedirectError::BadLocation)
+        );
+    }
+
+    #[test]
+    fn responses_lose_hop_by_hop_headers_and_links_lead_back() {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header("keep-alive", "timeout=5").unwrap();
+        resp.insert_header("trailer", "x").unwrap();
+        resp.insert_header("x-request-id", "abc").unwrap();
+        resp.insert_header(
+            "link",
+            "<https://api.meraki.com/api/v1/organizations/1/networks?startingAfter=a>; rel=next",
+        )
+        .unwrap();
+        prepare_response(&mut resp, "/api/v1").unwrap();
+        assert!(resp.headers.get("keep-alive").is_none() && resp.headers.get("trailer").is_none());
+        assert_eq!(resp.headers["x-request-id"], "abc");
+        assert_eq!(
+            resp.headers["link"],
+            "</api/v1/organizations/1/networks?startingAfter=a>; rel=next"
+        );
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header("link", "<https://evil.test/x>; rel=next").unwrap();
+        prepare_response(&mut resp, "/api/v1").unwrap();
+        assert!(resp.headers.get("link").is_none());
     }
 
     #[test]

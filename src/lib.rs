@@ -20,15 +20,21 @@
 //! Secrets travel as [`secret::Secret`], whose `Debug` and `Display` show a fingerprint only.
 
 pub mod admin;
+pub mod admission;
 pub mod audit;
 pub mod cli;
+pub mod clock;
 pub mod config;
-pub mod errors;
+pub mod endpoints;
 pub mod forward;
 pub mod identity;
+pub mod lookup;
 pub mod metrics;
+pub mod observe;
 pub mod proxy;
+pub mod refusal;
 pub mod route;
+pub mod seal;
 pub mod secret;
 pub mod server;
 pub mod token;

@@ -2,7 +2,6 @@
 //! (integration, client, organization) and small fixed sets (method, status class, result,
 //! reason), so cardinality stays bounded whatever clients send.
 
-use crate::token::{Grant, GrantStatus};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -19,6 +18,7 @@ pub struct Metrics {
     request_duration: HistogramVec,
     upstream_duration: HistogramVec,
     refreshes: IntCounterVec,
+    token_calls: IntCounterVec,
     token_call_duration: HistogramVec,
     token_expiry: IntGaugeVec,
     grant_needs_reauth: IntGaugeVec,
@@ -34,7 +34,13 @@ pub struct Metrics {
 /// Results of a token endpoint call (see `OAuthError::label`).
 pub const REFRESH_RESULTS: &[&str] = &["ok", "invalid_grant", "as_error", "timeout", "unreachable"];
 /// Outcomes of a retry after an upstream 401.
-pub const RETRY_OUTCOMES: &[&str] = &["succeeded", "rejected_again", "refresh_failed"];
+pub const RETRY_OUTCOMES: &[&str] = &[
+    "succeeded",
+    "rejected_again",
+    "refresh_failed",
+    "fresh_token_rejected",
+    "body_not_replayable",
+];
 /// Token store operations that are measured.
 pub const STORE_OPS: &[&str] = &["commit_rotation", "set_status", "touch", "reload"];
 
@@ -112,6 +118,12 @@ impl Metrics {
                 "meraki_proxy_token_refreshes_total",
                 "Calls to the token endpoint, by integration, organization and result.",
                 &["integration", "organization", "result"],
+            )?,
+            token_calls: counter(
+                &r,
+                "meraki_proxy_token_calls_total",
+                "Token endpoint calls by integration, grant, cause and outcome: alert on a storm.",
+                &["integration", "grant", "cause", "outcome"],
             )?,
             token_call_duration: histogram(
                 &r,
@@ -247,32 +259,38 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    /// Creates a grant's refresh-result series at zero.
-    pub fn init_grant(&self, grant: &Grant) {
-        for org in &grant.organizations {
+    /// Creates a grant's series at zero.
+    pub fn init_grant(&self, integration: &str, grant: i64, orgs: &[String], causes: &[&str]) {
+        for org in orgs {
             for result in REFRESH_RESULTS {
-                self.refreshes.with_label_values(&[
-                    grant.integration.name.as_str(),
-                    org.as_str(),
-                    result,
-                ]);
+                self.refreshes.with_label_values(&[integration, org, result]);
             }
         }
-        self.token_call_duration
-            .with_label_values(&[grant.integration.name.as_str()]);
+        let id = grant.to_string();
+        for cause in causes {
+            for outcome in REFRESH_RESULTS {
+                self.token_calls
+                    .with_label_values(&[integration, &id, cause, outcome]);
+            }
+        }
+        self.token_call_duration.with_label_values(&[integration]);
+    }
+
+    /// One token endpoint call of a grant.
+    pub fn token_call(&self, integration: &str, grant: i64, cause: &str, outcome: &str) {
+        self.token_calls
+            .with_label_values(&[integration, &grant.to_string(), cause, outcome])
+            .inc();
     }
 
     /// The expiry and health of a grant, for each organization it serves.
-    pub fn grant_state(&self, grant: &Grant) {
-        let st = grant.state();
-        for org in &grant.organizations {
-            let labels = [grant.integration.name.as_str(), org.as_str()];
-            self.token_expiry
-                .with_label_values(&labels)
-                .set(st.expires_at);
+    pub fn grant_state(&self, integration: &str, orgs: &[String], expires_at: i64, needs_reauth: bool) {
+        for org in orgs {
+            let labels = [integration, org.as_str()];
+            self.token_expiry.with_label_values(&labels).set(expires_at);
             self.grant_needs_reauth
                 .with_label_values(&labels)
-                .set(i64::from(st.status == GrantStatus::NeedsReauth));
+                .set(i64::from(needs_reauth));
         }
     }
 

@@ -1,16 +1,14 @@
-//! The Pingora hooks. Each one is thin: it calls [`crate::identity`], [`crate::route`],
-//! [`crate::token`], and records through [`crate::audit`] and [`crate::metrics`] in `logging`,
-//! which Pingora runs once per request on every path.
+//! The Pingora hooks: glue of a few lines each. Admission is [`crate::admission`], the wire
+//! rules are [`crate::forward`], refusals are [`crate::refusal`]; `logging`, which Pingora runs
+//! once per request on every path, records metrics and the audit record.
 
+use crate::admission::{self, Action, Forward, State};
 use crate::audit::{Audit, RequestEntry, RequestId};
-use crate::config::{Client, Config};
-use crate::errors;
-use crate::forward::{RedirectError, RedirectTarget};
-use crate::identity::Identities;
+use crate::config::Client;
+use crate::forward::{RedirectTarget, REDIRECTS};
 use crate::metrics::{Metrics, NONE};
-use crate::route::{self, Resolver, RouteError, Target};
-use crate::token::{Grant, Grants, RefreshCause, TokenError, TokenState};
-use crate::upstream::{ApiClient, LookupWith, Upstream};
+use crate::refusal::{self, upstream, Decision, Refusal};
+use crate::route;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{HeaderName, CONTENT_TYPE, USER_AGENT};
@@ -24,67 +22,16 @@ use std::time::{Duration, Instant};
 
 /// Response header naming the proxy's id for the request (also in the audit record).
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-proxy-request-id");
-/// Response header on proxy-generated 5xx: whether the request reached Meraki.
+/// Response header on proxy-made failures: whether the request reached Meraki.
 pub const UPSTREAM_OUTCOME_HEADER: HeaderName = HeaderName::from_static("x-proxy-upstream");
 /// Meraki's id for a request, kept for the audit record.
 const UPSTREAM_REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
-/// Upstream redirects followed for one request, at most.
-pub const MAX_REDIRECTS: u32 = 3;
-const REDIRECTS: &[u16] = &[301, 302, 303, 307, 308];
-/// Hop-by-hop response headers not to hand to the client.
-const HOP_BY_HOP_RESPONSE: [HeaderName; 5] = [
-    HeaderName::from_static("proxy-connection"),
-    HeaderName::from_static("keep-alive"),
-    http::header::TRAILER,
-    http::header::UPGRADE,
-    http::header::PROXY_AUTHENTICATE,
-];
-
-/// Everything the hooks need, built once by [`crate::server`].
-pub struct AppState {
-    pub config: Arc<Config>,
-    pub identities: Identities,
-    pub resolver: Resolver,
-    pub grants: Arc<Grants>,
-    pub upstream: Arc<Upstream>,
-    pub api: ApiClient,
-    pub audit: Arc<Audit>,
-    pub metrics: Arc<Metrics>,
-}
 
 /// The proxy service.
 pub struct MerakiProxy {
-    pub state: Arc<AppState>,
-}
-
-/// What the proxy decided for a request, for the audit record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Decision {
-    Forwarded,
-    Answered,
-    Denied,
-    Failed,
-}
-
-impl Decision {
-    fn as_str(self) -> &'static str {
-        match self {
-            Decision::Forwarded => "forwarded",
-            Decision::Answered => "answered",
-            Decision::Denied => "denied",
-            Decision::Failed => "error",
-        }
-    }
-}
-
-/// A response the proxy writes itself.
-#[derive(Debug, Clone)]
-struct Refusal {
-    status: u16,
-    reason: &'static str,
-    message: String,
-    /// For proxy-generated 5xx: did the request reach Meraki?
-    upstream: Option<&'static str>,
+    pub state: Arc<State>,
+    pub audit: Arc<Audit>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Per-request state, kept across retries.
@@ -93,449 +40,39 @@ pub struct Ctx {
     request_id: RequestId,
     client: Option<Arc<Client>>,
     org: Option<Arc<str>>,
-    grant: Option<Arc<Grant>>,
-    token: Option<Arc<TokenState>>,
-    upstream_path: String,
     /// The normalized path and query below the API base, once parsed.
     path: Option<String>,
+    forward: Option<Forward>,
     decision: Decision,
     refusal: Option<Refusal>,
+    /// A reason recorded for a forwarded request (e.g. a 401 passed through).
+    note: Option<&'static str>,
     retried_401: bool,
     /// Where the last upstream redirect led, if one was followed.
     redirect: Option<RedirectTarget>,
     redirects: u32,
-    /// Set just before an error that must be retried (401 after a refresh).
+    /// Set just before an error that must be retried (401 after a refresh, a redirect).
     retry_requested: bool,
     upstream_status: Option<u16>,
     upstream_request_id: Option<http::HeaderValue>,
     upstream_sent: Option<Instant>,
     upstream_elapsed: Option<Duration>,
     counted_in_flight: bool,
-    /// An action batch, whose body is checked before anything goes upstream.
-    batch: bool,
 }
 
-impl MerakiProxy {
-    /// Writes a Meraki-style error and records why.
-    async fn refuse(
-        &self,
-        session: &mut Session,
-        ctx: &mut Ctx,
-        decision: Decision,
-        r: Refusal,
-    ) -> Result<bool> {
-        let client = ctx.client.as_ref().map_or(NONE, |c| c.name.as_str());
-        if decision == Decision::Denied {
-            self.state.metrics.denial(client, r.reason);
-        }
-        ctx.decision = decision;
-        write_error(
-            session,
-            ctx.request_id,
-            r.status,
-            errors::body(&r.message),
-            r.upstream,
-        )
-        .await?;
-        ctx.refusal = Some(r);
-        Ok(true)
-    }
-
-    /// Identify, route, authorize, attach a token. `Err(refusal)` ends the request.
-    async fn admit(
-        &self,
-        session: &mut Session,
-        ctx: &mut Ctx,
-    ) -> std::result::Result<Option<Target>, (Decision, Refusal)> {
-        let s = &self.state;
-        let req = session.req_header();
-        let client = s.identities.identify(&req.headers).map_err(|e| {
-            (
-                Decision::Denied,
-                Refusal {
-                    status: e.status(),
-                    reason: e.reason(),
-                    message: e.to_string(),
-                    upstream: None,
-                },
-            )
-        })?;
-        ctx.client = Some(client.clone());
-        let method = req.method.clone();
-        if !client.may_use(&method) {
-            return Err((
-                Decision::Denied,
-                Refusal {
-                    status: 403,
-                    reason: "forbidden_method",
-                    message: format!("method {method} is not allowed for this client"),
-                    upstream: None,
-                },
-            ));
-        }
-        let r = route::parse(req.uri.path(), &method).map_err(route_refusal)?;
-        let path = match req.uri.query() {
-            Some(q) => format!("{}?{q}", r.path),
-            None => r.path.to_string(),
-        };
-        let user_agent = req.headers.get(USER_AGENT).and_then(|v| v.to_str().ok());
-        let lookup = LookupWith {
-            api: &s.api,
-            integration: &client.integration,
-            user_agent,
-        };
-        ctx.path = Some(path);
-        if r.target == Target::OrganizationList {
-            return Ok(Some(Target::OrganizationList));
-        }
-        let org = s
-            .resolver
-            .organization_of(&r.target, &client.organizations, &lookup)
-            .await
-            .map_err(route_refusal)?;
-        if !client.may_access(&org) {
-            return Err(route_refusal(RouteError::ForbiddenOrganization(
-                org.to_string(),
-            )));
-        }
-        ctx.org = Some(org.clone());
-        let grant = s
-            .grants
-            .get(&client.integration, &org)
-            .await
-            .ok_or_else(|| {
-                token_refusal(TokenError::NoGrant {
-                    integration: client.integration.clone(),
-                    org: org.to_string(),
-                })
-            })?;
-        let token = s.grants.token(&grant, &org).await.map_err(token_refusal)?;
-        s.grants.mark_used(&grant);
-        ctx.grant = Some(grant);
-        ctx.token = Some(token);
-        let path = ctx.path.as_deref().unwrap_or_default();
-        ctx.upstream_path = format!("{}{path}", s.upstream.base_path);
-        ctx.batch = r.is_action_batch(&method);
-        Ok(None)
-    }
-
-    /// `GET /organizations`: the client's organizations only, each fetched with its grant.
-    async fn organization_list(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        let Some(client) = ctx.client.clone() else {
-            return Ok(false);
-        };
-        let mut orgs = Vec::with_capacity(client.organizations.len());
-        let mut failure = None;
-        let user_agent = session
-            .req_header()
-            .headers
-            .get(USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        for org in &client.organizations {
-            match self
-                .state
-                .api
-                .get_json(
-                    &client.integration,
-                    org,
-                    &format!("/organizations/{org}"),
-                    user_agent.as_deref(),
-                )
-                .await
-            {
-                Ok(Some(v)) => orgs.push(v),
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(client = %client.name, org = %org, error = %e.message, "organization not listed");
-                    failure = Some(e);
-                }
-            }
-        }
-        if let (true, Some(e)) = (orgs.is_empty(), failure) {
-            let r = Refusal {
-                status: e.status,
-                reason: e.reason,
-                message: e.message,
-                upstream: None,
-            };
-            return self.refuse(session, ctx, Decision::Failed, r).await;
-        }
-        ctx.decision = Decision::Answered;
-        let body = Bytes::from(serde_json::Value::Array(orgs).to_string());
-        let mut resp = ResponseHeader::build(200, Some(4))?;
-        resp.insert_header(CONTENT_TYPE, "application/json")?;
-        resp.insert_header(REQUEST_ID_HEADER, ctx.request_id.hex().as_str())?;
-        resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-        let head = session.req_header().method == http::Method::HEAD;
-        session.write_response_header(Box::new(resp), head).await?;
-        if !head {
-            session.write_response_body(Some(body), true).await?;
-        }
-        Ok(true)
-    }
-}
-
-impl MerakiProxy {
-    /// Reads a whole action batch body (into Pingora's retry buffer, which then sends it as the
-    /// request body) and checks that every resource lies in the batch's organization, before
-    /// anything goes upstream.
-    async fn check_batch(
-        &self,
-        session: &mut Session,
-        ctx: &mut Ctx,
-    ) -> std::result::Result<(), (Decision, Refusal)> {
-        let too_large = || {
-            (
-                Decision::Denied,
-                Refusal {
-                    status: 413,
-                    reason: "bad_request",
-                    message: format!(
-                        "action batch bodies over {} bytes are refused",
-                        route::MAX_BATCH_BODY
-                    ),
-                    upstream: None,
-                },
-            )
-        };
-        let read_failed = || {
-            (
-                Decision::Denied,
-                Refusal {
-                    status: 400,
-                    reason: "bad_request",
-                    message: "could not read the request body".into(),
-                    upstream: None,
-                },
-            )
-        };
-        session.as_mut().enable_retry_buffering();
-        let mut body = Vec::new();
-        while let Some(chunk) = session
-            .read_request_body()
-            .await
-            .map_err(|_| read_failed())?
-        {
-            if body.len() + chunk.len() > route::MAX_BATCH_BODY {
-                return Err(too_large());
-            }
-            body.extend_from_slice(&chunk);
-        }
-        if session.as_ref().get_retry_buffer().is_none() && !body.is_empty() {
-            return Err(too_large());
-        }
-        let (Some(client), Some(org)) = (ctx.client.clone(), ctx.org.clone()) else {
-            return Ok(());
-        };
-        let user_agent = session
-            .req_header()
-            .headers
-            .get(USER_AGENT)
-            .and_then(|v| v.to_str().ok());
-        let lookup = LookupWith {
-            api: &self.state.api,
-            integration: &client.integration,
-            user_agent,
-        };
-        self.state
-            .resolver
-            .check_batch(&body, &org, &client.organizations, &lookup)
-            .await
-            .map_err(route_refusal)
-    }
-
-    /// After an upstream 401: refresh (once per token generation) and ask Pingora to retry.
-    /// Returns Ok when there is nothing to retry with, so Meraki's own 401 goes to the client.
-    async fn retry_after_401(&self, ctx: &mut Ctx, integration: &str) -> Result<()> {
-        let (Some(grant), Some(token), Some(org)) =
-            (ctx.grant.clone(), ctx.token.clone(), ctx.org.clone())
-        else {
-            return Ok(());
-        };
-        ctx.retried_401 = true;
-        match self
-            .state
-            .grants
-            .refresh(&grant, &org, token.generation, RefreshCause::Rejected)
-            .await
-        {
-            Ok(fresh) => {
-                ctx.token = Some(fresh);
-                ctx.retry_requested = true;
-                let mut e = Error::explain(
-                    HTTPStatus(401),
-                    "Meraki answered 401; retrying once with a refreshed token",
-                );
-                e.set_retry(true);
-                Err(e)
-            }
-            Err(err) => {
-                self.state.metrics.retry(integration, "refresh_failed");
-                let (_, r) = token_refusal(err);
-                let status = r.status;
-                ctx.refusal = Some(Refusal {
-                    upstream: Some("rejected-401"),
-                    ..r
-                });
-                ctx.decision = Decision::Failed;
-                Error::e_explain(HTTPStatus(status), "refresh after an upstream 401 failed")
-            }
-        }
-    }
-
-    /// Follows an upstream redirect inside the proxy (clients mishandle them), only to allowed
-    /// hosts and at most [`MAX_REDIRECTS`] times; the client never sees an upstream 3xx.
-    fn follow_redirect(
-        &self,
-        session: &mut Session,
-        resp: &ResponseHeader,
-        ctx: &mut Ctx,
-        integration: &str,
-    ) -> Result<()> {
-        let s = &self.state;
-        let current = match &ctx.redirect {
-            Some(t) => format!("{}{}", t.origin(), t.path_and_query),
-            None => format!("{}{}", s.upstream.origin(), ctx.upstream_path),
-        };
-        let location = resp
-            .headers
-            .get(http::header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let decision = crate::forward::redirect_target(
-            location,
-            &current,
-            &s.config.upstream.redirect_hosts,
-            &s.upstream.host,
-        );
-        let refusal = match decision {
-            Ok(_) if ctx.redirects >= MAX_REDIRECTS => Refusal {
-                status: 502,
-                reason: "too_many_redirects",
-                message: format!("Meraki redirected more than {MAX_REDIRECTS} times; not followed"),
-                upstream: Some("redirected"),
-            },
-            Ok(_) if session.as_ref().retry_buffer_truncated() => Refusal {
-                status: 502,
-                reason: "redirect_body_too_large",
-                message: "Meraki redirected a request whose body is over 64 KiB, which the proxy cannot replay; it was not applied".into(),
-                upstream: Some("redirected"),
-            },
-            Ok(target) => {
-                ctx.redirects += 1;
-                s.metrics.redirect(integration);
-                tracing::debug!(host = %target.host, "following an upstream redirect");
-                ctx.redirect = Some(target);
-                ctx.retry_requested = true;
-                let mut e = Error::explain(HTTPStatus(502), "following an upstream redirect");
-                e.set_retry(true);
-                return Err(e);
-            }
-            Err(e) => Refusal {
-                status: 502,
-                reason: if matches!(e, RedirectError::HostNotAllowed(_)) { "redirect_not_allowed" } else { "bad_redirect" },
-                message: e.to_string(),
-                upstream: Some("redirected"),
-            },
-        };
-        let status = refusal.status;
-        ctx.refusal = Some(refusal);
-        ctx.decision = Decision::Failed;
-        Error::e_explain(HTTPStatus(status), "upstream redirect not followed")
-    }
-}
-
-fn route_refusal(e: RouteError) -> (Decision, Refusal) {
-    let status = e.status();
-    let decision = if status >= 500 {
-        Decision::Failed
-    } else {
-        Decision::Denied
-    };
-    let upstream = (status >= 500).then_some("not-sent");
-    (
-        decision,
-        Refusal {
-            status,
-            reason: e.reason(),
-            message: e.to_string(),
-            upstream,
-        },
-    )
-}
-
-fn token_refusal(e: TokenError) -> (Decision, Refusal) {
-    (
-        Decision::Failed,
-        Refusal {
-            status: e.status(),
-            reason: e.reason(),
-            message: e.to_string(),
-            upstream: Some("not-sent"),
-        },
-    )
-}
-
-/// Writes a proxy-made error response. Through Pingora's `write_error_response`, so it says
-/// `Connection: close` (the request body may be unread; the connection is not reused) and is
-/// skipped when a response header already went out (a failure mid-body).
-async fn write_error(
-    session: &mut Session,
-    request_id: RequestId,
-    status: u16,
-    body: Bytes,
-    upstream: Option<&str>,
-) -> Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(5))?;
-    resp.insert_header(CONTENT_TYPE, "application/json")?;
-    resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-    resp.insert_header(REQUEST_ID_HEADER, request_id.hex().as_str())?;
-    if let Some(u) = upstream {
-        resp.insert_header(UPSTREAM_OUTCOME_HEADER, u)?;
-    }
-    if status == 429 {
-        // Clients (the Python SDK) do int(Retry-After).
-        resp.insert_header(http::header::RETRY_AFTER, "1")?;
-    }
-    session.as_mut().write_error_response(resp, body).await
-}
-
-/// Connection-level failures happen before anything is sent upstream.
-fn never_sent(e: &ErrorType) -> bool {
-    matches!(
-        e,
-        ErrorType::ConnectTimedout
-            | ErrorType::ConnectRefused
-            | ErrorType::ConnectNoRoute
-            | ErrorType::ConnectError
-            | ErrorType::ConnectProxyFailure
-            | ErrorType::TLSHandshakeFailure
-            | ErrorType::TLSHandshakeTimedout
-            | ErrorType::TLSWantX509Lookup
-            | ErrorType::InvalidCert
-            | ErrorType::HandshakeError
-            | ErrorType::SocketError
-            | ErrorType::BindError
-    )
-}
-
-#[async_trait]
-impl ProxyHttp for MerakiProxy {
-    type CTX = Ctx;
-
-    fn new_ctx(&self) -> Ctx {
+impl Ctx {
+    /// A fresh context (what Pingora's `new_ctx` returns).
+    pub fn new() -> Self {
         Ctx {
             start: Instant::now(),
             request_id: RequestId::new(),
             client: None,
             org: None,
-            grant: None,
-            token: None,
-            upstream_path: String::new(),
             path: None,
+            forward: None,
             decision: Decision::Forwarded,
             refusal: None,
+            note: None,
             retried_401: false,
             redirect: None,
             redirects: 0,
@@ -545,42 +82,287 @@ impl ProxyHttp for MerakiProxy {
             upstream_sent: None,
             upstream_elapsed: None,
             counted_in_flight: false,
-            batch: false,
         }
     }
 
+    /// The decision recorded so far.
+    pub fn decision(&self) -> Decision {
+        self.decision
+    }
+
+    /// The refusal written, if any.
+    pub fn refusal(&self) -> Option<&Refusal> {
+        self.refusal.as_ref()
+    }
+
+    fn integration(&self) -> &str {
+        self.client.as_deref().map_or(NONE, |c| c.integration.as_str())
+    }
+}
+
+impl Default for Ctx {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MerakiProxy {
+    /// Writes a refusal and records it.
+    async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, r: Refusal) -> Result<bool> {
+        ctx.decision = r.decision();
+        if ctx.decision == Decision::Denied {
+            let client = ctx.client.as_ref().map_or(NONE, |c| c.name.as_str());
+            self.metrics.denial(client, r.reason);
+        }
+        write_refusal(session, ctx.request_id, &r).await?;
+        ctx.refusal = Some(r);
+        Ok(true)
+    }
+
+    /// Answers `GET /organizations` itself.
+    async fn list_organizations(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let Some(client) = ctx.client.clone() else {
+            return Ok(false);
+        };
+        let ua = admission::user_agent(session.req_header()).map(str::to_owned);
+        match admission::list_organizations(&self.state, &client, ua.as_deref()).await {
+            Ok(body) => {
+                ctx.decision = Decision::Answered;
+                write_json(session, ctx.request_id, 200, body).await?;
+                Ok(true)
+            }
+            Err(r) => self.refuse(session, ctx, r).await,
+        }
+    }
+
+    /// Reads an action batch body whole (into Pingora's retry buffer, which then sends it
+    /// upstream) and checks its resources before anything goes upstream.
+    async fn check_batch(&self, session: &mut Session, ctx: &Ctx) -> Result<(), Refusal> {
+        let body = read_body(session, route::MAX_BATCH_BODY).await?;
+        let (Some(client), Some(f)) = (ctx.client.as_deref(), ctx.forward.as_ref()) else {
+            return Ok(());
+        };
+        let ua = admission::user_agent(session.req_header()).map(str::to_owned);
+        admission::check_batch(&self.state, client, &f.org, &body, ua.as_deref()).await
+    }
+
+    /// After an upstream 401: the one retry rule ([`crate::token::Grants::rejected`]) decides
+    /// whether there is a newer token; with one, Pingora retries (the body is replayed from
+    /// its buffer). Returns Ok to pass Meraki's 401 through.
+    async fn after_401(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(f) = ctx.forward.as_ref() else {
+            return Ok(());
+        };
+        ctx.retried_401 = true;
+        let replayable = !session.as_ref().retry_buffer_truncated();
+        let outcome = self.state.grants.rejected(&f.grant, &f.org, &f.token).await;
+        let integration = ctx.integration().to_owned();
+        match outcome {
+            Ok(fresh) if replayable => {
+                if let Some(f) = ctx.forward.as_mut() {
+                    f.token = fresh;
+                }
+                ctx.retry_requested = true;
+                let mut e = Error::explain(
+                    HTTPStatus(401),
+                    "Meraki answered 401; retrying once with a refreshed token",
+                );
+                e.set_retry(true);
+                Err(e)
+            }
+            Ok(_) => {
+                // Refreshed, but the body is gone: the client's own retry will succeed.
+                self.metrics.retry(&integration, "body_not_replayable");
+                let r = Refusal::new(
+                    503,
+                    "body_not_replayable",
+                    "Meraki refused the access token; the proxy refreshed it, but this request's body is over 64 KiB and could not be replayed, so it was not applied: retry it",
+                )
+                .upstream(upstream::REJECTED_401);
+                self.fail_with(ctx, Refusal { retry_after: Some(1), ..r })
+            }
+            Err(crate::token::TokenError::RejectedFresh { .. }) => {
+                // Meraki's own 401 goes to the client, marked.
+                self.metrics.retry(&integration, "fresh_token_rejected");
+                ctx.note = Some("fresh_token_rejected");
+                resp.insert_header(UPSTREAM_OUTCOME_HEADER, upstream::REJECTED_401)?;
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.retry(&integration, "refresh_failed");
+                let r = Refusal::from(&e).upstream(upstream::REJECTED_401);
+                self.fail_with(ctx, r)
+            }
+        }
+    }
+
+    /// Ends the request with `r`, written by `fail_to_proxy`.
+    fn fail_with(&self, ctx: &mut Ctx, r: Refusal) -> Result<()> {
+        let status = r.status;
+        ctx.decision = r.decision();
+        ctx.refusal = Some(r);
+        Error::e_explain(HTTPStatus(status), "the proxy answers this request itself")
+    }
+
+    /// Follows an upstream redirect inside the proxy (clients mishandle them): Pingora retries
+    /// towards the target. The client never sees an upstream 3xx.
+    fn redirect(&self, session: &mut Session, resp: &ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+        let s = &self.state;
+        let current = match (&ctx.redirect, &ctx.forward) {
+            (Some(t), _) => format!("{}{}", t.origin(), t.path_and_query),
+            (None, Some(f)) => format!("{}{}", s.upstream.origin(), f.upstream_path),
+            (None, None) => s.upstream.origin(),
+        };
+        let location = resp
+            .headers
+            .get(http::header::LOCATION)
+            .and_then(|v| v.to_str().ok());
+        match crate::forward::follow(
+            location,
+            &current,
+            &s.config.upstream.redirect_hosts,
+            &s.upstream.host,
+            ctx.redirects,
+            !session.as_ref().retry_buffer_truncated(),
+        ) {
+            Ok(target) => {
+                ctx.redirects += 1;
+                self.metrics.redirect(ctx.integration());
+                tracing::debug!(host = %target.host, "following an upstream redirect");
+                ctx.redirect = Some(target);
+                ctx.retry_requested = true;
+                let mut e = Error::explain(HTTPStatus(502), "following an upstream redirect");
+                e.set_retry(true);
+                Err(e)
+            }
+            Err(e) => self.fail_with(ctx, Refusal::from(&e)),
+        }
+    }
+}
+
+/// Reads the whole request body, up to `limit` bytes, into Pingora's retry buffer (so it is
+/// still sent upstream).
+async fn read_body(session: &mut Session, limit: usize) -> Result<Vec<u8>, Refusal> {
+    let too_large = || {
+        Refusal::new(
+            413,
+            "bad_request",
+            format!("action batch bodies over {limit} bytes are refused"),
+        )
+    };
+    session.as_mut().enable_retry_buffering();
+    let mut body = Vec::new();
+    while let Some(chunk) = session
+        .read_request_body()
+        .await
+        .map_err(|_| Refusal::new(400, "bad_request", "could not read the request body"))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if session.as_ref().get_retry_buffer().is_none() && !body.is_empty() {
+        return Err(too_large());
+    }
+    Ok(body)
+}
+
+/// Writes a refusal through Pingora's `write_error_response`: it says `Connection: close` (the
+/// request body may be unread) and is skipped when a response header already went out.
+async fn write_refusal(session: &mut Session, request_id: RequestId, r: &Refusal) -> Result<()> {
+    let body = r.body();
+    let mut resp = ResponseHeader::build(r.status, Some(6))?;
+    resp.insert_header(CONTENT_TYPE, "application/json")?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    resp.insert_header(REQUEST_ID_HEADER, request_id.hex().as_str())?;
+    if let Some(u) = r.upstream {
+        resp.insert_header(UPSTREAM_OUTCOME_HEADER, u)?;
+    }
+    // Clients (the Python SDK) do int(Retry-After).
+    match (r.retry_after, r.status) {
+        (Some(secs), _) => resp.insert_header(http::header::RETRY_AFTER, secs.to_string())?,
+        (None, 429) => resp.insert_header(http::header::RETRY_AFTER, "1")?,
+        _ => {}
+    }
+    session.as_mut().write_error_response(resp, body).await
+}
+
+/// Writes a JSON answer of the proxy's own.
+async fn write_json(
+    session: &mut Session,
+    request_id: RequestId,
+    status: u16,
+    body: Bytes,
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    resp.insert_header(CONTENT_TYPE, "application/json")?;
+    resp.insert_header(REQUEST_ID_HEADER, request_id.hex().as_str())?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    let head = session.req_header().method == http::Method::HEAD;
+    session.write_response_header(Box::new(resp), head).await?;
+    if !head {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl ProxyHttp for MerakiProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx::new()
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        self.state.metrics.in_flight().inc();
+        self.metrics.in_flight().inc();
         ctx.counted_in_flight = true;
-        match self.admit(session, ctx).await {
-            Ok(None) if ctx.batch => match self.check_batch(session, ctx).await {
-                Ok(()) => Ok(false),
-                Err((decision, refusal)) => self.refuse(session, ctx, decision, refusal).await,
-            },
-            Ok(None) => Ok(false),
-            Ok(Some(Target::OrganizationList)) => self.organization_list(session, ctx).await,
-            Ok(Some(_)) => Ok(false),
-            Err((decision, refusal)) => self.refuse(session, ctx, decision, refusal).await,
+        match admission::admit(&self.state, session.req_header()).await {
+            Err(rejection) => {
+                ctx.client = rejection.client;
+                ctx.org = rejection.org;
+                ctx.path = rejection.path;
+                self.refuse(session, ctx, rejection.refusal).await
+            }
+            Ok(admitted) => {
+                ctx.client = Some(admitted.client);
+                ctx.path = Some(admitted.path);
+                match admitted.action {
+                    Action::ListOrganizations => self.list_organizations(session, ctx).await,
+                    Action::Forward(f) => {
+                        ctx.org = Some(f.org.clone());
+                        let batch = f.action_batch;
+                        ctx.forward = Some(f);
+                        if batch {
+                            if let Err(r) = self.check_batch(session, ctx).await {
+                                return self.refuse(session, ctx, r).await;
+                            }
+                        }
+                        Ok(false)
+                    }
+                }
+            }
         }
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        match &ctx.redirect {
-            None => Ok(self.state.upstream.peer()),
-            Some(t) => {
-                let addr = tokio::net::lookup_host((t.host.as_str(), t.port))
-                    .await
-                    .ok()
-                    .and_then(|mut a| a.next())
-                    .ok_or_else(|| {
-                        Error::explain(
-                            ErrorType::ConnectNoRoute,
-                            "cannot resolve the redirect target",
-                        )
-                    })?;
-                Ok(self.state.upstream.peer_at(addr, t.tls, &t.host))
-            }
-        }
+        let Some(t) = &ctx.redirect else {
+            return Ok(self.state.upstream.peer());
+        };
+        let addr = tokio::net::lookup_host((t.host.as_str(), t.port))
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| {
+                Error::explain(ErrorType::ConnectNoRoute, "cannot resolve the redirect target")
+            })?;
+        Ok(self.state.upstream.peer_at(addr, t.tls, &t.host))
     }
 
     async fn upstream_request_filter(
@@ -589,18 +371,15 @@ impl ProxyHttp for MerakiProxy {
         req: &mut pingora::http::RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let Some(bearer) = ctx.token.as_ref().and_then(|t| t.bearer()) else {
-            return Error::e_explain(
-                ErrorType::InternalError,
-                "no access token for an admitted request",
-            );
+        let Some(f) = ctx.forward.as_ref() else {
+            return Error::e_explain(ErrorType::InternalError, "forwarding an unadmitted request");
+        };
+        let Some(bearer) = f.token.bearer() else {
+            return Error::e_explain(ErrorType::InternalError, "no access token for an admitted request");
         };
         let (authority, path) = match &ctx.redirect {
             Some(t) => (t.authority.as_str(), t.path_and_query.as_str()),
-            None => (
-                self.state.upstream.host_header.as_str(),
-                ctx.upstream_path.as_str(),
-            ),
+            None => (self.state.upstream.host_header.as_str(), f.upstream_path.as_str()),
         };
         crate::forward::prepare_request(req, bearer, authority, path)?;
         ctx.upstream_sent = Some(Instant::now());
@@ -619,44 +398,22 @@ impl ProxyHttp for MerakiProxy {
         if let Some(id) = resp.headers.get(&UPSTREAM_REQUEST_ID_HEADER) {
             ctx.upstream_request_id = Some(id.clone());
         }
-        let client = ctx.client.clone();
-        let integration = client.as_deref().map_or(NONE, |c| c.integration.as_str());
         if let Some(e) = ctx.upstream_elapsed {
-            self.state.metrics.upstream(integration, e);
+            self.metrics.upstream(ctx.integration(), e);
         }
         if REDIRECTS.contains(&status) {
-            return self.follow_redirect(session, resp, ctx, integration);
+            return self.redirect(session, resp, ctx);
         }
         if status == 429 {
-            self.state
-                .metrics
-                .upstream_429(ctx.org.as_deref().unwrap_or(NONE));
+            self.metrics.upstream_429(ctx.org.as_deref().unwrap_or(NONE));
         }
         if ctx.retried_401 {
-            let outcome = if status == 401 {
-                "rejected_again"
-            } else {
-                "succeeded"
-            };
-            self.state.metrics.retry(integration, outcome);
-        } else if status == 401 && !session.as_ref().retry_buffer_truncated() {
-            self.retry_after_401(ctx, integration).await?;
+            let outcome = if status == 401 { "rejected_again" } else { "succeeded" };
+            self.metrics.retry(ctx.integration(), outcome);
+        } else if status == 401 {
+            self.after_401(session, resp, ctx).await?;
         }
-        for h in &HOP_BY_HOP_RESPONSE {
-            resp.remove_header(h);
-        }
-        if let Some(link) = resp
-            .headers
-            .get(http::header::LINK)
-            .and_then(|v| v.to_str().ok())
-        {
-            match crate::forward::rewrite_link(link, &self.state.upstream.base_path) {
-                Some(rewritten) => resp.insert_header(http::header::LINK, rewritten)?,
-                None => {
-                    resp.remove_header(&http::header::LINK);
-                }
-            }
-        }
+        crate::forward::prepare_response(resp, &self.state.upstream.base_path)?;
         resp.insert_header(REQUEST_ID_HEADER, ctx.request_id.hex().as_str())?;
         Ok(())
     }
@@ -671,8 +428,8 @@ impl ProxyHttp for MerakiProxy {
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
         if std::mem::take(&mut ctx.retry_requested) {
-            // Meraki rejected authentication before acting on the request, so replaying it is
-            // safe for every method, as long as the body is still in the retry buffer.
+            // Meraki rejected authentication (or redirected) before acting on the request, so
+            // replaying it is safe for every method, as long as the body is still buffered.
             e.set_retry(!session.as_ref().retry_buffer_truncated());
         } else if !session.req_header().method.is_idempotent()
             || session.as_ref().retry_buffer_truncated()
@@ -691,65 +448,27 @@ impl ProxyHttp for MerakiProxy {
         _e: &Error,
         _w: pingora::proxy::ProxyWarnLogContext,
     ) -> bool {
-        ctx.retried_401 || ctx.redirects > 0
+        ctx.retried_401 || ctx.redirects > 0 || ctx.refusal.is_some()
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
-        let refusal = ctx.refusal.clone().unwrap_or_else(|| {
-            let etype = e.etype();
-            if let HTTPStatus(code) = etype {
-                return Refusal { status: *code, reason: "proxy_error", message: format!("request failed with status {code}"), upstream: None };
-            }
-            match e.esource() {
-                pingora::ErrorSource::Upstream if never_sent(etype) => Refusal {
-                    status: 502,
-                    reason: "upstream_unreachable",
-                    message: "could not connect to the Meraki API; the request was not sent".into(),
-                    upstream: Some("not-sent"),
-                },
-                pingora::ErrorSource::Upstream => Refusal {
-                    status: if matches!(etype, ErrorType::ReadTimedout | ErrorType::WriteTimedout) { 504 } else { 502 },
-                    reason: "upstream_error",
-                    message: "the Meraki API connection failed after the request was sent; it may have been applied".into(),
-                    upstream: Some("sent-no-answer"),
-                },
-                pingora::ErrorSource::Downstream => Refusal { status: 400, reason: "bad_request", message: "malformed request".into(), upstream: None },
-                _ => Refusal { status: 500, reason: "internal_error", message: "internal proxy error".into(), upstream: None },
-            }
-        });
-        // 4xx the proxy answers are refusals of the request; 5xx are failures on the way.
+        let r = ctx.refusal.clone().unwrap_or_else(|| refusal::from_pingora(e));
         if ctx.decision != Decision::Failed {
-            ctx.decision = if refusal.status < 500 {
-                Decision::Denied
-            } else {
-                Decision::Failed
-            };
+            ctx.decision = r.decision();
         }
-        let code = match e.esource() {
-            pingora::ErrorSource::Downstream
-                if matches!(
-                    e.etype(),
-                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
-                ) =>
-            {
-                0
-            }
-            _ => refusal.status,
-        };
-        if code > 0 {
-            if let Err(err) = write_error(
-                session,
-                ctx.request_id,
-                code,
-                errors::body(&refusal.message),
-                refusal.upstream,
-            )
-            .await
-            {
+        // A client that went away gets nothing written.
+        let gone = matches!(e.esource(), pingora::ErrorSource::Downstream)
+            && matches!(
+                e.etype(),
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
+            );
+        if !gone {
+            if let Err(err) = write_refusal(session, ctx.request_id, &r).await {
                 tracing::debug!(error = %err, "could not send the error response");
             }
         }
-        ctx.refusal = Some(refusal);
+        let code = if gone { 0 } else { r.status };
+        ctx.refusal = Some(r);
         FailToProxy {
             error_code: code,
             can_reuse_downstream: false,
@@ -757,9 +476,8 @@ impl ProxyHttp for MerakiProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
-        let s = &self.state;
         if ctx.counted_in_flight {
-            s.metrics.in_flight().dec();
+            self.metrics.in_flight().dec();
         }
         let req = session.req_header();
         let status = session
@@ -769,25 +487,21 @@ impl ProxyHttp for MerakiProxy {
             .unwrap_or(0);
         let elapsed = ctx.start.elapsed();
         let client = ctx.client.as_deref();
-        let integration = client.map_or(NONE, |c| c.integration.as_str());
-        let org = ctx.org.as_deref();
-        s.metrics.request(
-            integration,
+        self.metrics.request(
+            ctx.integration(),
             client.map_or(NONE, |c| c.name.as_str()),
-            org.unwrap_or(NONE),
+            ctx.org.as_deref().unwrap_or(NONE),
             &req.method,
             status,
             elapsed,
         );
-        let path = match ctx.path.take() {
-            Some(p) => p,
-            None => req
-                .uri
+        let path = ctx.path.take().unwrap_or_else(|| {
+            req.uri
                 .path_and_query()
                 .map_or("", |p| p.as_str())
-                .to_owned(),
-        };
-        s.audit.request(RequestEntry {
+                .to_owned()
+        });
+        self.audit.request(RequestEntry {
             at: std::time::SystemTime::now(),
             request_id: ctx.request_id,
             upstream_request_id: ctx.upstream_request_id.take(),
@@ -798,10 +512,13 @@ impl ProxyHttp for MerakiProxy {
             status,
             upstream_status: ctx.upstream_status,
             decision: ctx.decision.as_str(),
-            reason: ctx.refusal.as_ref().map(|r| r.reason),
+            reason: ctx.refusal.as_ref().map(|r| r.reason).or(ctx.note),
             retried_after_401: ctx.retried_401,
             redirects_followed: ctx.redirects,
-            token: ctx.token.clone(),
+            token_fingerprint: ctx
+                .forward
+                .as_ref()
+                .and_then(|f| f.token.fingerprint().cloned()),
             duration: elapsed,
             upstream_duration: ctx.upstream_elapsed,
             bytes_in: session.body_bytes_read() as u64,

@@ -205,6 +205,20 @@ pub struct LookupError {
     pub status: u16,
     pub reason: &'static str,
     pub message: String,
+    /// Seconds for `Retry-After` (an upstream 429, a token backoff).
+    pub retry_after: Option<u64>,
+}
+
+impl LookupError {
+    /// An upstream fault (`reason` "upstream_error").
+    pub fn upstream(status: u16, message: &str) -> Self {
+        LookupError {
+            status,
+            reason: "upstream_error",
+            message: message.to_owned(),
+            retry_after: None,
+        }
+    }
 }
 
 /// An action batch body is checked whole before it is forwarded, from Pingora's retry buffer,
@@ -399,11 +413,7 @@ impl Resolver {
                     return field(&v).ok_or_else(|| RouteError::LookupFailed {
                         kind,
                         id: id.to_owned(),
-                        cause: LookupError {
-                            status: 502,
-                            reason: "upstream_error",
-                            message: "Meraki's answer names no owner".into(),
-                        },
+                        cause: LookupError::upstream(502, "Meraki's answer names no owner"),
                     })
                 }
                 Ok(None) => {}

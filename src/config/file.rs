@@ -82,6 +82,10 @@ pub struct Tokens {
     pub keepalive_idle_secs: Option<u64>,
     /// How often to look for idle grants (and re-read the store), seconds.
     pub keepalive_check_secs: Option<u64>,
+    /// A token younger than this that Meraki refuses with 401 is not refreshed again, seconds.
+    pub rejected_grace_secs: Option<u64>,
+    /// The longest wait between token calls after failures, seconds.
+    pub refresh_backoff_max_secs: Option<u64>,
 }
 
 /// `[[integrations]]`

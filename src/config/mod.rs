@@ -74,9 +74,13 @@ pub struct Config {
     pub upstream_timeout: Duration,
     pub upstream: UpstreamConfig,
     pub store_path: PathBuf,
-    pub store_key: crate::token::StoreKey,
+    pub store_key: crate::seal::StoreKey,
     pub audit_path: Option<PathBuf>,
     pub refresh_ahead: Duration,
+    /// A token younger than this that Meraki refuses with 401 is not refreshed again.
+    pub rejected_grace: Duration,
+    /// The longest backoff between failed token calls.
+    pub refresh_backoff_max: Duration,
     pub token_timeout: Duration,
     pub keepalive_idle: Duration,
     pub keepalive_check: Duration,
@@ -299,6 +303,21 @@ impl Validator<'_> {
             return Err(self.invalid("tokens.token_timeout_secs", "expected at least 1"));
         }
 
+        let rejected_grace = secs(raw.tokens.rejected_grace_secs.unwrap_or(30));
+        if rejected_grace > Duration::from_secs(600) {
+            return Err(self.invalid(
+                "tokens.rejected_grace_secs",
+                "expected 0 to 600: how long a freshly issued token that Meraki refuses is trusted not to need another refresh",
+            ));
+        }
+        let refresh_backoff_max = secs(raw.tokens.refresh_backoff_max_secs.unwrap_or(60));
+        if refresh_backoff_max.is_zero() || refresh_backoff_max > Duration::from_secs(3600) {
+            return Err(self.invalid(
+                "tokens.refresh_backoff_max_secs",
+                "expected 1 to 3600",
+            ));
+        }
+
         let keepalive_idle = secs(raw.tokens.keepalive_idle_secs.unwrap_or(7 * 86_400));
         if keepalive_idle.is_zero() || keepalive_idle > Duration::from_secs(60 * 86_400) {
             return Err(self.invalid(
@@ -355,6 +374,8 @@ impl Validator<'_> {
                 Some(p) => Some(self.path(p)),
             },
             refresh_ahead,
+            rejected_grace,
+            refresh_backoff_max,
             token_timeout,
             keepalive_idle,
             keepalive_check,
@@ -365,7 +386,7 @@ impl Validator<'_> {
         })
     }
 
-    fn store_key(&self, store: &file::Store) -> Result<crate::token::StoreKey, ConfigError> {
+    fn store_key(&self, store: &file::Store) -> Result<crate::seal::StoreKey, ConfigError> {
         let (key, text) = match (&store.key_env, &store.key_file) {
             (Some(_), Some(_)) => return Err(self.invalid("store.key_env", "set key_env or key_file, not both")),
             (None, None) => {
@@ -386,7 +407,7 @@ impl Validator<'_> {
                 }
             }
         };
-        crate::token::StoreKey::parse(&text).map_err(|e| self.invalid(key, e.to_string()))
+        crate::seal::StoreKey::parse(&text).map_err(|e| self.invalid(key, e.to_string()))
     }
 
     fn integrations(

@@ -4,6 +4,7 @@
 use crate::config::Integration;
 use crate::secret::Secret;
 use serde::Deserialize;
+use std::sync::Arc;
 use std::time::Duration;
 use url::Url;
 
@@ -19,9 +20,12 @@ pub enum OAuthError {
     /// No answer in time.
     #[error("authorization server timed out")]
     Timeout,
-    /// Could not reach it.
-    #[error("authorization server unreachable: {0}")]
-    Transport(String),
+    /// Could not reach it (the cause, without URL, as the source).
+    #[error("authorization server unreachable")]
+    Transport(#[source] Arc<reqwest::Error>),
+    /// Not configured for this call.
+    #[error("{0} is not configured")]
+    NotConfigured(&'static str),
     /// An answer that is not a token response.
     #[error("authorization server sent an unusable answer: {0}")]
     BadResponse(String),
@@ -34,7 +38,7 @@ impl OAuthError {
             OAuthError::InvalidGrant(_) => "invalid_grant",
             OAuthError::Refused { .. } | OAuthError::BadResponse(_) => "as_error",
             OAuthError::Timeout => "timeout",
-            OAuthError::Transport(_) => "unreachable",
+            OAuthError::Transport(_) | OAuthError::NotConfigured(_) => "unreachable",
         }
     }
 }
@@ -66,7 +70,28 @@ struct RawError {
     error_description: Option<String>,
 }
 
-/// Calls the AS.
+/// The authorization server as the token engine sees it: the seam tests replace with an
+/// in-memory authorization server that rotates like Meraki's.
+#[async_trait::async_trait]
+pub trait TokenEndpoint: Send + Sync {
+    /// `grant_type=refresh_token`.
+    async fn refresh(
+        &self,
+        it: &Integration,
+        refresh_token: &Secret,
+    ) -> Result<TokenResponse, OAuthError>;
+    /// `grant_type=authorization_code`.
+    async fn exchange_code(
+        &self,
+        it: &Integration,
+        code: &Secret,
+        redirect_uri: &str,
+    ) -> Result<TokenResponse, OAuthError>;
+    /// RFC 7009 revocation of a refresh token.
+    async fn revoke(&self, it: &Integration, refresh_token: &Secret) -> Result<(), OAuthError>;
+}
+
+/// Calls Meraki's authorization server over HTTP.
 #[derive(Clone)]
 pub struct OAuthClient {
     http: reqwest::Client,
@@ -84,9 +109,10 @@ impl OAuthClient {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .user_agent(crate::PRODUCT)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| OAuthError::Transport(e.to_string()))?;
+            .map_err(transport)?;
         Ok(OAuthClient {
             http,
             token_url,
@@ -94,8 +120,11 @@ impl OAuthClient {
         })
     }
 
-    /// `grant_type=refresh_token`.
-    pub async fn refresh(
+}
+
+#[async_trait::async_trait]
+impl TokenEndpoint for OAuthClient {
+    async fn refresh(
         &self,
         it: &Integration,
         refresh_token: &Secret,
@@ -110,8 +139,7 @@ impl OAuthClient {
         .await
     }
 
-    /// `grant_type=authorization_code`.
-    pub async fn exchange_code(
+    async fn exchange_code(
         &self,
         it: &Integration,
         code: &Secret,
@@ -128,12 +156,11 @@ impl OAuthClient {
         .await
     }
 
-    /// RFC 7009 revocation of a refresh token.
-    pub async fn revoke(&self, it: &Integration, refresh_token: &Secret) -> Result<(), OAuthError> {
+    async fn revoke(&self, it: &Integration, refresh_token: &Secret) -> Result<(), OAuthError> {
         let url = self
             .revoke_url
             .clone()
-            .ok_or_else(|| OAuthError::Transport("no upstream.revoke_url configured".into()))?;
+            .ok_or(OAuthError::NotConfigured("upstream.revoke_url"))?;
         let resp = self
             .http
             .post(url)
@@ -152,7 +179,9 @@ impl OAuthClient {
         let body = resp.bytes().await.unwrap_or_default();
         Err(as_error(status, &body))
     }
+}
 
+impl OAuthClient {
     async fn token_call(
         &self,
         it: &Integration,
@@ -212,8 +241,8 @@ fn transport(e: reqwest::Error) -> OAuthError {
     if e.is_timeout() {
         OAuthError::Timeout
     } else {
-        // Without the URL's query, and reqwest never includes the form body.
-        OAuthError::Transport(e.without_url().to_string())
+        // Without the URL, and reqwest never includes the form body.
+        OAuthError::Transport(Arc::new(e.without_url()))
     }
 }
 

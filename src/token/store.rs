@@ -5,11 +5,11 @@
 //! Updates are conditional on the generation the refresher started from, so two processes
 //! sharing the store never overwrite a newer token with an older one.
 
-use super::seal::{SealError, StoreKey};
+use crate::seal::{SealError, StoreKey};
 use crate::secret::Secret;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +23,40 @@ pub enum StoreError {
     /// The key does not open the store (or a value in it).
     #[error("token store: {0}; refusing to continue (set the key the store was sealed with, or rotate it with `meraki-oauth-proxy store rotate-key`)")]
     Key(#[from] SealError),
+    /// The blocking task running a store call did not finish (panicked or was cancelled).
+    #[error("token store: the store call did not complete")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// The durable token store, as the rest of the program uses it: every call is async, so no
+/// store I/O ever runs on a request worker thread. Implemented by [`SqliteStore`] (the embedded
+/// default); a shared backend for several instances implements the same calls.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync {
+    /// Every grant.
+    async fn load_all(&self) -> Result<Vec<StoredGrant>, StoreError>;
+    /// One grant.
+    async fn load(&self, id: i64) -> Result<Option<StoredGrant>, StoreError>;
+    /// Stores a refresh token as a new grant serving no organization yet (generation 0).
+    async fn insert_pending(&self, integration: &str, refresh: &Secret) -> Result<i64, StoreError>;
+    /// Makes grant `id` the one serving these organizations.
+    async fn assign(&self, id: i64, integration: &str, orgs: &[String])
+        -> Result<(), StoreError>;
+    /// Commits a rotation if the stored generation is still `from_generation`.
+    async fn commit_rotation(
+        &self,
+        id: i64,
+        from_generation: i64,
+        tokens: &Rotation,
+    ) -> Result<bool, StoreError>;
+    /// Marks a grant's health.
+    async fn set_status(&self, id: i64, status: GrantStatus) -> Result<(), StoreError>;
+    /// Records when a grant was last used.
+    async fn touch(&self, id: i64, at: i64) -> Result<(), StoreError>;
+    /// Deletes a grant.
+    async fn delete(&self, id: i64) -> Result<bool, StoreError>;
+    /// Whether the store answers.
+    async fn ping(&self) -> Result<(), StoreError>;
 }
 
 /// What the key check value decrypts to.
@@ -83,9 +117,11 @@ pub struct Rotation {
     pub refreshed_at: i64,
 }
 
-/// The embedded SQLite store.
+/// The embedded SQLite store. Its inherent methods block; through [`Store`] each runs on
+/// tokio's blocking pool. Cloning shares the connection.
+#[derive(Clone)]
 pub struct SqliteStore {
-    conn: Mutex<Connection>,
+    conn: Arc<Mutex<Connection>>,
     key: StoreKey,
 }
 
@@ -205,7 +241,7 @@ impl SqliteStore {
             );",
         )?;
         Ok(SqliteStore {
-            conn: Mutex::new(conn),
+            conn: Arc::new(Mutex::new(conn)),
             key,
         })
     }
@@ -270,7 +306,7 @@ impl SqliteStore {
         let conn = self.conn();
         conn.execute(
             "INSERT INTO grants (integration, refresh_token, generation, status, created_at, pending) VALUES (?1, ?2, 0, 'ok', ?3, 1)",
-            params![integration, self.key.seal(refresh_token.expose(), "refresh_token"), crate::token::now_unix()],
+            params![integration, self.key.seal(refresh_token.expose(), "refresh_token"), crate::clock::now_unix()],
         )?;
         Ok(conn.last_insert_rowid())
     }
@@ -362,6 +398,17 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
+    /// Runs a blocking store call on tokio's blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&SqliteStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(StoreError::Task)?
+    }
+
     fn unseal(&self, (mut g, refresh, access): RawRow) -> Result<StoredGrant, StoreError> {
         g.refresh_token = self.key.open(&refresh, "refresh_token")?;
         g.access_token = access
@@ -369,6 +416,48 @@ impl SqliteStore {
             .map(|a| self.key.open(a, "access_token"))
             .transpose()?;
         Ok(g)
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn load_all(&self) -> Result<Vec<StoredGrant>, StoreError> {
+        self.blocking(SqliteStore::load_all).await
+    }
+    async fn load(&self, id: i64) -> Result<Option<StoredGrant>, StoreError> {
+        self.blocking(move |s| s.load(id)).await
+    }
+    async fn insert_pending(&self, integration: &str, refresh: &Secret) -> Result<i64, StoreError> {
+        let (integration, refresh) = (integration.to_owned(), refresh.clone());
+        self.blocking(move |s| s.insert_pending(&integration, &refresh))
+            .await
+    }
+    async fn assign(&self, id: i64, integration: &str, orgs: &[String]) -> Result<(), StoreError> {
+        let (integration, orgs) = (integration.to_owned(), orgs.to_vec());
+        self.blocking(move |s| s.assign(id, &integration, &orgs))
+            .await
+    }
+    async fn commit_rotation(
+        &self,
+        id: i64,
+        from_generation: i64,
+        tokens: &Rotation,
+    ) -> Result<bool, StoreError> {
+        let tokens = tokens.clone();
+        self.blocking(move |s| s.commit_rotation(id, from_generation, &tokens))
+            .await
+    }
+    async fn set_status(&self, id: i64, status: GrantStatus) -> Result<(), StoreError> {
+        self.blocking(move |s| s.set_status(id, status)).await
+    }
+    async fn touch(&self, id: i64, at: i64) -> Result<(), StoreError> {
+        self.blocking(move |s| s.touch(id, at)).await
+    }
+    async fn delete(&self, id: i64) -> Result<bool, StoreError> {
+        self.blocking(move |s| s.delete(id)).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.blocking(SqliteStore::ping).await
     }
 }
 

@@ -1,0 +1,232 @@
+//! Admission: SPEC.md's steps 1–4 as plain functions, testable without a socket. A request is
+//! identified ([`crate::identity`]), routed to an organization ([`crate::route`]), authorized
+//! (the client's organizations and methods) and given an access token ([`crate::token`]), or
+//! refused with a [`Refusal`] that says only what the client may know.
+
+use crate::config::{Client, Config};
+use crate::identity::Identities;
+use crate::lookup::{ApiClient, LookupWith};
+use crate::refusal::{Refusal, Refuse};
+use crate::route::{self, Resolver, RouteError, Target};
+use crate::token::{Grant, Grants, TokenState};
+use crate::upstream::Upstream;
+use bytes::Bytes;
+use http::header::USER_AGENT;
+use pingora::http::RequestHeader;
+use std::sync::Arc;
+
+/// Everything admission and the hooks need, built once by [`crate::server`].
+pub struct State {
+    pub config: Arc<Config>,
+    pub identities: Identities,
+    pub resolver: Resolver,
+    pub grants: Arc<Grants>,
+    pub upstream: Arc<Upstream>,
+    pub api: ApiClient,
+}
+
+/// An admitted request.
+#[derive(Debug)]
+pub struct Admitted {
+    pub client: Arc<Client>,
+    /// The normalized path and query below the API base.
+    pub path: String,
+    pub action: Action,
+}
+
+/// What the proxy does with an admitted request.
+#[derive(Debug)]
+pub enum Action {
+    /// `GET /organizations`: answered by the proxy with the client's organizations.
+    ListOrganizations,
+    /// Sent to Meraki.
+    Forward(Forward),
+}
+
+/// A request to forward.
+pub struct Forward {
+    pub org: Arc<str>,
+    pub grant: Arc<Grant>,
+    pub token: Arc<TokenState>,
+    /// The path and query Meraki gets: the upstream base path plus the normalized path.
+    pub upstream_path: String,
+    /// An action batch, whose body is checked before anything goes upstream.
+    pub action_batch: bool,
+}
+
+impl std::fmt::Debug for Forward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forward")
+            .field("org", &self.org)
+            .field("grant", &self.grant.id)
+            .field("generation", &self.token.generation)
+            .field("upstream_path", &self.upstream_path)
+            .field("action_batch", &self.action_batch)
+            .finish()
+    }
+}
+
+/// A refused request, with what admission learned before refusing (for the audit record).
+#[derive(Debug)]
+pub struct Rejection {
+    pub refusal: Refusal,
+    pub client: Option<Arc<Client>>,
+    pub org: Option<Arc<str>>,
+    pub path: Option<String>,
+}
+
+/// A method the client may not use.
+#[derive(Debug, thiserror::Error)]
+#[error("method {0} is not allowed for this client")]
+pub struct MethodNotAllowed(pub http::Method);
+
+impl Refuse for MethodNotAllowed {
+    fn status(&self) -> u16 {
+        403
+    }
+    fn reason(&self) -> &'static str {
+        "forbidden_method"
+    }
+}
+
+/// Identify → route → authorize → token.
+pub async fn admit(state: &State, req: &RequestHeader) -> Result<Admitted, Rejection> {
+    let mut seen = Rejection {
+        refusal: Refusal::new(500, "internal_error", ""),
+        client: None,
+        org: None,
+        path: None,
+    };
+    let refuse = |mut seen: Rejection, r: Refusal| {
+        seen.refusal = r;
+        seen
+    };
+    let client = match state.identities.identify(&req.headers) {
+        Ok(c) => c,
+        Err(e) => return Err(refuse(seen, Refusal::from(&e))),
+    };
+    seen.client = Some(client.clone());
+    let method = &req.method;
+    if !client.may_use(method) {
+        return Err(refuse(seen, Refusal::from(&MethodNotAllowed(method.clone()))));
+    }
+    let r = match route::parse(req.uri.path(), method) {
+        Ok(r) => r,
+        Err(e) => return Err(refuse(seen, Refusal::from(&e))),
+    };
+    let path = match req.uri.query() {
+        Some(q) => format!("{}?{q}", r.path),
+        None => r.path.clone(),
+    };
+    seen.path = Some(path.clone());
+    if r.target == Target::OrganizationList {
+        return Ok(Admitted {
+            client,
+            path,
+            action: Action::ListOrganizations,
+        });
+    }
+    let lookup = LookupWith {
+        api: &state.api,
+        integration: &client.integration,
+        user_agent: user_agent(req),
+    };
+    let org = match state
+        .resolver
+        .organization_of(&r.target, &client.organizations, &lookup)
+        .await
+    {
+        Ok(org) => org,
+        Err(e) => return Err(refuse(seen, Refusal::from(&e))),
+    };
+    if !client.may_access(&org) {
+        let e = RouteError::ForbiddenOrganization(org.to_string());
+        return Err(refuse(seen, Refusal::from(&e)));
+    }
+    seen.org = Some(org.clone());
+    let grant = match state.grants.require(&client.integration, &org).await {
+        Ok(g) => g,
+        Err(e) => return Err(refuse(seen, Refusal::from(&e))),
+    };
+    let token = match state.grants.token(&grant, &org).await {
+        Ok(t) => t,
+        Err(e) => return Err(refuse(seen, Refusal::from(&e))),
+    };
+    let upstream_path = format!("{}{path}", state.upstream.base_path);
+    Ok(Admitted {
+        client,
+        path,
+        action: Action::Forward(Forward {
+            org,
+            grant,
+            token,
+            upstream_path,
+            action_batch: r.is_action_batch(method),
+        }),
+    })
+}
+
+/// `GET /organizations`: the client's organizations only, each fetched with its grant. Fails
+/// only when none could be fetched.
+pub async fn list_organizations(
+    state: &State,
+    client: &Client,
+    user_agent: Option<&str>,
+) -> Result<Bytes, Refusal> {
+    let mut orgs = Vec::with_capacity(client.organizations.len());
+    let mut failure = None;
+    for org in &client.organizations {
+        match state
+            .api
+            .get_json(
+                &client.integration,
+                org,
+                &format!("/organizations/{org}"),
+                user_agent,
+            )
+            .await
+        {
+            Ok(Some(v)) => orgs.push(v),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(client = %client.name, org = %org, error = %e.message, "organization not listed");
+                failure = Some(e);
+            }
+        }
+    }
+    if let (true, Some(e)) = (orgs.is_empty(), failure) {
+        return Err(Refusal {
+            status: e.status,
+            reason: e.reason,
+            message: e.message,
+            upstream: None,
+            retry_after: e.retry_after,
+        });
+    }
+    Ok(Bytes::from(serde_json::Value::Array(orgs).to_string()))
+}
+
+/// Checks that every resource of an action batch body lies in `org`, the batch's organization.
+pub async fn check_batch(
+    state: &State,
+    client: &Client,
+    org: &str,
+    body: &[u8],
+    user_agent: Option<&str>,
+) -> Result<(), Refusal> {
+    let lookup = LookupWith {
+        api: &state.api,
+        integration: &client.integration,
+        user_agent,
+    };
+    state
+        .resolver
+        .check_batch(body, org, &client.organizations, &lookup)
+        .await
+        .map_err(|e| Refusal::from(&e))
+}
+
+/// The script's User-Agent, if it is text.
+pub fn user_agent(req: &RequestHeader) -> Option<&str> {
+    req.headers.get(USER_AGENT).and_then(|v| v.to_str().ok())
+}

@@ -1,0 +1,138 @@
+//! The proxy's own calls to the Meraki API (network and device lookups, the organization list),
+//! made with a grant's token under the same 401 rule as forwarded requests
+//! ([`Grants::rejected`]).
+
+use crate::route::{Lookup, LookupError};
+use crate::token::{Grants, TokenError};
+use std::sync::Arc;
+use std::time::Duration;
+use url::Url;
+
+/// A JSON client for the API base.
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+    grants: Arc<Grants>,
+}
+
+impl ApiClient {
+    /// A client for `api_base`: no redirects, connect and total timeouts.
+    pub fn new(api_base: &Url, grants: Arc<Grants>, timeout: Duration) -> reqwest::Result<Self> {
+        Ok(ApiClient {
+            http: reqwest::Client::builder()
+                .timeout(timeout)
+                .connect_timeout(timeout.min(Duration::from_secs(10)))
+                .user_agent(crate::PRODUCT)
+                .redirect(reqwest::redirect::Policy::none())
+                .build()?,
+            base: api_base.as_str().trim_end_matches('/').to_owned(),
+            grants,
+        })
+    }
+
+    /// `GET base + path` with the grant serving `org` for `integration`: `Ok(None)` on 404.
+    /// `user_agent` is the calling script's, so Meraki's request log names it (with the proxy's
+    /// token appended, as on forwarded requests).
+    pub async fn get_json(
+        &self,
+        integration: &str,
+        org: &str,
+        path: &str,
+        user_agent: Option<&str>,
+    ) -> Result<Option<serde_json::Value>, LookupError> {
+        let ua = crate::forward::user_agent(user_agent);
+        let grant = self
+            .grants
+            .require(integration, org)
+            .await
+            .map_err(token_failure)?;
+        let mut token = self
+            .grants
+            .token(&grant, org)
+            .await
+            .map_err(token_failure)?;
+        let mut retried = false;
+        loop {
+            let Some(bearer) = token.bearer().cloned() else {
+                return Err(LookupError::upstream(502, "no usable access token"));
+            };
+            let resp = self
+                .http
+                .get(format!("{}{}", self.base, path))
+                .header(http::header::AUTHORIZATION, bearer)
+                .header(http::header::USER_AGENT, ua.as_str())
+                .send()
+                .await
+                .map_err(|e| {
+                    let status = if e.is_timeout() { 504 } else { 502 };
+                    tracing::warn!(error = %crate::refusal::chain(&e.without_url()), "lookup request failed");
+                    LookupError::upstream(status, "Meraki did not answer")
+                })?;
+            match resp.status().as_u16() {
+                200 => {
+                    return resp.json().await.map(Some).map_err(|_| {
+                        LookupError::upstream(502, "Meraki sent a body that is not JSON")
+                    })
+                }
+                404 => return Ok(None),
+                401 if !retried => {
+                    retried = true;
+                    token = self
+                        .grants
+                        .rejected(&grant, org, &token)
+                        .await
+                        .map_err(token_failure)?;
+                }
+                429 => {
+                    let after = resp
+                        .headers()
+                        .get(http::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .unwrap_or(1);
+                    return Err(LookupError {
+                        retry_after: Some(after.max(1)),
+                        ..LookupError::upstream(429, "Meraki answered 429 (rate limit)")
+                    });
+                }
+                401 => return Err(LookupError::upstream(502, "Meraki refused the refreshed token")),
+                status => {
+                    return Err(LookupError::upstream(
+                        502,
+                        &format!("Meraki answered {status}"),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+fn token_failure(e: TokenError) -> LookupError {
+    let r = crate::refusal::Refusal::from(&e);
+    LookupError {
+        status: r.status,
+        reason: r.reason,
+        message: r.message,
+        retry_after: r.retry_after,
+    }
+}
+
+/// [`ApiClient`] as a [`Lookup`] for one integration.
+pub struct LookupWith<'a> {
+    pub api: &'a ApiClient,
+    pub integration: &'a str,
+    pub user_agent: Option<&'a str>,
+}
+
+#[async_trait::async_trait]
+impl Lookup for LookupWith<'_> {
+    async fn get_json(
+        &self,
+        org: &str,
+        path: &str,
+    ) -> Result<Option<serde_json::Value>, LookupError> {
+        self.api
+            .get_json(self.integration, org, path, self.user_agent)
+            .await
+    }
+}

@@ -1,0 +1,64 @@
+//! The adapter between the token module's events and what operators read: each
+//! [`TokenEvent`] becomes an audit record and metric updates. Wired in `server.rs`; the token
+//! module itself knows neither the audit log nor the metrics.
+
+use crate::audit::Audit;
+use crate::metrics::Metrics;
+use crate::token::{EventKind, EventSink, GrantStatus, RefreshCause, StoreOp, TokenEvent};
+use std::sync::Arc;
+
+/// Turns token events into audit records and metrics.
+pub struct Observer {
+    pub audit: Arc<Audit>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl EventSink for Observer {
+    fn token(&self, e: TokenEvent) {
+        let m = &self.metrics;
+        let integration = &*e.integration;
+        let orgs = &e.organizations[..];
+        let org = e
+            .organization
+            .clone()
+            .or_else(|| orgs.first().cloned())
+            .unwrap_or_default();
+        let cause = e.cause.map_or("expiring", RefreshCause::as_str);
+        match &e.kind {
+            EventKind::Loaded => {
+                let causes: Vec<&str> = RefreshCause::ALL.iter().map(|c| c.as_str()).collect();
+                m.init_grant(integration, e.grant_id, orgs, &causes);
+            }
+            EventKind::Refreshed { .. } => {
+                m.refresh(integration, &org, "ok");
+                m.token_call(integration, e.grant_id, cause, "ok");
+            }
+            EventKind::RefreshFailed { label, .. } => {
+                m.refresh(integration, &org, label);
+                m.token_call(integration, e.grant_id, cause, label);
+            }
+            EventKind::NeedsReauth => {
+                m.refresh(integration, &org, "invalid_grant");
+                m.token_call(integration, e.grant_id, cause, "invalid_grant");
+            }
+            _ => {}
+        }
+        if let Some(d) = e.call_duration {
+            m.token_call_duration(integration, d);
+        }
+        m.grant_state(
+            integration,
+            orgs,
+            e.expires_at,
+            e.status == GrantStatus::NeedsReauth,
+        );
+        // Loading a grant is not an event for the security team.
+        if e.kind != EventKind::Loaded {
+            self.audit.token_event(&e);
+        }
+    }
+
+    fn store(&self, op: StoreOp) {
+        self.metrics.store_op(op.op, op.elapsed, op.ok);
+    }
+}

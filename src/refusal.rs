@@ -1,0 +1,315 @@
+//! Answers the proxy writes itself: one [`Refuse`] trait that every refusal-producing error
+//! implements (status, fixed reason label, whether the request reached Meraki, message), the
+//! [`Refusal`] it becomes, and the Meraki-style body (`{"errors": ["..."]}`) clients such as the
+//! official Python SDK read (`errors[0]`) to decide what to do.
+
+use bytes::Bytes;
+use std::error::Error;
+use std::time::Duration;
+
+/// `X-Proxy-Upstream` values: whether a request the proxy failed reached Meraki, so a client
+/// knows whether a write may have been applied.
+pub mod upstream {
+    /// Nothing was sent to Meraki.
+    pub const NOT_SENT: &str = "not-sent";
+    /// Sent, and the connection failed before an answer: it may have been applied.
+    pub const SENT_NO_ANSWER: &str = "sent-no-answer";
+    /// Meraki redirected and the proxy did not follow: not applied.
+    pub const REDIRECTED: &str = "redirected";
+    /// Meraki answered 401 and no retry was possible: not applied.
+    pub const REJECTED_401: &str = "rejected-401";
+}
+
+/// What the proxy decided for a request, for the audit record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Sent to Meraki (whatever Meraki answered).
+    Forwarded,
+    /// Answered by the proxy itself (the organization list).
+    Answered,
+    /// Refused: a client error.
+    Denied,
+    /// Failed on the way: an upstream, token or internal fault.
+    Failed,
+}
+
+impl Decision {
+    /// The audit log's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Forwarded => "forwarded",
+            Decision::Answered => "answered",
+            Decision::Denied => "denied",
+            Decision::Failed => "error",
+        }
+    }
+}
+
+/// An error the proxy answers a request with.
+pub trait Refuse: Error {
+    /// The HTTP status.
+    fn status(&self) -> u16;
+    /// A short fixed label for metrics and audit.
+    fn reason(&self) -> &'static str;
+    /// For failures: whether the request reached Meraki (see [`upstream`]).
+    fn upstream(&self) -> Option<&'static str> {
+        (self.status() >= 500).then_some(upstream::NOT_SENT)
+    }
+    /// How long to wait before trying again, when known.
+    fn retry_after(&self) -> Option<Duration> {
+        None
+    }
+    /// The message in the errors body; never a secret.
+    fn message(&self) -> String {
+        self.to_string()
+    }
+}
+
+/// A response the proxy writes itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub reason: &'static str,
+    pub message: String,
+    pub upstream: Option<&'static str>,
+    /// Whole seconds for `Retry-After` (at least 1 when present).
+    pub retry_after: Option<u64>,
+}
+
+impl Refusal {
+    /// A refusal with no upstream outcome and no retry hint.
+    pub fn new(status: u16, reason: &'static str, message: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            reason,
+            message: message.into(),
+            upstream: None,
+            retry_after: None,
+        }
+    }
+
+    /// The same, marked with an `X-Proxy-Upstream` outcome.
+    pub fn upstream(mut self, outcome: &'static str) -> Self {
+        self.upstream = Some(outcome);
+        self
+    }
+
+    /// 4xx are refusals of the request; 5xx failures on the way.
+    pub fn decision(&self) -> Decision {
+        if self.status >= 500 {
+            Decision::Failed
+        } else {
+            Decision::Denied
+        }
+    }
+
+    /// The Meraki-style body.
+    pub fn body(&self) -> Bytes {
+        body(&self.message)
+    }
+}
+
+impl<E: Refuse> From<&E> for Refusal {
+    fn from(e: &E) -> Self {
+        Refusal {
+            status: e.status(),
+            reason: e.reason(),
+            message: e.message(),
+            upstream: e.upstream(),
+            // Clients do int(Retry-After): whole seconds, rounded up, at least 1.
+            retry_after: e
+                .retry_after()
+                .map(|d| d.as_millis().div_ceil(1000).max(1) as u64),
+        }
+    }
+}
+
+/// Serializes one message as a Meraki error body.
+pub fn body(message: &str) -> Bytes {
+    let value = serde_json::json!({ "errors": [message] });
+    Bytes::from(value.to_string())
+}
+
+/// An error and its causes, `outer: inner: innermost`, for logs (linkerd's error chains).
+pub fn chain(e: &(dyn Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.ends_with(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+impl Refuse for crate::identity::IdentityError {
+    fn status(&self) -> u16 {
+        crate::identity::IdentityError::status(*self)
+    }
+    fn reason(&self) -> &'static str {
+        crate::identity::IdentityError::reason(*self)
+    }
+}
+
+impl Refuse for crate::route::RouteError {
+    fn status(&self) -> u16 {
+        crate::route::RouteError::status(self)
+    }
+    fn reason(&self) -> &'static str {
+        crate::route::RouteError::reason(self)
+    }
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            crate::route::RouteError::LookupFailed { cause, .. } => {
+                cause.retry_after.map(Duration::from_secs)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Refuse for crate::token::TokenError {
+    fn status(&self) -> u16 {
+        use crate::token::TokenError as T;
+        match self {
+            T::RejectedFresh { .. } => 401,
+            _ => 503,
+        }
+    }
+    fn reason(&self) -> &'static str {
+        use crate::token::TokenError as T;
+        match self {
+            T::NoGrant { .. } => "no_grant",
+            T::NeedsReauth { .. } => "needs_reauthorization",
+            T::AuthServer { .. } | T::BackingOff { .. } => "auth_server_error",
+            T::RejectedFresh { .. } => "fresh_token_rejected",
+            T::Store(_) | T::Conflict => "store_error",
+        }
+    }
+    fn upstream(&self) -> Option<&'static str> {
+        Some(match self {
+            crate::token::TokenError::RejectedFresh { .. } => upstream::REJECTED_401,
+            _ => upstream::NOT_SENT,
+        })
+    }
+    fn retry_after(&self) -> Option<Duration> {
+        crate::token::TokenError::retry_after(self)
+    }
+    fn message(&self) -> String {
+        // The authorization server's failure class is useful to the client; its details (and
+        // store errors) stay in the proxy's log.
+        match self {
+            crate::token::TokenError::AuthServer { source, .. } => {
+                format!("{self} ({})", source.label())
+            }
+            _ => self.to_string(),
+        }
+    }
+}
+
+impl Refuse for crate::forward::RedirectError {
+    fn status(&self) -> u16 {
+        502
+    }
+    fn reason(&self) -> &'static str {
+        match self {
+            crate::forward::RedirectError::HostNotAllowed(_) => "redirect_not_allowed",
+            crate::forward::RedirectError::BadLocation => "bad_redirect",
+            crate::forward::RedirectError::TooMany => "too_many_redirects",
+            crate::forward::RedirectError::BodyTooLarge => "redirect_body_too_large",
+        }
+    }
+    fn upstream(&self) -> Option<&'static str> {
+        Some(upstream::REDIRECTED)
+    }
+}
+
+/// What a Pingora error the proxy did not raise itself means for the client.
+pub fn from_pingora(e: &pingora::Error) -> Refusal {
+    use pingora::ErrorType as E;
+    let etype = e.etype();
+    if let E::HTTPStatus(code) = etype {
+        return Refusal::new(*code, "proxy_error", format!("request failed with status {code}"));
+    }
+    match e.esource() {
+        pingora::ErrorSource::Upstream if never_sent(etype) => Refusal::new(
+            502,
+            "upstream_unreachable",
+            "could not connect to the Meraki API; the request was not sent",
+        )
+        .upstream(upstream::NOT_SENT),
+        pingora::ErrorSource::Upstream => Refusal::new(
+            if matches!(etype, E::ReadTimedout | E::WriteTimedout) {
+                504
+            } else {
+                502
+            },
+            "upstream_error",
+            "the Meraki API connection failed after the request was sent; it may have been applied",
+        )
+        .upstream(upstream::SENT_NO_ANSWER),
+        pingora::ErrorSource::Downstream => {
+            Refusal::new(400, "malformed_request", "malformed request")
+        }
+        _ => Refusal::new(500, "internal_error", "internal proxy error"),
+    }
+}
+
+/// Connection-level failures happen before anything is sent upstream.
+fn never_sent(e: &pingora::ErrorType) -> bool {
+    use pingora::ErrorType as E;
+    matches!(
+        e,
+        E::ConnectTimedout
+            | E::ConnectRefused
+            | E::ConnectNoRoute
+            | E::ConnectError
+            | E::ConnectProxyFailure
+            | E::TLSHandshakeFailure
+            | E::TLSHandshakeTimedout
+            | E::TLSWantX509Lookup
+            | E::InvalidCert
+            | E::HandshakeError
+            | E::SocketError
+            | E::BindError
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_meraki_shaped_and_escaped() {
+        let b = body("bad \"key\"");
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["errors"][0], "bad \"key\"");
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up() {
+        let e = crate::token::TokenError::BackingOff {
+            retry_after: Duration::from_millis(1200),
+            last_failure: "unreachable",
+        };
+        let r = Refusal::from(&e);
+        assert_eq!((r.status, r.retry_after, r.upstream), (503, Some(2), Some("not-sent")));
+        let e = crate::token::TokenError::BackingOff {
+            retry_after: Duration::from_millis(10),
+            last_failure: "unreachable",
+        };
+        assert_eq!(Refusal::from(&e).retry_after, Some(1));
+    }
+
+    #[test]
+    fn chains_name_every_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("inner cause"));
+        assert_eq!(chain(&e), "outer: inner cause");
+    }
+}
