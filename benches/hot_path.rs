@@ -237,7 +237,7 @@ fn entry(who: &Arc<Client>, org: &Arc<str>) -> RequestEntry {
         reason: None,
         retried_after_401: false,
         redirects_followed: 0,
-        token: None,
+        token_fingerprint: None,
         duration: Duration::from_micros(853),
         upstream_duration: Some(Duration::from_micros(412)),
         bytes_in: 0,

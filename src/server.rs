@@ -171,7 +171,7 @@ pub fn build(config: Config, listeners: Listeners) -> Result<Server, StartError>
         "meraki-oauth-proxy",
     );
     proxy.add_tcp(&listen);
-    server.add_service(Prebound::new(proxy, vec![(listen.clone(), listeners.proxy)]));
+    server.add_service(Prebound::new(proxy, vec![(listen.clone(), listeners.proxy)])?);
 
     if let Some(admin_listener) = listeners.admin {
         let addr = local_addr(&admin_listener)?;
@@ -180,7 +180,7 @@ pub fn build(config: Config, listeners: Listeners) -> Result<Server, StartError>
             Admin::new(config.clone(), grants.clone(), metrics.clone()).map_err(StartError::Http)?,
         );
         admin.add_tcp(&addr);
-        server.add_service(Prebound::new(admin, vec![(addr, admin_listener)]));
+        server.add_service(Prebound::new(admin, vec![(addr, admin_listener)])?);
     }
     server.add_service(background_service(
         "upstream-dns",
@@ -230,14 +230,18 @@ struct Prebound<S> {
 }
 
 impl<S> Prebound<S> {
-    fn new(inner: S, listeners: Vec<(String, TcpListener)>) -> Self {
-        Prebound {
-            inner,
-            fds: listeners
-                .into_iter()
-                .map(|(addr, l)| (addr, l.into_raw_fd()))
-                .collect(),
+    fn new(inner: S, listeners: Vec<(String, TcpListener)>) -> Result<Self, StartError> {
+        let mut fds = Vec::with_capacity(listeners.len());
+        for (addr, l) in listeners {
+            // Pingora's accept loop runs on tokio, which needs non-blocking sockets.
+            l.set_nonblocking(true)
+                .map_err(|source| StartError::Listen {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            fds.push((addr, l.into_raw_fd()));
         }
+        Ok(Prebound { inner, fds })
     }
 }
 

@@ -1,0 +1,510 @@
+//! The token engine under tokio's paused time, over the real SQLite store (in memory) and an
+//! in-memory authorization server that rotates and revokes refresh tokens as Meraki's does.
+
+use super::*;
+use crate::secret::Secret;
+use oauth::TokenResponse;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// An authorization server that behaves like Meraki's: every refresh returns a new refresh
+/// token and revokes the one presented; a revoked one gets `invalid_grant`.
+#[derive(Default)]
+struct Authority {
+    state: Mutex<AuthorityState>,
+    calls: AtomicUsize,
+}
+
+#[derive(Default)]
+struct AuthorityState {
+    /// Valid refresh token → grant number.
+    valid: HashMap<String, u64>,
+    issued: u64,
+    delay: Duration,
+    expires_in: u64,
+    down: bool,
+}
+
+impl Authority {
+    fn new(expires_in: u64) -> Arc<Self> {
+        let a = Authority::default();
+        a.state.lock().unwrap().expires_in = expires_in;
+        Arc::new(a)
+    }
+
+    fn issue(&self) -> String {
+        let mut s = self.state.lock().unwrap();
+        s.issued += 1;
+        let token = format!("refresh-{}", s.issued);
+        let grant = s.issued;
+        s.valid.insert(token.clone(), grant);
+        token
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn set(&self, f: impl FnOnce(&mut AuthorityState)) {
+        f(&mut self.state.lock().unwrap());
+    }
+
+    /// Rotates out of band (as another instance would), returning the new refresh token.
+    fn rotate_now(&self, refresh: &str) -> Option<(String, String)> {
+        let mut s = self.state.lock().unwrap();
+        let grant = s.valid.remove(refresh)?;
+        s.issued += 1;
+        let next = format!("refresh-{}", s.issued);
+        s.valid.insert(next.clone(), grant);
+        Some((next, format!("access-{}", s.issued)))
+    }
+}
+
+#[async_trait::async_trait]
+impl TokenEndpoint for Authority {
+    async fn refresh(
+        &self,
+        _it: &Integration,
+        refresh_token: &Secret,
+    ) -> Result<TokenResponse, OAuthError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let (delay, down) = {
+            let s = self.state.lock().unwrap();
+            (s.delay, s.down)
+        };
+        tokio::time::sleep(delay).await;
+        if down {
+            return Err(OAuthError::Refused {
+                status: 503,
+                error: "temporarily_unavailable".into(),
+            });
+        }
+        let mut s = self.state.lock().unwrap();
+        let Some(grant) = s.valid.remove(refresh_token.expose()) else {
+            return Err(OAuthError::InvalidGrant("revoked".into()));
+        };
+        s.issued += 1;
+        let next = format!("refresh-{}", s.issued);
+        s.valid.insert(next.clone(), grant);
+        Ok(TokenResponse {
+            access_token: Secret::new(format!("access-{}", s.issued)),
+            refresh_token: Some(Secret::new(next)),
+            expires_in: s.expires_in,
+            scope: None,
+            organization_id: None,
+        })
+    }
+
+    async fn exchange_code(
+        &self,
+        _it: &Integration,
+        _code: &Secret,
+        _redirect_uri: &str,
+    ) -> Result<TokenResponse, OAuthError> {
+        Err(OAuthError::NotConfigured("code exchange"))
+    }
+
+    async fn revoke(&self, _it: &Integration, refresh_token: &Secret) -> Result<(), OAuthError> {
+        self.state.lock().unwrap().valid.remove(refresh_token.expose());
+        Ok(())
+    }
+}
+
+/// Records events.
+#[derive(Default)]
+struct Recorder(Mutex<Vec<TokenEvent>>);
+
+impl Recorder {
+    fn kinds(&self) -> Vec<&'static str> {
+        self.0.lock().unwrap().iter().map(|e| e.kind.name()).collect()
+    }
+}
+
+impl EventSink for Recorder {
+    fn token(&self, event: TokenEvent) {
+        self.0.lock().unwrap().push(event);
+    }
+    fn store(&self, _: StoreOp) {}
+}
+
+/// A store whose next `n` commits fail, over the real one.
+struct Flaky {
+    inner: SqliteStore,
+    fail_commits: Arc<AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl Store for Flaky {
+    async fn load_all(&self) -> Result<Vec<StoredGrant>, StoreError> {
+        Store::load_all(&self.inner).await
+    }
+    async fn load(&self, id: i64) -> Result<Option<StoredGrant>, StoreError> {
+        Store::load(&self.inner, id).await
+    }
+    async fn insert_pending(&self, i: &str, r: &Secret) -> Result<i64, StoreError> {
+        Store::insert_pending(&self.inner, i, r).await
+    }
+    async fn assign(&self, id: i64, i: &str, o: &[String]) -> Result<(), StoreError> {
+        Store::assign(&self.inner, id, i, o).await
+    }
+    async fn commit_rotation(&self, id: i64, from: i64, t: &Rotation) -> Result<bool, StoreError> {
+        if self
+            .fail_commits
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(StoreError::Open {
+                path: "test".into(),
+                reason: "disk full".into(),
+            });
+        }
+        Store::commit_rotation(&self.inner, id, from, t).await
+    }
+    async fn set_status(&self, id: i64, s: GrantStatus) -> Result<(), StoreError> {
+        Store::set_status(&self.inner, id, s).await
+    }
+    async fn touch(&self, id: i64, at: i64) -> Result<(), StoreError> {
+        Store::touch(&self.inner, id, at).await
+    }
+    async fn delete(&self, id: i64) -> Result<bool, StoreError> {
+        Store::delete(&self.inner, id).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        Store::ping(&self.inner).await
+    }
+}
+
+fn integration() -> Arc<Integration> {
+    Arc::new(Integration {
+        name: "netops".into(),
+        client_id: "id".into(),
+        client_secret: Secret::new("secret"),
+        redirect_uri: None,
+        scopes: vec![],
+    })
+}
+
+struct Rig {
+    grants: Arc<Grants>,
+    authority: Arc<Authority>,
+    events: Arc<Recorder>,
+    store: SqliteStore,
+}
+
+impl Rig {
+    /// One grant for organization "1", imported (one token call), with tokens living
+    /// `expires_in` seconds; `store` wraps the real in-memory store.
+    async fn new(
+        expires_in: u64,
+        policy: Policy,
+        wrap: impl FnOnce(SqliteStore) -> Arc<dyn Store>,
+    ) -> Rig {
+        let store =
+            SqliteStore::in_memory(crate::seal::StoreKey::parse(&"11".repeat(32)).unwrap())
+                .unwrap();
+        let authority = Authority::new(expires_in);
+        let events = Arc::new(Recorder::default());
+        let grants = Grants::load(
+            Settings {
+                integrations: vec![integration()],
+                policy,
+            },
+            wrap(store.clone()),
+            authority.clone(),
+            events.clone(),
+            Clock::tokio(),
+        )
+        .await
+        .unwrap();
+        let refresh = authority.issue();
+        grants
+            .import("netops", &["1".to_string()], Secret::new(refresh))
+            .await
+            .unwrap();
+        assert_eq!(authority.calls(), 1, "the import rotates once");
+        Rig {
+            grants: Arc::new(grants),
+            authority,
+            events,
+            store,
+        }
+    }
+
+    async fn plain(expires_in: u64) -> Rig {
+        Self::new(expires_in, Policy::default(), |s| Arc::new(s)).await
+    }
+
+    fn grant(&self) -> Arc<Grant> {
+        self.grants.map.lookup("netops", "1").unwrap()
+    }
+
+    /// Calls made since the import.
+    fn calls(&self) -> usize {
+        self.authority.calls() - 1
+    }
+
+    async fn token(&self) -> Result<Arc<TokenState>, TokenError> {
+        self.grants.token(&self.grant(), "1").await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn many_waiters_cause_one_token_call() {
+    let rig = Arc::new(Rig::plain(3600).await);
+    rig.authority.set(|s| s.delay = Duration::from_millis(300));
+    tokio::time::advance(Duration::from_secs(3600 - 200)).await;
+    let tasks: Vec<_> = (0..500)
+        .map(|_| {
+            let rig = rig.clone();
+            tokio::spawn(async move { rig.token().await.map(|t| t.generation) })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), 2);
+    }
+    assert_eq!(rig.calls(), 1);
+}
+
+/// Issue 11, case 1: requests that saw the rotation while it was being made (a 401 on the
+/// old token, or the old token expiring) arrive at the lock one after another, before and
+/// after the commit; none of them refreshes again.
+#[tokio::test(start_paused = true)]
+async fn a_burst_across_a_rotation_makes_one_token_call() {
+    let rig = Arc::new(Rig::plain(3600).await);
+    rig.authority.set(|s| s.delay = Duration::from_millis(200));
+    let old = rig.token().await.unwrap();
+    tokio::time::advance(Duration::from_secs(3600 - 250)).await;
+    let mut tasks = Vec::new();
+    for i in 0..400u64 {
+        let rig = rig.clone();
+        let old = old.clone();
+        tasks.push(tokio::spawn(async move {
+            // Spread over 800 ms: before, during and after the token call and its commit.
+            tokio::time::sleep(Duration::from_millis(i * 2)).await;
+            let g = rig.grant();
+            if i % 2 == 0 {
+                rig.grants.rejected(&g, "1", &old).await.map(|t| t.generation)
+            } else {
+                rig.grants.token(&g, "1").await.map(|t| t.generation)
+            }
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), old.generation + 1);
+    }
+    assert_eq!(rig.calls(), 1);
+    let refreshed = rig.events.kinds().iter().filter(|k| **k == "token_refreshed").count();
+    assert_eq!(refreshed, 2, "the import and the one refresh");
+}
+
+/// Issue 11, case 2: the refresh point adapts to the lifetime (half of it at most), so short
+/// tokens are not born "expiring"; steady traffic makes one call per half-lifetime.
+#[tokio::test(start_paused = true)]
+async fn steady_traffic_refreshes_once_per_half_lifetime() {
+    for (lifetime, run_secs) in [(60u64, 120u64), (10, 30), (3600, 7200)] {
+        let rig = Rig::plain(lifetime).await;
+        let step = Duration::from_millis(100.max(lifetime * 10));
+        let steps = run_secs * 1000 / step.as_millis() as u64;
+        for _ in 0..steps {
+            rig.token().await.unwrap();
+            tokio::time::advance(step).await;
+        }
+        // A token is used until `lifetime - min(refresh_ahead, lifetime / 2)` after issue.
+        let interval = lifetime - 300.min(lifetime / 2);
+        let expected = (run_secs / interval) as usize;
+        assert!(
+            (expected.saturating_sub(1)..=expected + 1).contains(&rig.calls()),
+            "{lifetime}-s tokens over {run_secs} s: {} calls, expected about {expected}",
+            rig.calls()
+        );
+        if lifetime < 30 {
+            assert!(rig.events.kinds().contains(&"short_token_lifetime"));
+        }
+    }
+}
+
+/// Issue 11, case 3: an endpoint Meraki refuses whatever the token: a fresh token's 401 is
+/// not refreshed again; once the grace has passed, one refresh, then no more for a while.
+#[tokio::test(start_paused = true)]
+async fn a_fresh_token_refused_by_meraki_is_not_refreshed_again() {
+    let rig = Rig::plain(3600).await;
+    let g = rig.grant();
+    for _ in 0..30 {
+        let used = rig.token().await.unwrap();
+        let e = rig.grants.rejected(&g, "1", &used).await.unwrap_err();
+        assert!(matches!(e, TokenError::RejectedFresh { .. }), "{e:?}");
+        tokio::time::advance(Duration::from_millis(100)).await;
+    }
+    assert_eq!(rig.calls(), 0);
+    assert!(rig.events.kinds().contains(&"fresh_token_rejected"));
+    tokio::time::advance(Duration::from_secs(30)).await;
+    let used = rig.token().await.unwrap();
+    let fresh = rig.grants.rejected(&g, "1", &used).await.unwrap();
+    assert_eq!(fresh.generation, used.generation + 1);
+    for _ in 0..30 {
+        let used = rig.token().await.unwrap();
+        assert!(rig.grants.rejected(&g, "1", &used).await.is_err());
+    }
+    assert_eq!(rig.calls(), 1);
+}
+
+/// Issue 11, case 4: the token endpoint down while every access token is refused: token calls
+/// follow the backoff schedule, not the requests; each refusal says when to retry; the first
+/// attempt after the endpoint returns succeeds.
+#[tokio::test(start_paused = true)]
+async fn an_outage_backs_off_and_recovers_within_one_step() {
+    let policy = Policy {
+        rejected_grace: Duration::ZERO,
+        ..Policy::default()
+    };
+    let rig = Rig::new(3600, policy, |s| Arc::new(s)).await;
+    let g = rig.grant();
+    rig.authority.set(|s| s.down = true);
+    let mut refusals = 0;
+    // 6 s of requests, 20 per second, each refused by Meraki.
+    for _ in 0..120 {
+        let used = g.state();
+        match rig.grants.rejected(&g, "1", &used).await {
+            Err(e @ (TokenError::AuthServer { .. } | TokenError::BackingOff { .. })) => {
+                let after = e.retry_after().unwrap();
+                assert!(after > Duration::ZERO && after <= Duration::from_secs(60));
+                refusals += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+        tokio::time::advance(Duration::from_millis(50)).await;
+    }
+    assert_eq!(refusals, 120);
+    // 1 + 2 + 4 s (±20%) fit in 6 s: three or four attempts, not 120.
+    assert!((3..=4).contains(&rig.calls()), "{} calls", rig.calls());
+    rig.authority.set(|s| s.down = false);
+    let until = g.retry_at_ms.load(Ordering::Relaxed);
+    let now = rig.grants.clock().now_ms();
+    tokio::time::advance(Duration::from_millis((until - now).max(0) as u64 + 1)).await;
+    let used = g.state();
+    let fresh = rig.grants.rejected(&g, "1", &used).await.unwrap();
+    assert_eq!(fresh.generation, used.generation + 1);
+    assert_eq!(g.state().status, GrantStatus::Ok, "no grant lost");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_valid_token_keeps_serving_while_refreshes_fail() {
+    let rig = Rig::plain(3600).await;
+    rig.authority.set(|s| s.down = true);
+    tokio::time::advance(Duration::from_secs(3600 - 100)).await;
+    for _ in 0..50 {
+        assert_eq!(rig.token().await.unwrap().generation, 1);
+        tokio::time::advance(Duration::from_millis(100)).await;
+    }
+    assert!(rig.calls() <= 3, "{} calls", rig.calls());
+}
+
+/// A rotation made by another process (same store) is adopted, not repeated.
+#[tokio::test(start_paused = true)]
+async fn a_newer_generation_in_the_store_is_adopted() {
+    let rig = Rig::plain(3600).await;
+    let g = rig.grant();
+    let old = g.state();
+    let (refresh, access) = rig
+        .authority
+        .rotate_now(old.refresh_token().expose())
+        .unwrap();
+    let now = rig.grants.clock().now();
+    let rotation = Rotation {
+        refresh_token: Secret::new(refresh),
+        access_token: Secret::new(access),
+        access_expires_at: now + 3600,
+        scope: None,
+        refreshed_at: now,
+    };
+    assert!(Store::commit_rotation(&rig.store, g.id, old.generation, &rotation)
+        .await
+        .unwrap());
+    tokio::time::advance(Duration::from_secs(31)).await;
+    let fresh = rig.grants.rejected(&g, "1", &old).await.unwrap();
+    assert_eq!(fresh.generation, old.generation + 1);
+    assert_eq!(rig.calls(), 0, "adopted from the store");
+}
+
+/// A rotation the store refused is never handed out; the next request commits it before
+/// anything else, without another token call (which would fail: the old token is revoked).
+#[tokio::test(start_paused = true)]
+async fn a_failed_commit_is_retried_before_the_token_is_used() {
+    let fail = Arc::new(AtomicUsize::new(0));
+    let f = fail.clone();
+    let rig = Rig::new(3600, Policy::default(), move |s| {
+        Arc::new(Flaky {
+            inner: s,
+            fail_commits: f,
+        })
+    })
+    .await;
+    let g = rig.grant();
+    tokio::time::advance(Duration::from_secs(3600 - 100)).await;
+    fail.store(1, Ordering::SeqCst);
+    let e = rig.token().await;
+    // Nothing unstored is handed out, not even the old (revoked) token.
+    assert!(matches!(e, Err(TokenError::Store(_))), "{e:?}");
+    assert_eq!(g.state().generation, 1, "the uncommitted rotation is not visible");
+    assert_eq!(rig.calls(), 1);
+    let t = rig.token().await.unwrap();
+    assert_eq!(t.generation, 2);
+    assert_eq!(rig.calls(), 1, "committed, not refreshed again");
+    let stored = Store::load(&rig.store, g.id).await.unwrap().unwrap();
+    assert_eq!(stored.generation, 2);
+    assert_eq!(stored.refresh_token.expose(), t.refresh_token().expose());
+    let kinds = rig.events.kinds();
+    let commit_failed = kinds.iter().position(|k| *k == "commit_failed").unwrap();
+    let refreshed = kinds.iter().rposition(|k| *k == "token_refreshed").unwrap();
+    assert!(commit_failed < refreshed, "{kinds:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalid_grant_marks_the_grant_once() {
+    let rig = Rig::plain(3600).await;
+    let g = rig.grant();
+    rig.authority.set(|s| s.valid.clear());
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    for _ in 0..20 {
+        assert!(matches!(
+            rig.token().await,
+            Err(TokenError::NeedsReauth { .. })
+        ));
+    }
+    assert_eq!(rig.calls(), 1);
+    assert_eq!(g.state().status, GrantStatus::NeedsReauth);
+    let stored = Store::load(&rig.store, g.id).await.unwrap().unwrap();
+    assert_eq!(stored.status, GrantStatus::NeedsReauth);
+    assert!(rig.events.kinds().contains(&"needs_reauthorization"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn keep_alive_refreshes_only_idle_grants() {
+    let rig = Rig::plain(3600).await;
+    let idle = Duration::from_secs(86_400);
+    // Used a moment ago: not idle.
+    rig.token().await.unwrap();
+    assert_eq!(rig.grants.keep_alive(idle).await, 0);
+    // Idle for the period plus the largest jitter (10%): refreshed, once.
+    tokio::time::advance(idle + idle / 10 + Duration::from_secs(1)).await;
+    assert_eq!(rig.grants.keep_alive(idle).await, 1);
+    assert_eq!(rig.grants.keep_alive(idle).await, 0);
+    assert_eq!(rig.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_grant_added_elsewhere_is_found_on_a_miss() {
+    let rig = Rig::plain(3600).await;
+    assert!(rig.grants.get("netops", "2").await.is_none());
+    let id = Store::insert_pending(&rig.store, "netops", &Secret::new("r"))
+        .await
+        .unwrap();
+    Store::assign(&rig.store, id, "netops", &["2".into()])
+        .await
+        .unwrap();
+    // Misses re-read the store at most every few seconds.
+    assert!(rig.grants.get("netops", "2").await.is_none());
+    tokio::time::advance(Duration::from_secs(6)).await;
+    assert_eq!(rig.grants.get("netops", "2").await.unwrap().id, id);
+}
