@@ -165,6 +165,8 @@ impl<'a> TokenRecord<'a> {
         use crate::token::EventKind as K;
         let detail = match &e.kind {
             K::Added { how } => Some((*how).to_owned()),
+            // Kept from the first schema: a refresh's detail is its cause.
+            K::Refreshed { .. } => e.cause.map(|c| c.as_str().to_owned()),
             K::RefreshFailed { label, retry_in } => Some(format!(
                 "{label}: {} (next attempt in {} ms)",
                 e.detail.as_deref().unwrap_or(""),

@@ -40,5 +40,8 @@ pub mod server;
 pub mod token;
 pub mod upstream;
 
+#[cfg(test)]
+mod testing;
+
 /// The proxy's product token, appended to the client's User-Agent and sent to the AS.
 pub const PRODUCT: &str = concat!("meraki-oauth-proxy/", env!("CARGO_PKG_VERSION"));

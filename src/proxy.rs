@@ -528,3 +528,7 @@ impl ProxyHttp for MerakiProxy {
         });
     }
 }
+
+#[cfg(test)]
+#[path = "proxy_tests.rs"]
+mod tests;
