@@ -231,11 +231,12 @@ async fn proactive_refresh_ahead_of_expiry_is_single_flight() {
         ..Default::default()
     })
     .await;
-    // Tokens issued now live 61 s: inside the 60 s refresh-ahead window one second later.
-    s.standin.set_access_ttl(61);
+    // Tokens issued now live 4 s: past their refresh point (half the lifetime, as the 60 s
+    // refresh-ahead is longer) two seconds later, and not expired yet.
+    s.standin.set_access_ttl(4);
     s.import().await;
     let _p = s.start().await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     s.standin.set_token_delay(Duration::from_millis(300));
     s.standin.set_access_ttl(3600);
     let before = s.standin.token_calls();
@@ -319,17 +320,32 @@ async fn a_second_401_or_an_unreplayable_body_passes_meraki_401_through() {
         "upstream body byte for byte"
     );
 
-    // Over 64 KiB: Pingora cannot replay it, so the 401 goes back as Meraki sent it.
+    // Over 64 KiB: Pingora cannot replay it. The proxy still refreshes, and says so with a
+    // 503 the client may retry (not a 401, which would read as a bad client key).
     let big = json!({"name": "x".repeat(100 * 1024)});
+    // The network's organization is looked up (and cached) first, so the fault hits the PUT.
+    assert_eq!(get(&s, ALICE_KEY, "/networks/L_111_1").await.0, 200);
     s.standin.fail_next_api(1, 401, meraki_401);
+    let before = s.standin.token_calls();
     let r = s
-        .script(Method::PUT, "/organizations/111/networks", ALICE_KEY)
+        .script(Method::PUT, "/networks/L_111_1", ALICE_KEY)
         .json(&big)
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 401);
-    assert_eq!(r.text().await.unwrap(), meraki_401);
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["x-proxy-upstream"], "rejected-401");
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: Value = r.json().await.unwrap();
+    assert!(errors0(&body).contains("retry"), "{body}");
+    assert_eq!(s.standin.token_calls() - before, 1, "refreshed anyway");
+    let r = s
+        .script(Method::PUT, "/networks/L_111_1", ALICE_KEY)
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the client's own retry succeeds");
 }
 
 #[tokio::test]

@@ -296,6 +296,12 @@ impl Standin {
         self.lock().token_delay = d;
     }
 
+    /// While `down`, the token endpoint answers every call (counted) with 503
+    /// `temporarily_unavailable`, as an authorization server in an outage does.
+    pub fn set_token_endpoint_down(&self, down: bool) {
+        self.lock().token_down = down;
+    }
+
     /// Every access token issued so far is expired from now on (the API answers 401).
     pub fn expire_all_access_tokens(&self) {
         let now = Instant::now();
@@ -484,6 +490,8 @@ struct Inner {
     codes: HashMap<String, AuthCode>,
     access_ttl: u64,
     token_delay: Duration,
+    /// The token endpoint answers 503 to everything (an outage).
+    token_down: bool,
     faults: Faults,
     token_calls: usize,
     code_exchanges: usize,
@@ -508,6 +516,7 @@ impl Inner {
             codes: HashMap::new(),
             access_ttl: DEFAULT_ACCESS_TTL_SECS,
             token_delay: Duration::ZERO,
+            token_down: false,
             faults: Faults::default(),
             token_calls: 0,
             code_exchanges: 0,
@@ -748,6 +757,13 @@ async fn token_endpoint(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes)
     }
 
     let mut s = ctx.lock();
+    if s.token_down {
+        return oauth_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            "The authorization server is unavailable",
+        );
+    }
     let Some(client_id) = authenticate_client(&s, &headers) else {
         return invalid_client();
     };
