@@ -445,17 +445,3 @@ async fn an_admin_token_protects_the_admin_listener_but_not_probes_or_the_callba
     }
     p.kill9();
 }
-
-async fn eventually_async<F, Fut>(mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..200 {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("timed out");
-}

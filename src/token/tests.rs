@@ -7,14 +7,41 @@ use crate::testing::{integration, store_key, Authority, Recorder};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A store whose next `n` commits fail, over the real one.
+/// Also: while `hold` is set, `load_all` blocks its (blocking-pool) thread until released, as
+/// a locked database file does.
 struct Flaky {
     inner: SqliteStore,
     fail_commits: Arc<AtomicUsize>,
+    hold: Arc<Hold>,
+}
+
+#[derive(Default)]
+struct Hold {
+    held: std::sync::Mutex<bool>,
+    released: std::sync::Condvar,
+    loads: AtomicUsize,
+}
+
+impl Hold {
+    fn set(&self, held: bool) {
+        *self.held.lock().unwrap() = held;
+        self.released.notify_all();
+    }
 }
 
 #[async_trait::async_trait]
 impl Store for Flaky {
     async fn load_all(&self) -> Result<Vec<StoredGrant>, StoreError> {
+        self.hold.loads.fetch_add(1, Ordering::SeqCst);
+        let hold = self.hold.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut held = hold.held.lock().unwrap();
+            while *held {
+                held = hold.released.wait(held).unwrap();
+            }
+        })
+        .await
+        .unwrap();
         Store::load_all(&self.inner).await
     }
     async fn load(&self, id: i64) -> Result<Option<StoredGrant>, StoreError> {
@@ -303,6 +330,7 @@ async fn a_failed_commit_is_retried_before_the_token_is_used() {
         Arc::new(Flaky {
             inner: s,
             fail_commits: f,
+            hold: Arc::default(),
         })
     })
     .await;
@@ -373,4 +401,42 @@ async fn a_grant_added_elsewhere_is_found_on_a_miss() {
     assert!(rig.grants.get("netops", "2").await.is_none());
     tokio::time::advance(Duration::from_secs(6)).await;
     assert_eq!(rig.grants.get("netops", "2").await.unwrap().id, id);
+}
+
+/// A store that does not answer (a locked file) delays only the requests that need it: a
+/// miss's reload waits on the blocking pool, once for all the misses, while requests for
+/// organizations whose grant is in memory go on, on this single-threaded runtime too.
+#[tokio::test]
+async fn a_stuck_store_delays_only_the_requests_that_need_it() {
+    let hold = Arc::new(Hold::default());
+    let h = hold.clone();
+    let rig = Arc::new(
+        Rig::new(3600, Policy::default(), move |s| {
+            Arc::new(Flaky {
+                inner: s,
+                fail_commits: Arc::default(),
+                hold: h,
+            })
+        })
+        .await,
+    );
+    let loads_before = hold.loads.load(Ordering::SeqCst);
+    hold.set(true);
+    let misses: Vec<_> = (0..10)
+        .map(|_| {
+            let rig = rig.clone();
+            tokio::spawn(async move { rig.grants.get("netops", "2").await.is_none() })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..100 {
+        let t = tokio::time::timeout(Duration::from_secs(2), rig.token()).await;
+        assert!(matches!(t, Ok(Ok(_))), "a request for organization 1 waited on the store");
+    }
+    assert!(misses.iter().all(|m| !m.is_finished()), "the misses wait for the store");
+    hold.set(false);
+    for m in misses {
+        assert!(m.await.unwrap(), "still no grant for organization 2");
+    }
+    assert_eq!(hold.loads.load(Ordering::SeqCst) - loads_before, 1, "one reload for ten misses");
 }

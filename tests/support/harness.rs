@@ -16,7 +16,8 @@ pub const BOB_KEY: &str = "bob-proxy-key-8d2e4b6a";
 /// The token store's encryption key (32 bytes, hex).
 pub const STORE_KEY: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
 
-/// A free loopback port (bound then released; small race, acceptable in tests).
+/// A free loopback port for the binary (bound then released: a small race the in-process
+/// server avoids, see `inproc.rs`).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -59,6 +60,9 @@ pub struct Options {
     pub tokens: String,
     /// Lines for `[upstream]`.
     pub upstream: String,
+    /// The proxy and admin ports, when the caller bound them already (an in-process server on
+    /// listeners bound to port 0).
+    pub ports: Option<(u16, u16)>,
 }
 
 impl Scenario {
@@ -83,7 +87,7 @@ impl Scenario {
             standin.issue_grant(CLIENT_ID, &["222"], &scopes),
         ];
         let dir = tempfile::tempdir().unwrap();
-        let (port, admin_port) = (free_port(), free_port());
+        let (port, admin_port) = opts.ports.unwrap_or_else(|| (free_port(), free_port()));
         let config = dir.path().join("proxy.toml");
         let text = format!(
             r#"
@@ -372,4 +376,19 @@ pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("timed out waiting for: {what}");
+}
+
+/// Waits (bounded: 5 s) until an async condition holds.
+pub async fn eventually_async<F, Fut>(mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..200 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out");
 }

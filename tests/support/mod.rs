@@ -3,3 +3,4 @@
 
 pub mod harness;
 pub mod standin;
+pub mod inproc;
