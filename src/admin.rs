@@ -332,7 +332,8 @@ impl Admin {
             .get(url)
             .header(
                 http::header::AUTHORIZATION,
-                crate::token::state::bearer(access).ok_or("the access token is not a valid header")?,
+                crate::token::state::bearer(access)
+                    .ok_or("the access token is not a valid header")?,
             )
             .send()
             .await

@@ -108,7 +108,10 @@ pub async fn admit(state: &State, req: &RequestHeader) -> Result<Admitted, Rejec
     seen.client = Some(client.clone());
     let method = &req.method;
     if !client.may_use(method) {
-        return Err(refuse(seen, Refusal::from(&MethodNotAllowed(method.clone()))));
+        return Err(refuse(
+            seen,
+            Refusal::from(&MethodNotAllowed(method.clone())),
+        ));
     }
     let r = match route::parse(req.uri.path(), method) {
         Ok(r) => r,

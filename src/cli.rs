@@ -1,9 +1,9 @@
 //! The command line: `run` (default), `check`, `hash-key`, `grants list|import`.
 
-use crate::config::Config;
-use crate::secret::Secret;
 use crate::clock::{describe_expiry, describe_past, now_unix};
+use crate::config::Config;
 use crate::refusal::chain;
+use crate::secret::Secret;
 use clap::{Parser, Subcommand};
 use std::io::Read;
 use std::path::PathBuf;

@@ -30,9 +30,7 @@ impl Clock {
     pub fn now_ms(&self) -> i64 {
         match self {
             Clock::System => system_unix_ms(),
-            Clock::Tokio { base_unix_ms, base } => {
-                base_unix_ms + base.elapsed().as_millis() as i64
-            }
+            Clock::Tokio { base_unix_ms, base } => base_unix_ms + base.elapsed().as_millis() as i64,
         }
     }
 

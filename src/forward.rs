@@ -54,7 +54,10 @@ pub fn prepare_request(
 
 /// Turns Meraki's response header into the client's: hop-by-hop headers removed, `Link`
 /// rewritten to lead back through the proxy (see [`rewrite_link`]).
-pub fn prepare_response(resp: &mut ResponseHeader, upstream_base_path: &str) -> pingora::Result<()> {
+pub fn prepare_response(
+    resp: &mut ResponseHeader,
+    upstream_base_path: &str,
+) -> pingora::Result<()> {
     for h in HOP_BY_HOP.iter().chain([&TRAILER]) {
         resp.remove_header(h);
     }
@@ -358,7 +361,14 @@ mod tests {
         assert_eq!(go(MAX_REDIRECTS, true), Err(RedirectError::TooMany));
         assert_eq!(go(0, false), Err(RedirectError::BodyTooLarge));
         assert_eq!(
-            follow(None, "https://api.meraki.com/", &allowed, "api.meraki.com", 0, true),
+            follow(
+                None,
+                "https://api.meraki.com/",
+                &allowed,
+                "api.meraki.com",
+                0,
+                true
+            ),
             Err(RedirectError::BadLocation)
         );
     }
@@ -382,7 +392,8 @@ mod tests {
             "</api/v1/organizations/1/networks?startingAfter=a>; rel=next"
         );
         let mut resp = ResponseHeader::build(200, None).unwrap();
-        resp.insert_header("link", "<https://evil.test/x>; rel=next").unwrap();
+        resp.insert_header("link", "<https://evil.test/x>; rel=next")
+            .unwrap();
         prepare_response(&mut resp, "/api/v1").unwrap();
         assert!(resp.headers.get("link").is_none());
     }

@@ -95,7 +95,12 @@ impl ApiClient {
                         ..LookupError::upstream(429, "Meraki answered 429 (rate limit)")
                     });
                 }
-                401 => return Err(LookupError::upstream(502, "Meraki refused the refreshed token")),
+                401 => {
+                    return Err(LookupError::upstream(
+                        502,
+                        "Meraki refused the refreshed token",
+                    ))
+                }
                 status => {
                     return Err(LookupError::upstream(
                         502,

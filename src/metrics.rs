@@ -263,7 +263,8 @@ impl Metrics {
     pub fn init_grant(&self, integration: &str, grant: i64, orgs: &[String], causes: &[&str]) {
         for org in orgs {
             for result in REFRESH_RESULTS {
-                self.refreshes.with_label_values(&[integration, org, result]);
+                self.refreshes
+                    .with_label_values(&[integration, org, result]);
             }
         }
         let id = grant.to_string();
@@ -284,7 +285,13 @@ impl Metrics {
     }
 
     /// The expiry and health of a grant, for each organization it serves.
-    pub fn grant_state(&self, integration: &str, orgs: &[String], expires_at: i64, needs_reauth: bool) {
+    pub fn grant_state(
+        &self,
+        integration: &str,
+        orgs: &[String],
+        expires_at: i64,
+        needs_reauth: bool,
+    ) {
         for org in orgs {
             let labels = [integration, org.as_str()];
             self.token_expiry.with_label_values(&labels).set(expires_at);

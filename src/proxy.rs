@@ -96,7 +96,9 @@ impl Ctx {
     }
 
     fn integration(&self) -> &str {
-        self.client.as_deref().map_or(NONE, |c| c.integration.as_str())
+        self.client
+            .as_deref()
+            .map_or(NONE, |c| c.integration.as_str())
     }
 }
 
@@ -184,7 +186,13 @@ impl MerakiProxy {
                     "Meraki refused the access token; the proxy refreshed it, but this request's body is over 64 KiB and could not be replayed, so it was not applied: retry it",
                 )
                 .upstream(upstream::REJECTED_401);
-                self.fail_with(ctx, Refusal { retry_after: Some(1), ..r })
+                self.fail_with(
+                    ctx,
+                    Refusal {
+                        retry_after: Some(1),
+                        ..r
+                    },
+                )
             }
             Err(crate::token::TokenError::RejectedFresh { .. }) => {
                 // Meraki's own 401 goes to the client, marked.
@@ -360,7 +368,10 @@ impl ProxyHttp for MerakiProxy {
             .ok()
             .and_then(|mut a| a.next())
             .ok_or_else(|| {
-                Error::explain(ErrorType::ConnectNoRoute, "cannot resolve the redirect target")
+                Error::explain(
+                    ErrorType::ConnectNoRoute,
+                    "cannot resolve the redirect target",
+                )
             })?;
         Ok(self.state.upstream.peer_at(addr, t.tls, &t.host))
     }
@@ -375,11 +386,17 @@ impl ProxyHttp for MerakiProxy {
             return Error::e_explain(ErrorType::InternalError, "forwarding an unadmitted request");
         };
         let Some(bearer) = f.token.bearer() else {
-            return Error::e_explain(ErrorType::InternalError, "no access token for an admitted request");
+            return Error::e_explain(
+                ErrorType::InternalError,
+                "no access token for an admitted request",
+            );
         };
         let (authority, path) = match &ctx.redirect {
             Some(t) => (t.authority.as_str(), t.path_and_query.as_str()),
-            None => (self.state.upstream.host_header.as_str(), f.upstream_path.as_str()),
+            None => (
+                self.state.upstream.host_header.as_str(),
+                f.upstream_path.as_str(),
+            ),
         };
         crate::forward::prepare_request(req, bearer, authority, path)?;
         ctx.upstream_sent = Some(Instant::now());
@@ -405,10 +422,15 @@ impl ProxyHttp for MerakiProxy {
             return self.redirect(session, resp, ctx);
         }
         if status == 429 {
-            self.metrics.upstream_429(ctx.org.as_deref().unwrap_or(NONE));
+            self.metrics
+                .upstream_429(ctx.org.as_deref().unwrap_or(NONE));
         }
         if ctx.retried_401 {
-            let outcome = if status == 401 { "rejected_again" } else { "succeeded" };
+            let outcome = if status == 401 {
+                "rejected_again"
+            } else {
+                "succeeded"
+            };
             self.metrics.retry(ctx.integration(), outcome);
         } else if status == 401 {
             self.after_401(session, resp, ctx).await?;
@@ -452,7 +474,10 @@ impl ProxyHttp for MerakiProxy {
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
-        let r = ctx.refusal.clone().unwrap_or_else(|| refusal::from_pingora(e));
+        let r = ctx
+            .refusal
+            .clone()
+            .unwrap_or_else(|| refusal::from_pingora(e));
         if ctx.decision != Decision::Failed {
             ctx.decision = r.decision();
         }

@@ -84,12 +84,17 @@ methods = ["GET"]
         .import("netops", &["111".into()], Secret::new(authority.issue()))
         .await
         .unwrap();
-    let upstream = Arc::new(Upstream::new(&config.upstream.api_base, Duration::from_secs(5)).unwrap());
+    let upstream =
+        Arc::new(Upstream::new(&config.upstream.api_base, Duration::from_secs(5)).unwrap());
     let state = Arc::new(State {
         identities: Identities::new(&config.clients),
         resolver: Resolver::new(100, Duration::from_secs(60)),
-        api: ApiClient::new(&config.upstream.api_base, grants.clone(), Duration::from_secs(5))
-            .unwrap(),
+        api: ApiClient::new(
+            &config.upstream.api_base,
+            grants.clone(),
+            Duration::from_secs(5),
+        )
+        .unwrap(),
         grants,
         upstream,
         config,
@@ -175,15 +180,29 @@ async fn refusals_are_meraki_shaped_audited_and_forward_nothing() {
     for (raw, status, reason, decision) in cases {
         let (done, ctx, got) = rig.filter(raw).await;
         assert!(done, "{raw}: answered by the proxy");
-        assert_eq!(ctx.refusal().map(|r| (r.status, r.reason)), Some((*status, *reason)), "{raw}");
-        assert!(got.starts_with(&format!("HTTP/1.1 {status} ")), "{raw}: {got}");
-        assert!(got.to_ascii_lowercase().contains("x-proxy-request-id: "), "{got}");
+        assert_eq!(
+            ctx.refusal().map(|r| (r.status, r.reason)),
+            Some((*status, *reason)),
+            "{raw}"
+        );
+        assert!(
+            got.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{raw}: {got}"
+        );
+        assert!(
+            got.to_ascii_lowercase().contains("x-proxy-request-id: "),
+            "{got}"
+        );
         let body: serde_json::Value =
             serde_json::from_str(got.split("\r\n\r\n").nth(1).unwrap()).unwrap();
         assert!(!body["errors"][0].as_str().unwrap().is_empty(), "{got}");
         assert_eq!(ctx.decision().as_str(), *decision, "{raw}");
         if *status >= 500 {
-            assert!(got.to_ascii_lowercase().contains("x-proxy-upstream: not-sent"), "{got}");
+            assert!(
+                got.to_ascii_lowercase()
+                    .contains("x-proxy-upstream: not-sent"),
+                "{got}"
+            );
         }
         // Refusals never name another tenant's data.
         assert!(!got.contains(BOB) && !got.contains(ALICE), "{got}");
@@ -192,11 +211,19 @@ async fn refusals_are_meraki_shaped_audited_and_forward_nothing() {
     assert_eq!(audit.len(), cases.len(), "one audit record per request");
     for (record, (_, status, reason, decision)) in audit.iter().zip(cases) {
         assert_eq!(
-            (record["status"].as_u64(), record["reason"].as_str(), record["decision"].as_str()),
+            (
+                record["status"].as_u64(),
+                record["reason"].as_str(),
+                record["decision"].as_str()
+            ),
             (Some(u64::from(*status)), Some(*reason), Some(*decision))
         );
     }
-    assert_eq!(rig.authority.calls(), 1, "only the import called the token endpoint");
+    assert_eq!(
+        rig.authority.calls(),
+        1,
+        "only the import called the token endpoint"
+    );
 }
 
 /// The forwarded request carries the grant's bearer and nothing of the client's key.
@@ -214,8 +241,15 @@ async fn an_admitted_request_is_forwarded_with_the_bearer_only() {
         .upstream_request_filter(&mut s, &mut upstream_req, &mut ctx)
         .await
         .unwrap();
-    assert_eq!(upstream_req.uri.to_string(), "/api/v1/organizations/111/networks?perPage=5");
-    let auth: Vec<_> = upstream_req.headers.get_all("authorization").iter().collect();
+    assert_eq!(
+        upstream_req.uri.to_string(),
+        "/api/v1/organizations/111/networks?perPage=5"
+    );
+    let auth: Vec<_> = upstream_req
+        .headers
+        .get_all("authorization")
+        .iter()
+        .collect();
     assert_eq!(auth.len(), 1);
     assert!(auth[0].to_str().unwrap().starts_with("Bearer access-"));
     assert!(!format!("{:?}", upstream_req.headers).contains(ALICE));
@@ -288,14 +322,23 @@ async fn a_401_on_a_token_issued_moments_ago_passes_through_marked() {
 async fn redirects_are_followed_to_allowed_hosts_only() {
     let rig = rig().await;
     let (mut s, _c, mut ctx) = admitted(&rig).await;
-    let mut resp = upstream_response(302, &[("location", "http://127.0.0.1:9/api/v1/organizations/111/networks?x=1")]);
+    let mut resp = upstream_response(
+        302,
+        &[(
+            "location",
+            "http://127.0.0.1:9/api/v1/organizations/111/networks?x=1",
+        )],
+    );
     let e = rig
         .proxy
         .upstream_response_filter(&mut s, &mut resp, &mut ctx)
         .await
         .unwrap_err();
     assert!(e.retry());
-    assert_eq!(ctx.redirect.as_ref().unwrap().path_and_query, "/api/v1/organizations/111/networks?x=1");
+    assert_eq!(
+        ctx.redirect.as_ref().unwrap().path_and_query,
+        "/api/v1/organizations/111/networks?x=1"
+    );
     let mut resp = upstream_response(307, &[("location", "https://evil.test/api/v1/x")]);
     let e = rig
         .proxy
@@ -304,7 +347,10 @@ async fn redirects_are_followed_to_allowed_hosts_only() {
         .unwrap_err();
     assert!(!e.retry());
     let r = ctx.refusal().unwrap();
-    assert_eq!((r.status, r.reason, r.upstream), (502, "redirect_not_allowed", Some("redirected")));
+    assert_eq!(
+        (r.status, r.reason, r.upstream),
+        (502, "redirect_not_allowed", Some("redirected"))
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -322,7 +368,10 @@ async fn responses_get_links_through_the_proxy_and_the_request_id() {
         .upstream_response_filter(&mut s, &mut resp, &mut ctx)
         .await
         .unwrap();
-    assert_eq!(resp.headers["link"], "</api/v1/organizations/111/networks?startingAfter=N_1>; rel=next");
+    assert_eq!(
+        resp.headers["link"],
+        "</api/v1/organizations/111/networks?startingAfter=N_1>; rel=next"
+    );
     assert_eq!(resp.headers["x-proxy-request-id"].len(), 16);
     rig.proxy.logging(&mut s, None, &mut ctx).await;
     assert_eq!(rig.audit()[0]["upstream_request_id"], "meraki-1");

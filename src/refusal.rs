@@ -232,7 +232,11 @@ pub fn from_pingora(e: &pingora::Error) -> Refusal {
     use pingora::ErrorType as E;
     let etype = e.etype();
     if let E::HTTPStatus(code) = etype {
-        return Refusal::new(*code, "proxy_error", format!("request failed with status {code}"));
+        return Refusal::new(
+            *code,
+            "proxy_error",
+            format!("request failed with status {code}"),
+        );
     }
     match e.esource() {
         pingora::ErrorSource::Upstream if never_sent(etype) => Refusal::new(
@@ -296,7 +300,10 @@ mod tests {
             last_failure: "unreachable",
         };
         let r = Refusal::from(&e);
-        assert_eq!((r.status, r.retry_after, r.upstream), (503, Some(2), Some("not-sent")));
+        assert_eq!(
+            (r.status, r.retry_after, r.upstream),
+            (503, Some(2), Some("not-sent"))
+        );
         let e = crate::token::TokenError::BackingOff {
             retry_after: Duration::from_millis(10),
             last_failure: "unreachable",

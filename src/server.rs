@@ -171,13 +171,17 @@ pub fn build(config: Config, listeners: Listeners) -> Result<Server, StartError>
         "meraki-oauth-proxy",
     );
     proxy.add_tcp(&listen);
-    server.add_service(Prebound::new(proxy, vec![(listen.clone(), listeners.proxy)])?);
+    server.add_service(Prebound::new(
+        proxy,
+        vec![(listen.clone(), listeners.proxy)],
+    )?);
 
     if let Some(admin_listener) = listeners.admin {
         let addr = local_addr(&admin_listener)?;
         let mut admin = ListeningService::new(
             "admin".to_string(),
-            Admin::new(config.clone(), grants.clone(), metrics.clone()).map_err(StartError::Http)?,
+            Admin::new(config.clone(), grants.clone(), metrics.clone())
+                .map_err(StartError::Http)?,
         );
         admin.add_tcp(&addr);
         server.add_service(Prebound::new(admin, vec![(addr, admin_listener)])?);

@@ -108,7 +108,11 @@ impl TokenEndpoint for Authority {
     }
 
     async fn revoke(&self, _it: &Integration, refresh_token: &Secret) -> Result<(), OAuthError> {
-        self.state.lock().unwrap().valid.remove(refresh_token.expose());
+        self.state
+            .lock()
+            .unwrap()
+            .valid
+            .remove(refresh_token.expose());
         Ok(())
     }
 }
@@ -119,7 +123,12 @@ pub struct Recorder(Mutex<Vec<TokenEvent>>);
 
 impl Recorder {
     pub fn kinds(&self) -> Vec<&'static str> {
-        self.0.lock().unwrap().iter().map(|e| e.kind.name()).collect()
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e.kind.name())
+            .collect()
     }
 }
 

@@ -75,7 +75,11 @@ async fn a_burst_across_a_rotation_makes_one_token_call_every_time() {
         .into_iter()
         .filter(|r| r["event"] == "token_refreshed" && r["organization"] == "111")
         .collect();
-    assert_eq!(refreshes.len(), 1 + 5, "the import and one refresh per round");
+    assert_eq!(
+        refreshes.len(),
+        1 + 5,
+        "the import and one refresh per round"
+    );
     assert!(refreshes[1..]
         .iter()
         .all(|r| r["cause"] == "rejected_by_meraki"));
@@ -112,7 +116,10 @@ async fn short_lived_tokens_are_refreshed_once_per_half_lifetime() {
     let calls = s.standin.token_calls() - before;
     // A 10-s token is used for 5 s: 12 s of traffic needs two or three refreshes.
     assert!(sent > 100, "{sent} requests");
-    assert!((1..=3).contains(&calls), "{calls} token calls for {sent} requests");
+    assert!(
+        (1..=3).contains(&calls),
+        "{calls} token calls for {sent} requests"
+    );
 }
 
 /// Case 3: an endpoint Meraki refuses whatever the token: a token issued moments ago is not
@@ -198,7 +205,10 @@ async fn a_token_endpoint_outage_backs_off_and_recovers() {
     let calls = s.standin.token_calls() - before;
     // Backoff 1, 2, 4 s (±20%): at most four calls in 6 s, against one per request before.
     assert!(answers > 50, "{answers} answers");
-    assert!((2..=4).contains(&calls), "{calls} token calls for {answers} requests");
+    assert!(
+        (2..=4).contains(&calls),
+        "{calls} token calls for {answers} requests"
+    );
     s.standin.set_token_endpoint_down(false);
     tokio::time::sleep(Duration::from_secs(last_retry_after) + Duration::from_millis(200)).await;
     let recovered = Instant::now();
@@ -218,5 +228,8 @@ async fn a_token_endpoint_outage_backs_off_and_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let out = s.run(&["grants", "list"]).await;
-    assert!(String::from_utf8_lossy(&out.stdout).contains(" ok "), "no grant lost");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(" ok "),
+        "no grant lost"
+    );
 }

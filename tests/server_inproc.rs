@@ -22,9 +22,20 @@ async fn the_server_runs_on_prebound_listeners_and_stops_on_request() {
     s.import().await;
     let server = InProcess::start(&s.config, proxy, admin);
     let health = format!("http://127.0.0.1:{}/healthz", ports.1);
-    eventually_async(|| async { http().get(&health).send().await.is_ok_and(|r| r.status() == 200) }).await;
+    eventually_async(|| async {
+        http()
+            .get(&health)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
     let r = s
-        .script(reqwest::Method::GET, "/organizations/111/networks", ALICE_KEY)
+        .script(
+            reqwest::Method::GET,
+            "/organizations/111/networks",
+            ALICE_KEY,
+        )
         .send()
         .await
         .unwrap();

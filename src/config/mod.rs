@@ -312,10 +312,7 @@ impl Validator<'_> {
         }
         let refresh_backoff_max = secs(raw.tokens.refresh_backoff_max_secs.unwrap_or(60));
         if refresh_backoff_max.is_zero() || refresh_backoff_max > Duration::from_secs(3600) {
-            return Err(self.invalid(
-                "tokens.refresh_backoff_max_secs",
-                "expected 1 to 3600",
-            ));
+            return Err(self.invalid("tokens.refresh_backoff_max_secs", "expected 1 to 3600"));
         }
 
         let keepalive_idle = secs(raw.tokens.keepalive_idle_secs.unwrap_or(7 * 86_400));

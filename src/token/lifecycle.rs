@@ -113,7 +113,8 @@ impl Grants {
                     .into_iter()
                     .find(|g| g.id == id)
                     .ok_or(ImportError::Vanished)?;
-                self.events.token(stored.event(EventKind::Added { how: "import" }));
+                self.events
+                    .token(stored.event(EventKind::Added { how: "import" }));
                 Ok(stored)
             }
             Err(e) => {

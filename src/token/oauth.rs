@@ -119,7 +119,6 @@ impl OAuthClient {
             revoke_url,
         })
     }
-
 }
 
 #[async_trait::async_trait]

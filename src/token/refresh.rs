@@ -272,14 +272,12 @@ impl Refresher {
         let now = self.clock.now();
         match need {
             Need::Fresh if st.usable(now, self.policy.refresh_ahead) => Some(Ok(st.clone())),
-            Need::Replacing { generation } if st.generation != generation => {
-                Some(Ok(st.clone()))
-            }
+            Need::Replacing { generation } if st.generation != generation => Some(Ok(st.clone())),
             Need::Replacing { .. }
                 if st.has_access()
-                    && st
-                        .issued_at
-                        .is_some_and(|at| now - at < self.policy.rejected_grace.as_secs() as i64) =>
+                    && st.issued_at.is_some_and(|at| {
+                        now - at < self.policy.rejected_grace.as_secs() as i64
+                    }) =>
             {
                 let mut e = grant.event(EventKind::RejectedFresh);
                 e.organization = org.map(str::to_owned);
@@ -308,7 +306,9 @@ impl Refresher {
         let st = grant.state();
         let serves = match need {
             Need::Fresh => st.alive(now_ms / 1000),
-            Need::Replacing { generation } => st.generation != generation && st.alive(now_ms / 1000),
+            Need::Replacing { generation } => {
+                st.generation != generation && st.alive(now_ms / 1000)
+            }
             Need::Rotation { .. } => false,
         };
         if serves {

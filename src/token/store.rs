@@ -40,8 +40,7 @@ pub trait Store: Send + Sync {
     /// Stores a refresh token as a new grant serving no organization yet (generation 0).
     async fn insert_pending(&self, integration: &str, refresh: &Secret) -> Result<i64, StoreError>;
     /// Makes grant `id` the one serving these organizations.
-    async fn assign(&self, id: i64, integration: &str, orgs: &[String])
-        -> Result<(), StoreError>;
+    async fn assign(&self, id: i64, integration: &str, orgs: &[String]) -> Result<(), StoreError>;
     /// Commits a rotation if the stored generation is still `from_generation`.
     async fn commit_rotation(
         &self,

@@ -177,7 +177,10 @@ async fn a_burst_across_a_rotation_makes_one_token_call() {
             tokio::time::sleep(Duration::from_millis(i * 2)).await;
             let g = rig.grant();
             if i % 2 == 0 {
-                rig.grants.rejected(&g, "1", &old).await.map(|t| t.generation)
+                rig.grants
+                    .rejected(&g, "1", &old)
+                    .await
+                    .map(|t| t.generation)
             } else {
                 rig.grants.token(&g, "1").await.map(|t| t.generation)
             }
@@ -187,7 +190,12 @@ async fn a_burst_across_a_rotation_makes_one_token_call() {
         assert_eq!(t.await.unwrap().unwrap(), old.generation + 1);
     }
     assert_eq!(rig.calls(), 1);
-    let refreshed = rig.events.kinds().iter().filter(|k| **k == "token_refreshed").count();
+    let refreshed = rig
+        .events
+        .kinds()
+        .iter()
+        .filter(|k| **k == "token_refreshed")
+        .count();
     assert_eq!(refreshed, 2, "the import and the one refresh");
 }
 
@@ -311,9 +319,11 @@ async fn a_newer_generation_in_the_store_is_adopted() {
         scope: None,
         refreshed_at: now,
     };
-    assert!(Store::commit_rotation(&rig.store, g.id, old.generation, &rotation)
-        .await
-        .unwrap());
+    assert!(
+        Store::commit_rotation(&rig.store, g.id, old.generation, &rotation)
+            .await
+            .unwrap()
+    );
     tokio::time::advance(Duration::from_secs(31)).await;
     let fresh = rig.grants.rejected(&g, "1", &old).await.unwrap();
     assert_eq!(fresh.generation, old.generation + 1);
@@ -340,7 +350,11 @@ async fn a_failed_commit_is_retried_before_the_token_is_used() {
     let e = rig.token().await;
     // Nothing unstored is handed out, not even the old (revoked) token.
     assert!(matches!(e, Err(TokenError::Store(_))), "{e:?}");
-    assert_eq!(g.state().generation, 1, "the uncommitted rotation is not visible");
+    assert_eq!(
+        g.state().generation,
+        1,
+        "the uncommitted rotation is not visible"
+    );
     assert_eq!(rig.calls(), 1);
     let t = rig.token().await.unwrap();
     assert_eq!(t.generation, 2);
@@ -431,12 +445,22 @@ async fn a_stuck_store_delays_only_the_requests_that_need_it() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     for _ in 0..100 {
         let t = tokio::time::timeout(Duration::from_secs(2), rig.token()).await;
-        assert!(matches!(t, Ok(Ok(_))), "a request for organization 1 waited on the store");
+        assert!(
+            matches!(t, Ok(Ok(_))),
+            "a request for organization 1 waited on the store"
+        );
     }
-    assert!(misses.iter().all(|m| !m.is_finished()), "the misses wait for the store");
+    assert!(
+        misses.iter().all(|m| !m.is_finished()),
+        "the misses wait for the store"
+    );
     hold.set(false);
     for m in misses {
         assert!(m.await.unwrap(), "still no grant for organization 2");
     }
-    assert_eq!(hold.loads.load(Ordering::SeqCst) - loads_before, 1, "one reload for ten misses");
+    assert_eq!(
+        hold.loads.load(Ordering::SeqCst) - loads_before,
+        1,
+        "one reload for ten misses"
+    );
 }

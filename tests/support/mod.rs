@@ -2,5 +2,5 @@
 #![allow(dead_code)]
 
 pub mod harness;
-pub mod standin;
 pub mod inproc;
+pub mod standin;
