@@ -8,14 +8,29 @@
 //!   program reads (`config::Config`).
 //! - [`identity`]: who is calling: the proxy client key, matched by SHA-256 digest.
 //! - [`route`]: which organization the request acts on: path normalization, and the cached
-//!   lookup of networks and devices.
-//! - [`token`]: grants, the OAuth token endpoint, single-flight refresh and the durable store.
-//! - [`forward`]: what forwarding does to the wire: `Link` rewriting, following redirects.
-//! - [`proxy`]: the Pingora hooks; thin, they call the modules above.
-//! - [`audit`] and [`metrics`]: one audit record and the metrics of every request.
-//! - [`admin`]: the admin listener (`/metrics`, `/healthz`, `/readyz`).
-//! - [`server`]: the one place that turns a configuration into a running Pingora server.
+//!   lookup of networks and devices (made through [`lookup`], the proxy's own API client).
+//! - [`admission`]: identify → route → authorize → token, as one plain function (`admit`) that
+//!   answers `Admitted` or a refusal; testable without a socket.
+//! - [`token`]: grants and their tokens, split by job: the grant map, the refresh engine (single
+//!   flight, refresh points, backoff, commit before use), the lifecycle (add, import, revoke,
+//!   keep-alive), the store behind a trait, the authorization server behind a trait, events.
+//! - [`forward`]: what forwarding does to the wire: the request Meraki gets, the response the
+//!   client gets (hop-by-hop headers, `Link` rewriting), the redirect decision.
+//! - [`refusal`]: the one trait every refusal-producing error implements, and Meraki-style
+//!   error bodies.
+//! - [`proxy`]: the Pingora hooks; glue of a few lines each over the modules above.
+//! - [`audit`] and [`metrics`]: one audit record and the metrics of every request;
+//!   [`observe`] turns the token module's events into both.
+//! - [`admin`]: the admin listener (`/metrics`, `/healthz`, `/readyz`, status page, consent).
+//! - [`server`]: the one place that turns a configuration into a running Pingora server;
+//!   `server::run` takes already-bound listeners and a shutdown signal.
 //! - [`cli`]: the command line.
+//! - [`endpoints`]: Meraki's API operations (method, path template, operationId, tags),
+//!   generated from the official SDK by `scripts/gen-endpoint-table.py`.
+//! - [`clock`], [`seal`], [`secret`], [`upstream`]: time and its formatting, sealing tokens at
+//!   rest, secrets that never print, the upstream peer.
+//!
+//! Nothing below [`proxy`] imports [`audit`] or [`metrics`]; the import graph has no cycle.
 //!
 //! Secrets travel as [`secret::Secret`], whose `Debug` and `Display` show a fingerprint only.
 
