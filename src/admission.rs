@@ -75,6 +75,32 @@ pub struct Rejection {
     pub path: Option<String>,
 }
 
+/// A method that is not the Meraki Dashboard API's (TRACE, CONNECT, PATCH, OPTIONS, ...).
+#[derive(Debug, thiserror::Error)]
+#[error("method {0} is not used by the Meraki Dashboard API")]
+pub struct NotAnApiMethod(pub http::Method);
+
+impl Refuse for NotAnApiMethod {
+    fn status(&self) -> u16 {
+        405
+    }
+    fn reason(&self) -> &'static str {
+        "method_not_allowed"
+    }
+}
+
+/// The methods forwarded: Meraki's (HEAD answered like GET).
+pub fn is_api_method(m: &http::Method) -> bool {
+    matches!(
+        *m,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::POST
+            | http::Method::PUT
+            | http::Method::DELETE
+    )
+}
+
 /// A method the client may not use.
 #[derive(Debug, thiserror::Error)]
 #[error("method {0} is not allowed for this client")]
@@ -101,6 +127,9 @@ pub async fn admit(state: &State, req: &RequestHeader) -> Result<Admitted, Rejec
         seen.refusal = r;
         seen
     };
+    if !is_api_method(&req.method) {
+        return Err(refuse(seen, Refusal::from(&NotAnApiMethod(req.method.clone()))));
+    }
     let client = match state.identities.identify(&req.headers) {
         Ok(c) => c,
         Err(e) => return Err(refuse(seen, Refusal::from(&e))),
@@ -143,7 +172,19 @@ pub async fn admit(state: &State, req: &RequestHeader) -> Result<Admitted, Rejec
         Err(e) => return Err(refuse(seen, Refusal::from(&e))),
     };
     if !client.may_access(&org) {
-        let e = RouteError::ForbiddenOrganization(org.to_string());
+        // Say only what the client already knows: the id it sent, never the organization a
+        // network or device belongs to (the lookup cache is shared by all clients).
+        let e = match &r.target {
+            Target::Network(id) => RouteError::NotInClientOrganizations {
+                kind: "network",
+                id: id.clone(),
+            },
+            Target::Device(id) => RouteError::NotInClientOrganizations {
+                kind: "device",
+                id: id.clone(),
+            },
+            _ => RouteError::ForbiddenOrganization(org.to_string()),
+        };
         return Err(refuse(seen, Refusal::from(&e)));
     }
     seen.org = Some(org.clone());

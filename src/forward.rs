@@ -22,6 +22,11 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     TE,
     UPGRADE,
 ];
+/// Headers that would make a server read another method than the one authorized.
+const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
+/// Credential header names, as servers that fold `_` into `-` (Rack, CGI) read them.
+const CREDENTIALS: [&str; 3] = ["x-cisco-meraki-api-key", "authorization", "proxy-authorization"];
+
 /// Also dropped from responses: a trailer announcement without the trailers.
 const TRAILER: HeaderName = http::header::TRAILER;
 
@@ -37,6 +42,25 @@ pub fn prepare_request(
     req.remove_header(&API_KEY_HEADER);
     for h in &HOP_BY_HOP {
         req.remove_header(h);
+    }
+    // Names that fold (case, `_` for `-`) into a credential or a method override: another
+    // server could read them as the client's key or as another method.
+    let folded: Vec<HeaderName> = req
+        .headers
+        .keys()
+        .filter(|name| {
+            let n = name.as_str();
+            if n.contains('_') {
+                let f = n.replace('_', "-");
+                CREDENTIALS.contains(&f.as_str()) || METHOD_OVERRIDES.contains(&f.as_str())
+            } else {
+                METHOD_OVERRIDES.contains(&n)
+            }
+        })
+        .cloned()
+        .collect();
+    for name in &folded {
+        req.remove_header(name);
     }
     req.insert_header(AUTHORIZATION, bearer.clone())?;
     req.insert_header(HOST, authority)?;
@@ -288,6 +312,9 @@ mod tests {
         req.insert_header("proxy-authorization", "Basic abc")
             .unwrap();
         req.insert_header("user-agent", "script/1.0 Acme").unwrap();
+        req.insert_header("x_cisco_meraki_api_key", "client-key").unwrap();
+        req.insert_header("x-http-method-override", "DELETE").unwrap();
+        req.insert_header("x_http_method_override", "DELETE").unwrap();
         let bearer = HeaderValue::from_static("Bearer access-token");
         prepare_request(
             &mut req,
@@ -297,6 +324,9 @@ mod tests {
         )
         .unwrap();
         assert!(req.headers.get("x-cisco-meraki-api-key").is_none());
+        assert!(req.headers.get("x_cisco_meraki_api_key").is_none());
+        assert!(req.headers.get("x-http-method-override").is_none());
+        assert!(req.headers.get("x_http_method_override").is_none());
         assert!(req.headers.get("proxy-authorization").is_none());
         assert_eq!(
             req.headers

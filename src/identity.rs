@@ -21,7 +21,7 @@ pub enum IdentityError {
     #[error("invalid API key")]
     Unknown,
     /// Both headers, with different keys: ambiguous, so refused.
-    #[error("conflicting API keys: X-Cisco-Meraki-API-Key and Authorization carry different keys")]
+    #[error("conflicting API keys: the credential headers carry different keys")]
     Conflicting,
     /// A header that is not a usable key (not visible ASCII, or not a Bearer credential).
     #[error("malformed credentials header")]
@@ -80,8 +80,8 @@ impl Identities {
 
 /// Reads the key from either credential header.
 pub fn extract_key(headers: &http::HeaderMap) -> Result<&[u8], IdentityError> {
-    let api_key = headers.get(&API_KEY_HEADER).map(|v| trim(v.as_bytes()));
-    let bearer = match headers.get(http::header::AUTHORIZATION) {
+    let api_key = single(headers, &API_KEY_HEADER)?.map(|v| trim(v.as_bytes()));
+    let bearer = match single(headers, &http::header::AUTHORIZATION)? {
         None => None,
         Some(v) => {
             let v = trim(v.as_bytes());
@@ -104,6 +104,22 @@ pub fn extract_key(headers: &http::HeaderMap) -> Result<&[u8], IdentityError> {
         return Err(IdentityError::Malformed);
     }
     Ok(key)
+}
+
+/// The one value of a credential header: repeated with different values it is ambiguous (which
+/// one a server reads differs), so refused.
+fn single<'h>(
+    headers: &'h http::HeaderMap,
+    name: &http::HeaderName,
+) -> Result<Option<&'h http::HeaderValue>, IdentityError> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next();
+    match first {
+        Some(f) if values.any(|v| trim(v.as_bytes()) != trim(f.as_bytes())) => {
+            Err(IdentityError::Conflicting)
+        }
+        _ => Ok(first),
+    }
 }
 
 fn trim(b: &[u8]) -> &[u8] {

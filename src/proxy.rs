@@ -329,6 +329,8 @@ impl ProxyHttp for MerakiProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        // Clients may pipeline (RFC 9112 9.3.2): answered in order, one at a time.
+        session.as_mut().set_pipelining_enabled(true);
         self.metrics.in_flight().inc();
         ctx.counted_in_flight = true;
         match admission::admit(&self.state, session.req_header()).await {

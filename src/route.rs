@@ -51,6 +51,9 @@ pub enum RouteError {
     /// An action batch names a resource outside the batch's organization.
     #[error("action batch resource {resource} is not in organization {org}")]
     ActionOutsideOrganization { resource: String, org: String },
+    /// An action batch resource that is not canonical.
+    #[error("action batch resource {resource:?} is refused: {why}")]
+    NonCanonicalResource { resource: String, why: &'static str },
     /// An action batch body the proxy cannot check.
     #[error("malformed action batch: {0}")]
     BadActionBatch(&'static str),
@@ -67,7 +70,9 @@ impl RouteError {
     /// The HTTP status this error is answered with.
     pub fn status(&self) -> u16 {
         match self {
-            RouteError::Malformed(_) | RouteError::BadActionBatch(_) => 400,
+            RouteError::Malformed(_)
+            | RouteError::BadActionBatch(_)
+            | RouteError::NonCanonicalResource { .. } => 400,
             RouteError::ActionOutsideOrganization { .. } => 403,
             RouteError::NotUnderApi => 404,
             RouteError::NoOrganization
@@ -80,7 +85,9 @@ impl RouteError {
     /// A short fixed label for metrics and audit.
     pub fn reason(&self) -> &'static str {
         match self {
-            RouteError::Malformed(_) | RouteError::BadActionBatch(_) => "bad_request",
+            RouteError::Malformed(_)
+            | RouteError::BadActionBatch(_)
+            | RouteError::NonCanonicalResource { .. } => "bad_request",
             RouteError::ActionOutsideOrganization { .. } => "forbidden_organization",
             RouteError::NotUnderApi => "not_found",
             RouteError::NoOrganization => "no_organization",
@@ -123,24 +130,7 @@ pub fn parse(raw_path: &str, method: &http::Method) -> Result<Route, RouteError>
         if raw.is_empty() {
             continue;
         }
-        let decoded = percent_decode_str(raw)
-            .decode_utf8()
-            .map_err(|_| RouteError::Malformed("invalid percent-encoding"))?;
-        if decoded.contains(['/', '\\']) {
-            return Err(RouteError::Malformed("encoded slash in path"));
-        }
-        if decoded.chars().any(char::is_control) {
-            return Err(RouteError::Malformed("control character in path"));
-        }
-        match decoded.as_ref() {
-            "." => {}
-            ".." => {
-                if segments.pop().is_none() {
-                    return Err(RouteError::Malformed("'..' above the root"));
-                }
-            }
-            _ => segments.push(decoded.into_owned()),
-        }
+        segments.push(segment(raw)?);
     }
     let mut rest = strip_api_prefix(&segments).ok_or(RouteError::NotUnderApi)?;
     // A Link rewritten by the proxy is `/api/v1/...`; the official SDK appends it to its base
@@ -186,6 +176,65 @@ pub fn parse(raw_path: &str, method: &http::Method) -> Result<Route, RouteError>
         path.push('/');
     }
     Ok(Route { path, target })
+}
+
+/// Decodes one path segment, refusing every spelling that another parser could read as a
+/// different path: the proxy authorizes and forwards only canonical paths. Ids the official SDK
+/// percent-encodes (a MAC address's `%3A`) decode to themselves and pass.
+fn segment(raw: &str) -> Result<String, RouteError> {
+    if raw.contains([';', '\\']) {
+        // Matrix parameters (`..;`) and backslashes: servers disagree on what they mean.
+        return Err(RouteError::Malformed("';' or '\\' in path"));
+    }
+    let decoded = percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| RouteError::Malformed("invalid percent-encoding"))?;
+    if decoded.contains(['/', '\\']) {
+        return Err(RouteError::Malformed("encoded slash in path"));
+    }
+    if decoded.contains(['%', '?', '#', ';']) {
+        // `%252e` is `%2e` after one decoding and `.` after two.
+        return Err(RouteError::Malformed(
+            "percent-encoded '%', '?', '#' or ';' in path",
+        ));
+    }
+    if decoded.chars().any(char::is_control) {
+        return Err(RouteError::Malformed("control character in path"));
+    }
+    if !decoded.is_ascii() {
+        // Unicode look-alikes (a fullwidth dot) normalize to ASCII in some servers.
+        return Err(RouteError::Malformed("non-ASCII character in path"));
+    }
+    if decoded == "." || decoded == ".." {
+        return Err(RouteError::Malformed("dot segment in path"));
+    }
+    Ok(decoded.into_owned())
+}
+
+/// Checks that an action batch resource is canonical: what the proxy checks is byte for byte
+/// what Meraki receives in the body, so no query, fragment, empty or dot segment, and no
+/// spelling [`parse`] would refuse in a request path.
+pub fn canonical_resource(resource: &str) -> Result<(), RouteError> {
+    let bad = |why: &'static str| RouteError::NonCanonicalResource {
+        resource: resource.chars().take(200).collect(),
+        why,
+    };
+    let Some(rest) = resource.strip_prefix('/') else {
+        return Err(bad("it does not start with '/'"));
+    };
+    if resource.contains(['?', '#']) {
+        return Err(bad("it has a query or fragment"));
+    }
+    for raw in rest.split('/') {
+        if raw.is_empty() {
+            return Err(bad("it has an empty segment"));
+        }
+        segment(raw).map_err(|e| match e {
+            RouteError::Malformed(why) => bad(why),
+            other => other,
+        })?;
+    }
+    Ok(())
 }
 
 fn strip_api_prefix(segments: &[String]) -> Option<&[String]> {
@@ -318,15 +367,13 @@ impl Resolver {
         lookup: &dyn Lookup,
     ) -> Result<(), RouteError> {
         for resource in batch_resources(body)? {
+            canonical_resource(&resource)?;
             let outside = || RouteError::ActionOutsideOrganization {
                 resource: resource.clone(),
                 org: org.to_owned(),
             };
-            let route = parse(
-                &format!("/api/v1/{}", resource.trim_start_matches('/')),
-                &http::Method::GET,
-            )
-            .map_err(|_| outside())?;
+            let route = parse(&format!("/api/v1{resource}"), &http::Method::GET)
+                .map_err(|_| outside())?;
             match self.organization_of(&route.target, orgs, lookup).await {
                 Ok(o) if &*o == org => {}
                 Ok(_)
@@ -484,13 +531,7 @@ mod tests {
     fn tricks_cannot_change_the_organization() {
         // Each of these would reach organization 999 if taken naively; the target and the
         // forwarded path must agree.
-        let cases = [
-            "/api/v1/organizations/123/../999/networks",
-            "/api/v1/organizations/123/%2e%2e/999/networks",
-            "//api//v1//organizations//999",
-            "/API/V1/Organizations/999",
-            "/api/v1/organizations/123/networks/../../999",
-        ];
+        let cases = ["//api//v1//organizations//999", "/API/V1/Organizations/999"];
         for c in cases {
             let r = get(c).unwrap();
             assert_eq!(r.target, Target::Organization("999".into()), "{c}");
@@ -508,10 +549,29 @@ mod tests {
             get("/api/v1/organizations/123%5C999").unwrap_err(),
             RouteError::Malformed("encoded slash in path")
         );
-        assert!(matches!(
-            get("/api/../../etc").unwrap_err(),
-            RouteError::Malformed(_)
-        ));
+        // Dot segments, double encoding, matrix parameters, look-alikes: refused, not resolved.
+        for bad in [
+            "/api/v1/organizations/123/../999/networks",
+            "/api/v1/organizations/123/%2e%2e/999/networks",
+            "/api/v1/organizations/123/networks/../../999",
+            "/api/v1/organizations/123/%252e%252e/999",
+            "/api/v1/organizations/123/..;/999",
+            "/api/v1/organizations/123;x=1/networks",
+            "/api/v1/organizations/123/\u{ff0e}\u{ff0e}/999",
+            "/api/v1/organizations/123/%EF%BC%8E%EF%BC%8E/999",
+            "/api/v1/organizations/123%3F/networks",
+            "/api/v1/organizations/123%23/networks",
+            "/api/../../etc",
+        ] {
+            assert!(matches!(get(bad), Err(RouteError::Malformed(_))), "{bad}");
+        }
+        // The SDK's percent-encoded MAC address passes, decoded once.
+        assert_eq!(
+            get("/api/v1/networks/N_1/clients/00%3A11%3A22%3A33%3A44%3A55")
+                .unwrap()
+                .path,
+            "/networks/N_1/clients/00:11:22:33:44:55"
+        );
         assert!(matches!(
             get("/api/v1/organizations/%ff").unwrap_err(),
             RouteError::Malformed(_)
@@ -586,7 +646,6 @@ mod tests {
         for bad in [
             "/networks/N2",
             "/organizations/2/admins",
-            "/networks/N1/../../organizations/2",
             "/administered/identities/me",
             "/networks/N9",
         ] {
@@ -603,6 +662,28 @@ mod tests {
             r.check_batch(b"not json", "1", &orgs, &up).await,
             Err(RouteError::BadActionBatch(_))
         ));
+        // What a URL parser upstream would read differently from the proxy's check is refused
+        // before any lookup, naming the resource.
+        for spelling in [
+            "/networks/N2?/../../networks/N1",
+            "/networks/N2#/../../networks/N1",
+            "/organizations/2?/../../organizations/1/networks",
+            "/networks/N1/../../organizations/2",
+            "/networks/N1/%2e%2e/%2e%2e/organizations/2",
+            "/networks/N1/..;/..;/organizations/2",
+            "//networks/N1",
+            "networks/N1",
+            "/networks/N1\\..\\..\\organizations\\2",
+        ] {
+            let e = r
+                .check_batch(batch(spelling).as_bytes(), "1", &orgs, &up)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&e, RouteError::NonCanonicalResource { resource, .. } if resource == spelling),
+                "{spelling}: {e:?}"
+            );
+        }
         let route = parse("/api/v1/organizations/1/actionBatches", &Method::POST).unwrap();
         assert!(route.is_action_batch(&Method::POST));
         assert!(
