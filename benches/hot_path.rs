@@ -35,6 +35,7 @@ fn client(i: usize, key: &str) -> Arc<Client> {
         integration: "netops".into(),
         organizations: vec![ORG.into()],
         methods: None,
+        operations: None,
     })
 }
 
@@ -231,6 +232,7 @@ fn entry(who: &Arc<Client>, org: &Arc<str>) -> RequestEntry {
         organization: Some(org.clone()),
         method: Method::GET,
         path: "/organizations/111111/networks?perPage=1000".to_owned(),
+        operation: Some("getOrganizationNetworks"),
         status: 200,
         upstream_status: Some(200),
         decision: "forwarded",

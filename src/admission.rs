@@ -3,7 +3,8 @@
 //! (the client's organizations and methods) and given an access token ([`crate::token`]), or
 //! refused with a [`Refusal`] that says only what the client may know.
 
-use crate::config::{Client, Config};
+use crate::config::{Client, Config, UnknownEndpoints};
+use crate::endpoints::{EndpointTable, Operation};
 use crate::identity::Identities;
 use crate::lookup::{ApiClient, LookupWith};
 use crate::refusal::{Refusal, Refuse};
@@ -31,6 +32,9 @@ pub struct Admitted {
     pub client: Arc<Client>,
     /// The normalized path and query below the API base.
     pub path: String,
+    /// The operation of Meraki's API table the request is (none: an unknown endpoint allowed
+    /// by `unknown_endpoints = "allow"`).
+    pub operation: Option<&'static Operation>,
     pub action: Action,
 }
 
@@ -73,6 +77,39 @@ pub struct Rejection {
     pub client: Option<Arc<Client>>,
     pub org: Option<Arc<str>>,
     pub path: Option<String>,
+    pub operation: Option<&'static Operation>,
+}
+
+/// A request that is no operation of Meraki's API.
+#[derive(Debug, thiserror::Error)]
+#[error("{method} {path} is not an operation of the Meraki Dashboard API known to this proxy (API table: meraki-sdk {version})")]
+pub struct UnknownEndpoint {
+    pub method: http::Method,
+    pub path: String,
+    pub version: &'static str,
+}
+
+impl Refuse for UnknownEndpoint {
+    fn status(&self) -> u16 {
+        404
+    }
+    fn reason(&self) -> &'static str {
+        "unknown_endpoint"
+    }
+}
+
+/// An operation the client may not run.
+#[derive(Debug, thiserror::Error)]
+#[error("operation {0} is not allowed for this client")]
+pub struct ForbiddenOperation(pub &'static str);
+
+impl Refuse for ForbiddenOperation {
+    fn status(&self) -> u16 {
+        403
+    }
+    fn reason(&self) -> &'static str {
+        "forbidden_operation"
+    }
 }
 
 /// A method that is not the Meraki Dashboard API's (TRACE, CONNECT, PATCH, OPTIONS, ...).
@@ -122,13 +159,17 @@ pub async fn admit(state: &State, req: &RequestHeader) -> Result<Admitted, Rejec
         client: None,
         org: None,
         path: None,
+        operation: None,
     };
     let refuse = |mut seen: Rejection, r: Refusal| {
         seen.refusal = r;
         seen
     };
     if !is_api_method(&req.method) {
-        return Err(refuse(seen, Refusal::from(&NotAnApiMethod(req.method.clone()))));
+        return Err(refuse(
+            seen,
+            Refusal::from(&NotAnApiMethod(req.method.clone())),
+        ));
     }
     let client = match state.identities.identify(&req.headers) {
         Ok(c) => c,
@@ -151,10 +192,32 @@ pub async fn admit(state: &State, req: &RequestHeader) -> Result<Admitted, Rejec
         None => r.path.clone(),
     };
     seen.path = Some(path.clone());
+    let table = EndpointTable::builtin();
+    let segments: Vec<&str> = r.segments.iter().map(String::as_str).collect();
+    let operation = table.find(method, &segments).map(|m| m.operation());
+    seen.operation = operation;
+    match operation {
+        None if state.config.unknown_endpoints == UnknownEndpoints::Deny => {
+            let e = UnknownEndpoint {
+                method: method.clone(),
+                path: r.path.clone(),
+                version: table.sdk_version(),
+            };
+            return Err(refuse(seen, Refusal::from(&e)));
+        }
+        Some(op) if !client.may_run(op) => {
+            return Err(refuse(
+                seen,
+                Refusal::from(&ForbiddenOperation(&op.operation_id)),
+            ));
+        }
+        _ => {}
+    }
     if r.target == Target::OrganizationList {
         return Ok(Admitted {
             client,
             path,
+            operation,
             action: Action::ListOrganizations,
         });
     }
@@ -200,6 +263,7 @@ pub async fn admit(state: &State, req: &RequestHeader) -> Result<Admitted, Rejec
     Ok(Admitted {
         client,
         path,
+        operation,
         action: Action::Forward(Forward {
             org,
             grant,

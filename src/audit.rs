@@ -59,6 +59,8 @@ pub struct RequestEntry {
     pub method: http::Method,
     /// The normalized path and query below the API base (the raw one if it did not parse).
     pub path: String,
+    /// The operationId of Meraki's API table the request matched.
+    pub operation: Option<&'static str>,
     pub status: u16,
     pub upstream_status: Option<u16>,
     pub decision: &'static str,
@@ -92,6 +94,7 @@ impl RequestEntry {
             organization: self.organization.as_deref(),
             method: self.method.as_str(),
             path: &self.path,
+            operation: self.operation,
             status: self.status,
             upstream_status: self.upstream_status,
             decision: self.decision,
@@ -122,6 +125,7 @@ struct RequestRecord<'a> {
     organization: Option<&'a str>,
     method: &'a str,
     path: &'a str,
+    operation: Option<&'static str>,
     status: u16,
     upstream_status: Option<u16>,
     /// `forwarded`, `answered` (by the proxy itself, e.g. the organization list), `denied`, `error`.
@@ -401,6 +405,7 @@ mod tests {
             organization: Some("123".into()),
             method: http::Method::GET,
             path: "/organizations".into(),
+            operation: Some("getOrganizations"),
             status: 200,
             upstream_status: None,
             decision: "answered",
@@ -450,6 +455,7 @@ mod tests {
             organization: None,
             method: http::Method::POST,
             path: "/organizations/1/networks".into(),
+            operation: None,
             status: 201,
             upstream_status: Some(201),
             decision: "forwarded",

@@ -23,9 +23,17 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     UPGRADE,
 ];
 /// Headers that would make a server read another method than the one authorized.
-const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
 /// Credential header names, as servers that fold `_` into `-` (Rack, CGI) read them.
-const CREDENTIALS: [&str; 3] = ["x-cisco-meraki-api-key", "authorization", "proxy-authorization"];
+const CREDENTIALS: [&str; 3] = [
+    "x-cisco-meraki-api-key",
+    "authorization",
+    "proxy-authorization",
+];
 
 /// Also dropped from responses: a trailer announcement without the trailers.
 const TRAILER: HeaderName = http::header::TRAILER;
@@ -312,9 +320,12 @@ mod tests {
         req.insert_header("proxy-authorization", "Basic abc")
             .unwrap();
         req.insert_header("user-agent", "script/1.0 Acme").unwrap();
-        req.insert_header("x_cisco_meraki_api_key", "client-key").unwrap();
-        req.insert_header("x-http-method-override", "DELETE").unwrap();
-        req.insert_header("x_http_method_override", "DELETE").unwrap();
+        req.insert_header("x_cisco_meraki_api_key", "client-key")
+            .unwrap();
+        req.insert_header("x-http-method-override", "DELETE")
+            .unwrap();
+        req.insert_header("x_http_method_override", "DELETE")
+            .unwrap();
         let bearer = HeaderValue::from_static("Bearer access-token");
         prepare_request(
             &mut req,

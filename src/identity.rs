@@ -145,6 +145,7 @@ mod tests {
             integration: "i".into(),
             organizations: vec!["1".into()],
             methods: None,
+            operations: None,
         })
     }
 

@@ -42,6 +42,8 @@ pub struct Ctx {
     org: Option<Arc<str>>,
     /// The normalized path and query below the API base, once parsed.
     path: Option<String>,
+    /// The operationId of Meraki's API table, once matched.
+    operation: Option<&'static str>,
     forward: Option<Forward>,
     decision: Decision,
     refusal: Option<Refusal>,
@@ -69,6 +71,7 @@ impl Ctx {
             client: None,
             org: None,
             path: None,
+            operation: None,
             forward: None,
             decision: Decision::Forwarded,
             refusal: None,
@@ -338,11 +341,13 @@ impl ProxyHttp for MerakiProxy {
                 ctx.client = rejection.client;
                 ctx.org = rejection.org;
                 ctx.path = rejection.path;
+                ctx.operation = rejection.operation.map(|o| o.operation_id.as_str());
                 self.refuse(session, ctx, rejection.refusal).await
             }
             Ok(admitted) => {
                 ctx.client = Some(admitted.client);
                 ctx.path = Some(admitted.path);
+                ctx.operation = admitted.operation.map(|o| o.operation_id.as_str());
                 match admitted.action {
                     Action::ListOrganizations => self.list_organizations(session, ctx).await,
                     Action::Forward(f) => {
@@ -536,6 +541,7 @@ impl ProxyHttp for MerakiProxy {
             organization: ctx.org.clone(),
             method: req.method.clone(),
             path,
+            operation: ctx.operation,
             status,
             upstream_status: ctx.upstream_status,
             decision: ctx.decision.as_str(),

@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 const ALICE: &str = "alice-key-0123456789";
 const BOB: &str = "bob-key-0123456789";
+const CAROL: &str = "carol-key-0123456789";
 
 struct Rig {
     proxy: MerakiProxy,
@@ -52,9 +53,16 @@ key_sha256 = "{bob}"
 integration = "netops"
 organizations = ["222"]
 methods = ["GET"]
+[[clients]]
+name = "carol"
+key_sha256 = "{carol}"
+integration = "netops"
+organizations = ["111"]
+operations = ["getOrganization", "wireless:read"]
 "#,
         alice = hash_key(ALICE),
         bob = hash_key(BOB),
+        carol = hash_key(CAROL),
     );
     let env = |name: &str| match name {
         "KEY" => Some("11".repeat(32)),
@@ -176,6 +184,20 @@ async fn refusals_are_meraki_shaped_audited_and_forward_nothing() {
         (get("/api/v1/administered/identities/me", ALICE), 403, "no_organization", "denied"),
         (get("/api/v1/organizations/111%2F..%2F222", ALICE), 400, "bad_request", "denied"),
         (get("/api/v1/organizations/444/networks", ALICE), 503, "no_grant", "error"),
+        (get("/api/v1/organizations/111/notAnEndpoint", ALICE), 404, "unknown_endpoint", "denied"),
+        (
+            format!("TRACE /api/v1/organizations/111 HTTP/1.1\r\nHost: p\r\nX-Cisco-Meraki-API-Key: {ALICE}\r\n\r\n"),
+            405,
+            "method_not_allowed",
+            "denied",
+        ),
+        (get("/api/v1/organizations/111/networks", CAROL), 403, "forbidden_operation", "denied"),
+        (
+            format!("PUT /api/v1/organizations/111/wireless/devices/provisioning/deployments HTTP/1.1\r\nHost: p\r\nX-Cisco-Meraki-API-Key: {CAROL}\r\nContent-Length: 0\r\n\r\n"),
+            403,
+            "forbidden_operation",
+            "denied",
+        ),
     ];
     for (raw, status, reason, decision) in cases {
         let (done, ctx, got) = rig.filter(raw).await;
@@ -375,4 +397,24 @@ async fn responses_get_links_through_the_proxy_and_the_request_id() {
     assert_eq!(resp.headers["x-proxy-request-id"].len(), 16);
     rig.proxy.logging(&mut s, None, &mut ctx).await;
     assert_eq!(rig.audit()[0]["upstream_request_id"], "meraki-1");
+}
+
+/// Per-client operations: an operationId and a family's reads are allowed, nothing else; the
+/// audit record names the operation.
+#[tokio::test(start_paused = true)]
+async fn a_client_runs_only_its_operations() {
+    let rig = rig().await;
+    let (done, ctx, _) = rig.filter(&get("/api/v1/organizations/111", CAROL)).await;
+    assert!(!done, "getOrganization is carol's");
+    assert_eq!(ctx.operation, Some("getOrganization"));
+    let (done, _, got) = rig
+        .filter(&get("/api/v1/organizations/111/networks", CAROL))
+        .await;
+    assert!(
+        done && got.contains("operation getOrganizationNetworks is not allowed"),
+        "{got}"
+    );
+    let audit = rig.audit();
+    assert_eq!(audit[1]["operation"], "getOrganizationNetworks");
+    assert_eq!(audit[1]["reason"], "forbidden_operation");
 }

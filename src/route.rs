@@ -121,6 +121,9 @@ pub struct Route {
     pub path: String,
     /// What it acts on.
     pub target: Target,
+    /// The decoded segments below the API base, as forwarded (the collection name in the
+    /// spelling that was authorized): what Meraki's API table is matched against.
+    pub segments: Vec<String>,
 }
 
 /// Normalizes a request path (without query) and finds its target.
@@ -175,7 +178,15 @@ pub fn parse(raw_path: &str, method: &http::Method) -> Result<Route, RouteError>
     if path.is_empty() {
         path.push('/');
     }
-    Ok(Route { path, target })
+    let mut segments = rest.to_vec();
+    if let (Some(first), Some(c)) = (segments.first_mut(), collection) {
+        *first = c;
+    }
+    Ok(Route {
+        path,
+        target,
+        segments,
+    })
 }
 
 /// Decodes one path segment, refusing every spelling that another parser could read as a
@@ -372,8 +383,8 @@ impl Resolver {
                 resource: resource.clone(),
                 org: org.to_owned(),
             };
-            let route = parse(&format!("/api/v1{resource}"), &http::Method::GET)
-                .map_err(|_| outside())?;
+            let route =
+                parse(&format!("/api/v1{resource}"), &http::Method::GET).map_err(|_| outside())?;
             match self.organization_of(&route.target, orgs, lookup).await {
                 Ok(o) if &*o == org => {}
                 Ok(_)

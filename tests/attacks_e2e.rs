@@ -59,7 +59,10 @@ fn bob_untouched_by_alice(s: &Scenario) {
     for r in s.standin.requests() {
         let of_alice = r.header("user-agent").is_some_and(|u| u.contains("alice"));
         if of_alice && (r.path_and_query.contains("222") || r.path_and_query.contains("L_222")) {
-            assert!(r.method == "GET" && r.status >= 400, "alice reached organization 222: {r:?}");
+            assert!(
+                r.method == "GET" && r.status >= 400,
+                "alice reached organization 222: {r:?}"
+            );
         }
     }
     assert_eq!(s.standin.network("L_222_0").unwrap()["name"], "bob net");
@@ -107,7 +110,11 @@ async fn path_spellings_that_another_parser_reads_differently_are_refused() {
     })
     .await;
     // Still serving.
-    let r = exchange(p.port, &req("GET", "/api/v1/organizations/111", ALICE_KEY, "")).await;
+    let r = exchange(
+        p.port,
+        &req("GET", "/api/v1/organizations/111", ALICE_KEY, ""),
+    )
+    .await;
     assert_eq!(status_of(&r), 200, "{r}");
 }
 
@@ -129,7 +136,11 @@ async fn only_merakis_methods_are_forwarded() {
         assert!(!r.contains("Bearer"), "{r}");
     }
     assert!(s.standin.requests().is_empty(), "nothing forwarded");
-    let r = exchange(p.port, &req("HEAD", "/api/v1/organizations/111", ALICE_KEY, "")).await;
+    let r = exchange(
+        p.port,
+        &req("HEAD", "/api/v1/organizations/111", ALICE_KEY, ""),
+    )
+    .await;
     assert_eq!(status_of(&r), 200, "{r}");
 }
 
@@ -176,7 +187,10 @@ async fn credential_header_games_never_carry_a_key_upstream_or_pick_a_client() {
     let seen = s.standin.requests();
     assert_eq!(seen.len(), 1);
     for (name, value) in &seen[0].headers {
-        assert!(!value.contains(ALICE_KEY) && !value.contains(BOB_KEY), "{name}: {value}");
+        assert!(
+            !value.contains(ALICE_KEY) && !value.contains(BOB_KEY),
+            "{name}: {value}"
+        );
         assert!(!name.contains("method"), "{name} forwarded");
     }
 }
@@ -229,7 +243,10 @@ async fn action_batch_resources_are_checked_as_meraki_would_read_them() {
         let r = exchange(p.port, raw.as_bytes()).await;
         assert_eq!(status_of(&r), 400, "{resource}: {r}");
         let msg = errors_body(&r)["errors"][0].as_str().unwrap().to_owned();
-        assert!(msg.contains(resource), "the refusal names the resource: {msg}");
+        assert!(
+            msg.contains(resource),
+            "the refusal names the resource: {msg}"
+        );
     }
     assert!(
         !s.standin.requests().iter().any(|r| r.method == "POST"),
@@ -264,7 +281,9 @@ async fn smuggling_and_oversized_requests_are_answered_and_the_proxy_keeps_servi
             "POST /api/v1/organizations/222/networks HTTP/1.1\r\nHost: p\r\nX-Cisco-Meraki-API-Key: {ALICE_KEY}\r\n{extra}\r\n"
         )
     };
-    let big_headers: String = (0..300).map(|i| format!("X-Pad-{i}: {}\r\n", "a".repeat(3000))).collect();
+    let big_headers: String = (0..300)
+        .map(|i| format!("X-Pad-{i}: {}\r\n", "a".repeat(3000)))
+        .collect();
     let attacks = vec![
         h("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n") + "0\r\n\r\nGET /api/v1/organizations/222 HTTP/1.1\r\nHost: p\r\n\r\n",
         h("Transfer-Encoding: chunked, identity\r\n") + "0\r\n\r\n",
@@ -292,7 +311,12 @@ async fn smuggling_and_oversized_requests_are_answered_and_the_proxy_keeps_servi
             "{}: {r}",
             &a[..a.len().min(120)]
         );
-        assert_ne!(status, 200, "an attack was served: {}", &a[..a.len().min(120)]);
+        assert_ne!(
+            status,
+            200,
+            "an attack was served: {}",
+            &a[..a.len().min(120)]
+        );
     }
     // Nothing reached organization 222, and the proxy still serves.
     assert!(
@@ -303,6 +327,10 @@ async fn smuggling_and_oversized_requests_are_answered_and_the_proxy_keeps_servi
         "{:?}",
         s.standin.requests()
     );
-    let r = exchange(p.port, &req("GET", "/api/v1/organizations/111", ALICE_KEY, "")).await;
+    let r = exchange(
+        p.port,
+        &req("GET", "/api/v1/organizations/111", ALICE_KEY, ""),
+    )
+    .await;
     assert_eq!(status_of(&r), 200, "{r}");
 }

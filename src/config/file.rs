@@ -34,6 +34,8 @@ pub struct Server {
     pub admin_token_env: Option<String>,
     /// Whether `/readyz` fails while a grant needs re-authorization (default true).
     pub reauth_fails_readiness: Option<bool>,
+    /// `"deny"` (default) or `"allow"`: requests matching no operation of Meraki's API table.
+    pub unknown_endpoints: Option<String>,
 }
 
 /// `[upstream]`
@@ -110,4 +112,6 @@ pub struct Client {
     pub integration: String,
     pub organizations: Vec<String>,
     pub methods: Option<Vec<String>>,
+    /// operationIds and `family:read|write|*` (family `*` for every family).
+    pub operations: Option<Vec<String>>,
 }

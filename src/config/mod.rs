@@ -87,6 +87,8 @@ pub struct Config {
     /// Protects the admin listener (all but `/healthz`, `/readyz` and the OAuth callback).
     pub admin_token: Option<Secret>,
     pub reauth_fails_readiness: bool,
+    /// Requests matching no operation of Meraki's API table: refused or forwarded.
+    pub unknown_endpoints: UnknownEndpoints,
     pub integrations: Vec<Arc<Integration>>,
     pub clients: Vec<Arc<Client>>,
 }
@@ -122,6 +124,81 @@ pub struct Client {
     pub organizations: Vec<String>,
     /// `None`: every method.
     pub methods: Option<Vec<http::Method>>,
+    /// `None`: every operation.
+    pub operations: Option<Operations>,
+}
+
+/// A client's allowed operations (`[[clients]] operations`), finer than Meraki's scopes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operations {
+    rules: Vec<OperationRule>,
+}
+
+/// One entry of `operations`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OperationRule {
+    /// An operationId, e.g. `getOrganizationNetworks`.
+    Id(String),
+    /// `family:access`: a product family (the operation's first tag, `*` for any) and
+    /// `read` (GET, HEAD), `write` (the others) or `*`.
+    Family {
+        family: Option<String>,
+        read: bool,
+        write: bool,
+    },
+}
+
+impl Operations {
+    /// Whether `op` is allowed.
+    pub fn allows(&self, op: &crate::endpoints::Operation) -> bool {
+        self.rules.iter().any(|r| match r {
+            OperationRule::Id(id) => *id == op.operation_id,
+            OperationRule::Family {
+                family,
+                read,
+                write,
+            } => {
+                family.as_deref().is_none_or(|f| f == op.family())
+                    && if op.is_read() { *read } else { *write }
+            }
+        })
+    }
+
+    /// The entries as configured.
+    pub fn rules(&self) -> &[OperationRule] {
+        &self.rules
+    }
+}
+
+impl fmt::Display for OperationRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OperationRule::Id(id) => f.write_str(id),
+            OperationRule::Family {
+                family,
+                read,
+                write,
+            } => write!(
+                f,
+                "{}:{}",
+                family.as_deref().unwrap_or("*"),
+                match (read, write) {
+                    (true, true) => "*",
+                    (true, false) => "read",
+                    _ => "write",
+                }
+            ),
+        }
+    }
+}
+
+/// What happens to requests that match no operation of Meraki's API table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownEndpoints {
+    /// Refused with 404 (the default): the proxy forwards only Meraki's operations.
+    Deny,
+    /// Forwarded (still confined to the client's organizations).
+    Allow,
 }
 
 impl Client {
@@ -133,6 +210,11 @@ impl Client {
     /// Whether the client may use this method.
     pub fn may_use(&self, method: &http::Method) -> bool {
         self.methods.as_ref().is_none_or(|m| m.contains(method))
+    }
+
+    /// Whether the client may run this operation.
+    pub fn may_run(&self, op: &crate::endpoints::Operation) -> bool {
+        self.operations.as_ref().is_none_or(|o| o.allows(op))
     }
 }
 
@@ -353,6 +435,16 @@ impl Validator<'_> {
                 ));
             }
         }
+        let unknown_endpoints = match raw.server.unknown_endpoints.as_deref() {
+            None | Some("deny") => UnknownEndpoints::Deny,
+            Some("allow") => UnknownEndpoints::Allow,
+            Some(other) => {
+                return Err(self.invalid(
+                    "server.unknown_endpoints",
+                    format!("expected \"deny\" or \"allow\", got {other:?}"),
+                ))
+            }
+        };
         let store_key = self.store_key(&raw.store)?;
         let integrations = self.integrations(raw.integrations)?;
         let clients = self.clients(raw.clients, &integrations)?;
@@ -378,6 +470,7 @@ impl Validator<'_> {
             keepalive_check,
             admin_token,
             reauth_fails_readiness: raw.server.reauth_fails_readiness.unwrap_or(true),
+            unknown_endpoints,
             integrations,
             clients,
         })
@@ -485,6 +578,65 @@ impl Validator<'_> {
         Ok(out)
     }
 
+    /// Parses `clients[i].operations` against Meraki's API table.
+    fn operations(&self, i: usize, entries: &[String]) -> Result<Operations, ConfigError> {
+        let table = crate::endpoints::EndpointTable::builtin();
+        let families = table.families();
+        let mut rules = Vec::with_capacity(entries.len());
+        for (j, e) in entries.iter().enumerate() {
+            let key = format!("clients[{i}].operations[{j}]");
+            let rule = match e.split_once(':') {
+                None => {
+                    if table.by_operation_id(e).is_none() {
+                        return Err(self.invalid(
+                            key,
+                            format!(
+                                "no operation {e:?} in Meraki's API table (meraki-sdk {}); expected an operationId such as \"getOrganizationNetworks\" or \"family:read\"",
+                                table.sdk_version()
+                            ),
+                        ));
+                    }
+                    OperationRule::Id(e.clone())
+                }
+                Some((family, access)) => {
+                    let family = match family {
+                        "*" => None,
+                        f if families.contains(&f) => Some(f.to_owned()),
+                        f => return Err(self.invalid(
+                            key,
+                            format!(
+                                "no product family {f:?}; expected \"*\" or one of {families:?}"
+                            ),
+                        )),
+                    };
+                    let (read, write) = match access {
+                        "read" => (true, false),
+                        "write" => (false, true),
+                        "*" => (true, true),
+                        a => {
+                            return Err(
+                                self.invalid(key, format!("expected read, write or *, got {a:?}"))
+                            )
+                        }
+                    };
+                    OperationRule::Family {
+                        family,
+                        read,
+                        write,
+                    }
+                }
+            };
+            rules.push(rule);
+        }
+        if rules.is_empty() {
+            return Err(self.invalid(
+                format!("clients[{i}].operations"),
+                "expected at least one entry (leave the key out to allow every operation)",
+            ));
+        }
+        Ok(Operations { rules })
+    }
+
     fn clients(
         &self,
         raw: Vec<file::Client>,
@@ -569,12 +721,17 @@ impl Validator<'_> {
                     Some(parsed)
                 }
             };
+            let operations = c
+                .operations
+                .map(|entries| self.operations(i, &entries))
+                .transpose()?;
             out.push(Arc::new(Client {
                 name: c.name,
                 key_sha256: digest,
                 integration: c.integration,
                 organizations: c.organizations,
                 methods,
+                operations,
             }));
         }
         Ok(out)
@@ -644,19 +801,46 @@ impl fmt::Display for Config {
                 it.scopes.join(" ")
             )?;
         }
+        let table = crate::endpoints::EndpointTable::builtin();
+        writeln!(
+            f,
+            "API table: meraki-sdk {} ({} operations); unknown endpoints: {}",
+            table.sdk_version(),
+            table.len(),
+            match self.unknown_endpoints {
+                UnknownEndpoints::Deny => "refused (404)",
+                UnknownEndpoints::Allow => "forwarded",
+            }
+        )?;
         writeln!(f, "clients ({}):", self.clients.len())?;
         for c in &self.clients {
             let methods = match &c.methods {
                 None => "all".to_string(),
                 Some(m) => m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(","),
             };
+            let operations = match &c.operations {
+                None => "all".to_string(),
+                Some(o) => o
+                    .rules()
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            };
+            // Effective: what the method list and the operation list together allow.
+            let effective = table
+                .operations()
+                .filter(|op| c.may_use(&op.method) && c.may_run(op))
+                .count();
             writeln!(
                 f,
-                "  {} integration={} organizations=[{}] methods={}",
+                "  {} integration={} organizations=[{}] methods={} operations=[{}] ({effective} of {} API operations allowed)",
                 c.name,
                 c.integration,
                 c.organizations.join(","),
-                methods
+                methods,
+                operations,
+                table.len()
             )?;
         }
         Ok(())
@@ -688,6 +872,50 @@ integration = "netops"
 organizations = ["123"]
 methods = ["get"]
 "#;
+
+    #[test]
+    fn client_operations_are_checked_against_the_api_table() {
+        let with = |ops: &str| parse(&format!("{GOOD}operations = {ops}\n"));
+        let c = with(r#"["getOrganizationNetworks", "wireless:read", "*:read"]"#).unwrap();
+        let table = crate::endpoints::EndpointTable::builtin();
+        let client = &c.clients[0];
+        let op = |id: &str| table.by_operation_id(id).unwrap();
+        assert!(client.may_run(op("getOrganizationNetworks")));
+        assert!(client.may_run(op("getNetworkWirelessSsids")));
+        assert!(!client.may_run(op("updateNetworkWirelessSsid")));
+        let c = with(r#"["wireless:write"]"#).unwrap();
+        assert!(c.clients[0].may_run(op("updateNetworkWirelessSsid")));
+        assert!(!c.clients[0].may_run(op("getNetworkWirelessSsids")));
+        assert!(c.to_string().contains("operations=[wireless:write]"), "{c}");
+        for (ops, key, problem) in [
+            (
+                r#"["getOrganizationNetwork"]"#,
+                "clients[0].operations[0]",
+                "no operation",
+            ),
+            (
+                r#"["getOrganizations", "wifi:read"]"#,
+                "clients[0].operations[1]",
+                "no product family",
+            ),
+            (
+                r#"["wireless:delete"]"#,
+                "clients[0].operations[0]",
+                "expected read, write or *",
+            ),
+            ("[]", "clients[0].operations", "at least one"),
+        ] {
+            let e = with(ops).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(problem), "{ops}: {e}");
+        }
+        let e = parse(&GOOD.replace(
+            "admin_listen",
+            "unknown_endpoints = \"maybe\"\nadmin_listen",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("server.unknown_endpoints"), "{e}");
+    }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/proxy.toml"), &|v| match v {

@@ -60,6 +60,8 @@ pub struct Options {
     pub tokens: String,
     /// Lines for `[upstream]`.
     pub upstream: String,
+    /// Lines for `[server]`.
+    pub server: String,
     /// The proxy and admin ports, when the caller bound them already (an in-process server on
     /// listeners bound to port 0).
     pub ports: Option<(u16, u16)>,
@@ -95,6 +97,7 @@ impl Scenario {
 listen = "127.0.0.1:{port}"
 admin_listen = "127.0.0.1:{admin_port}"
 threads = 2
+{server_extra}
 
 [upstream]
 api_base = "{api}"
@@ -138,6 +141,7 @@ methods = ["GET"]
             authorize = standin.authorize_url(),
             revoke = standin.revoke_url(),
             up_extra = opts.upstream,
+            server_extra = opts.server,
             // The tests expire and revoke tokens seconds after they were issued, which Meraki
             // does not do; the grace for freshly issued tokens has tests of its own, which set it.
             tok_extra = if opts.tokens.contains("rejected_grace_secs") {
