@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of the project: unit tests, the end-to-end suites against the real binary and
-# the Meraki stand-in, the official-SDK interop suite, the micro-benchmarks in quick mode and the
-# load script in quick mode. Needs the packages .ci/run installs (cmake, nginx, wrk, chromium).
+# the Meraki stand-in, the official-SDK interop suite, the fuzz targets for a bounded time
+# (FUZZ_SECS each, default 60), the micro-benchmarks in quick mode and the load script in quick
+# mode. Needs the packages .ci/run installs (cmake, nginx, wrk, chromium) and a nightly toolchain
+# for cargo-fuzz (installed from crates.io when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +17,22 @@ echo "== Prometheus rules and scrape example (promtool)"
 promtool check rules deploy/prometheus/alerts.yml
 promtool check config deploy/prometheus/prometheus.yml
 promtool test rules deploy/prometheus/alerts_test.yml
+
+echo "== fuzzing: each target ${FUZZ_SECS:-60} s on the committed corpus (cargo-fuzz, nightly)"
+command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
+fuzz_work="$(mktemp -d)"
+trap 'rm -rf "$fuzz_work"' EXIT
+for target in route_parse batch_resources link_rewrite config_parse; do
+  # New inputs go to a scratch directory; the committed corpus is read only.
+  mkdir -p "$fuzz_work/$target"
+  if ! cargo +nightly fuzz run --fuzz-dir fuzz "$target" "$fuzz_work/$target" "fuzz/corpus/$target" \
+    -- -max_total_time="${FUZZ_SECS:-60}" -print_final_stats=1 >"$fuzz_work/$target.log" 2>&1; then
+    tail -n 60 "$fuzz_work/$target.log" >&2
+    echo "fuzz target $target failed" >&2
+    exit 1
+  fi
+  echo "   $target: $(grep -E '^stat::number_of_executed_units' "$fuzz_work/$target.log" | tr -d ' ') $(grep -E '^stat::new_units_added' "$fuzz_work/$target.log" | tr -d ' ')"
+done
 
 echo "== micro-benchmarks, quick mode"
 cargo bench --bench hot_path -- --test

@@ -193,8 +193,17 @@ pub async fn admit(state: &State, req: &RequestHeader) -> Result<Admitted, Rejec
     };
     seen.path = Some(path.clone());
     let table = EndpointTable::builtin();
-    let segments: Vec<&str> = r.segments.iter().map(String::as_str).collect();
-    let operation = table.find(method, &segments).map(|m| m.operation());
+    // Meraki's paths have at most a dozen segments: no allocation for the match.
+    let mut buf = [""; 16];
+    let n = r.segments.len().min(buf.len());
+    for (slot, seg) in buf.iter_mut().zip(&r.segments) {
+        *slot = seg;
+    }
+    let operation = if r.segments.len() <= buf.len() {
+        table.find(method, &buf[..n]).map(|m| m.operation())
+    } else {
+        None
+    };
     seen.operation = operation;
     match operation {
         None if state.config.unknown_endpoints == UnknownEndpoints::Deny => {

@@ -135,12 +135,12 @@ pub fn parse(raw_path: &str, method: &http::Method) -> Result<Route, RouteError>
         }
         segments.push(segment(raw)?);
     }
-    let mut rest = strip_api_prefix(&segments).ok_or(RouteError::NotUnderApi)?;
+    strip_api_prefix(&segments).ok_or(RouteError::NotUnderApi)?;
     // A Link rewritten by the proxy is `/api/v1/...`; the official SDK appends it to its base
     // URL (`.../api/v1`), so the prefix arrives twice. Meraki has no `/api/v1/api/v1` paths.
-    if let Some(again) = strip_api_prefix(rest) {
-        rest = again;
-    }
+    let prefix = if strip_api_prefix(&segments[2..]).is_some() { 4 } else { 2 };
+    segments.drain(..prefix);
+    let rest = &segments[..];
 
     let collection = rest.first().map(|s| s.to_ascii_lowercase());
     let id = rest.get(1).cloned();
@@ -178,7 +178,6 @@ pub fn parse(raw_path: &str, method: &http::Method) -> Result<Route, RouteError>
     if path.is_empty() {
         path.push('/');
     }
-    let mut segments = rest.to_vec();
     if let (Some(first), Some(c)) = (segments.first_mut(), collection) {
         *first = c;
     }
