@@ -62,7 +62,18 @@ impl Grants {
             .commit_rotation(id, 0, &rotation)
             .await
             .map_err(ImportError::Store)?;
-        store
+        self.assign(id, integration, organizations, how).await
+    }
+
+    /// Makes a stored grant serve its organizations, loads it and announces it.
+    async fn assign(
+        &self,
+        id: i64,
+        integration: &str,
+        organizations: &[String],
+        how: &'static str,
+    ) -> Result<Arc<Grant>, ImportError> {
+        self.store()
             .assign(id, integration, organizations)
             .await
             .map_err(ImportError::Store)?;
