@@ -138,7 +138,11 @@ pub fn parse(raw_path: &str, method: &http::Method) -> Result<Route, RouteError>
     strip_api_prefix(&segments).ok_or(RouteError::NotUnderApi)?;
     // A Link rewritten by the proxy is `/api/v1/...`; the official SDK appends it to its base
     // URL (`.../api/v1`), so the prefix arrives twice. Meraki has no `/api/v1/api/v1` paths.
-    let prefix = if strip_api_prefix(&segments[2..]).is_some() { 4 } else { 2 };
+    let prefix = if strip_api_prefix(&segments[2..]).is_some() {
+        4
+    } else {
+        2
+    };
     segments.drain(..prefix);
     let rest = &segments[..];
 

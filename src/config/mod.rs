@@ -602,12 +602,14 @@ impl Validator<'_> {
                     let family = match family {
                         "*" => None,
                         f if families.contains(&f) => Some(f.to_owned()),
-                        f => return Err(self.invalid(
-                            key,
-                            format!(
+                        f => {
+                            return Err(self.invalid(
+                                key,
+                                format!(
                                 "no product family {f:?}; expected \"*\" or one of {families:?}"
                             ),
-                        )),
+                            ))
+                        }
                     };
                     let (read, write) = match access {
                         "read" => (true, false),
