@@ -69,7 +69,9 @@ async fn a_burst_across_a_rotation_makes_one_token_call_every_time() {
             statuses.iter().all(|st| *st == 200),
             "round {round}: {statuses:?}"
         );
-        assert_eq!(s.standin.token_calls() - before, 1, "round {round}");
+        let calls = s.standin.token_calls() - before;
+        eprintln!("burst round {round}: {calls} token calls");
+        assert_eq!(calls, 1, "round {round}");
     }
     let refreshes: Vec<_> = s
         .audit()
@@ -115,6 +117,7 @@ async fn short_lived_tokens_are_refreshed_once_per_half_lifetime() {
         sent += l.await.unwrap();
     }
     let calls = s.standin.token_calls() - before;
+    eprintln!("10-s tokens: {calls} token calls for {sent} requests");
     // A 10-s token is used for 5 s: 12 s of traffic needs two or three refreshes.
     assert!(sent > 100, "{sent} requests");
     assert!(
@@ -148,6 +151,7 @@ async fn an_endpoint_refused_whatever_the_token_costs_no_token_calls() {
         assert_eq!(r.headers()["x-proxy-upstream"], "rejected-401");
     }
     let calls = s.standin.token_calls() - before;
+    eprintln!("always 401: {calls} token calls for 30 requests");
     assert!(calls <= 1, "{calls} token calls for 30 requests");
     eventually("an audit reason for each passed-through 401", || {
         s.audit()
@@ -193,6 +197,7 @@ async fn a_token_endpoint_outage_backs_off_and_recovers() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let calls = s.standin.token_calls() - before;
+    eprintln!("outage: {calls} token calls for {} requests", answers.len());
     // Backoff 1, 2, 4 s (±20%): at most four calls in 6 s, against one per request before.
     assert!(
         (2..=4).contains(&calls),
