@@ -148,7 +148,7 @@ struct TokenRecord<'a> {
     time: String,
     kind: &'static str,
     /// `grant_added`, `token_refreshed`, `refresh_failed`, `needs_reauthorization`,
-    /// `commit_failed`, `short_token_lifetime`, `fresh_token_rejected`, `grant_revoked`.
+    /// `commit_failed`, `short_token_lifetime`, `grant_revoked`.
     event: &'static str,
     integration: &'a str,
     /// The requesting organization, or every organization of the grant.

@@ -59,8 +59,6 @@ pub enum EventKind {
     CommitFailed,
     /// The authorization server issued an access token shorter than the proxy's minimum.
     ShortLifetime,
-    /// Meraki refused an access token minted moments ago: not refreshed again.
-    RejectedFresh,
     /// A grant was stored (`how`: import, connect).
     Added { how: &'static str },
     /// A grant was revoked at the authorization server and deleted.
@@ -77,7 +75,6 @@ impl EventKind {
             EventKind::NeedsReauth => "needs_reauthorization",
             EventKind::CommitFailed => "commit_failed",
             EventKind::ShortLifetime => "short_token_lifetime",
-            EventKind::RejectedFresh => "fresh_token_rejected",
             EventKind::Added { .. } => "grant_added",
             EventKind::Revoked => "grant_revoked",
         }

@@ -279,9 +279,7 @@ impl Refresher {
                         now - at < self.policy.rejected_grace.as_secs() as i64
                     }) =>
             {
-                let mut e = grant.event(EventKind::RejectedFresh);
-                e.organization = org.map(str::to_owned);
-                self.events.token(e);
+                // Said by the request's audit record and a metric; no token event per request.
                 Some(Err(TokenError::RejectedFresh {
                     age_secs: st.issued_at.map_or(0, |at| now - at),
                 }))

@@ -238,7 +238,6 @@ async fn a_fresh_token_refused_by_meraki_is_not_refreshed_again() {
         tokio::time::advance(Duration::from_millis(100)).await;
     }
     assert_eq!(rig.calls(), 0);
-    assert!(rig.events.kinds().contains(&"fresh_token_rejected"));
     tokio::time::advance(Duration::from_secs(30)).await;
     let used = rig.token().await.unwrap();
     let fresh = rig.grants.rejected(&g, "1", &used).await.unwrap();
