@@ -31,7 +31,10 @@ const ORG: &str = "111111";
 fn client(i: usize, key: &str) -> Arc<Client> {
     Arc::new(Client {
         name: format!("client-{i}"),
-        key_sha256: Sha256::digest(key.as_bytes()).into(),
+        keys: vec![meraki_oauth_proxy::config::ClientKey {
+            digest: Sha256::digest(key.as_bytes()).into(),
+            expires_at: None,
+        }],
         integration: "netops".into(),
         organizations: vec![ORG.into()],
         methods: None,
@@ -233,6 +236,7 @@ fn entry(who: &Arc<Client>, org: &Arc<str>) -> RequestEntry {
         method: Method::GET,
         path: "/organizations/111111/networks?perPage=1000".to_owned(),
         operation: Some("getOrganizationNetworks"),
+        key_expires_at: None,
         status: 200,
         upstream_status: Some(200),
         decision: "forwarded",

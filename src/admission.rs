@@ -35,6 +35,8 @@ pub struct Admitted {
     /// The operation of Meraki's API table the request is (none: an unknown endpoint allowed
     /// by `unknown_endpoints = "allow"`).
     pub operation: Option<&'static Operation>,
+    /// The expiry of the key used, when it has one (a key being rotated out).
+    pub key_expires_at: Option<i64>,
     pub action: Action,
 }
 
@@ -78,6 +80,8 @@ pub struct Rejection {
     pub org: Option<Arc<str>>,
     pub path: Option<String>,
     pub operation: Option<&'static Operation>,
+    /// The expiry of the key used, when it has one.
+    pub key_expires_at: Option<i64>,
 }
 
 /// A request that is no operation of Meraki's API.
@@ -160,6 +164,7 @@ pub async fn admit(state: &State, req: &RequestHeader) -> Result<Admitted, Rejec
         org: None,
         path: None,
         operation: None,
+        key_expires_at: None,
     };
     let refuse = |mut seen: Rejection, r: Refusal| {
         seen.refusal = r;
@@ -171,11 +176,19 @@ pub async fn admit(state: &State, req: &RequestHeader) -> Result<Admitted, Rejec
             Refusal::from(&NotAnApiMethod(req.method.clone())),
         ));
     }
-    let client = match state.identities.identify(&req.headers) {
+    let caller = match state.identities.identify(&req.headers) {
         Ok(c) => c,
         Err(e) => return Err(refuse(seen, Refusal::from(&e))),
     };
+    let (client, key_expires_at) = (caller.client.clone(), caller.key_expires_at);
+    seen.key_expires_at = key_expires_at;
     seen.client = Some(client.clone());
+    if key_expires_at.is_some() && caller.expired(crate::clock::now_unix()) {
+        return Err(refuse(
+            seen,
+            Refusal::from(&crate::identity::IdentityError::Expired),
+        ));
+    }
     let method = &req.method;
     if !client.may_use(method) {
         return Err(refuse(
@@ -227,6 +240,7 @@ pub async fn admit(state: &State, req: &RequestHeader) -> Result<Admitted, Rejec
             client,
             path,
             operation,
+            key_expires_at,
             action: Action::ListOrganizations,
         });
     }
@@ -273,6 +287,7 @@ pub async fn admit(state: &State, req: &RequestHeader) -> Result<Admitted, Rejec
         client,
         path,
         operation,
+        key_expires_at,
         action: Action::Forward(Forward {
             org,
             grant,

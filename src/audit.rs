@@ -61,6 +61,8 @@ pub struct RequestEntry {
     pub path: String,
     /// The operationId of Meraki's API table the request matched.
     pub operation: Option<&'static str>,
+    /// When the client key used expires, if its operator set an expiry (unix seconds).
+    pub key_expires_at: Option<i64>,
     pub status: u16,
     pub upstream_status: Option<u16>,
     pub decision: &'static str,
@@ -95,6 +97,7 @@ impl RequestEntry {
             method: self.method.as_str(),
             path: &self.path,
             operation: self.operation,
+            key_expires_at: self.key_expires_at.map(rfc3339),
             status: self.status,
             upstream_status: self.upstream_status,
             decision: self.decision,
@@ -126,6 +129,7 @@ struct RequestRecord<'a> {
     method: &'a str,
     path: &'a str,
     operation: Option<&'static str>,
+    key_expires_at: Option<String>,
     status: u16,
     upstream_status: Option<u16>,
     /// `forwarded`, `answered` (by the proxy itself, e.g. the organization list), `denied`, `error`.
@@ -406,6 +410,7 @@ mod tests {
             method: http::Method::GET,
             path: "/organizations".into(),
             operation: Some("getOrganizations"),
+            key_expires_at: None,
             status: 200,
             upstream_status: None,
             decision: "answered",
@@ -456,6 +461,7 @@ mod tests {
             method: http::Method::POST,
             path: "/organizations/1/networks".into(),
             operation: None,
+            key_expires_at: None,
             status: 201,
             upstream_status: Some(201),
             decision: "forwarded",

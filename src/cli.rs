@@ -41,6 +41,31 @@ pub enum Command {
     /// Manage the token store's encryption key.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Hand out client keys.
+    #[command(subcommand)]
+    Clients(ClientsCommand),
+}
+
+/// `clients` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum ClientsCommand {
+    /// Print a fresh random client key (once: the proxy stores only its digest) and the
+    /// `[[clients]]` block for proxy.toml. To rotate a script's key, add the new digest to the
+    /// client's `key_sha256` list and give the old one a `key_expires` time.
+    New {
+        /// The client's name (letters, digits, '-' or '_').
+        #[arg(long)]
+        name: String,
+        /// The integration whose grants serve it.
+        #[arg(long)]
+        integration: String,
+        /// An organization it may act on (repeat for several).
+        #[arg(long = "org", required = true)]
+        orgs: Vec<String>,
+        /// A method it may use (repeat; default: every method).
+        #[arg(long = "method")]
+        methods: Vec<String>,
+    },
 }
 
 /// `store` subcommands.
@@ -117,6 +142,12 @@ pub fn main() -> ExitCode {
             println!("{}", crate::seal::StoreKey::generate());
             ExitCode::SUCCESS
         }
+        Command::Clients(ClientsCommand::New {
+            name,
+            integration,
+            orgs,
+            methods,
+        }) => new_client(&name, &integration, &orgs, &methods),
         Command::HashKey => {
             let mut key = String::new();
             if let Err(e) = std::io::stdin().read_to_string(&mut key) {
@@ -145,10 +176,57 @@ pub fn main() -> ExitCode {
                     new_key_env,
                     new_key_file,
                 }) => rotate_key(&config, new_key_env, new_key_file),
-                Command::HashKey | Command::Store(StoreCommand::GenKey) => ExitCode::SUCCESS,
+                Command::HashKey | Command::Store(StoreCommand::GenKey) | Command::Clients(_) => {
+                    ExitCode::SUCCESS
+                }
             }
         }
     }
+}
+
+fn new_client(name: &str, integration: &str, orgs: &[String], methods: &[String]) -> ExitCode {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return fail(format!(
+            "--name: expected letters, digits, '-' or '_', got {name:?}"
+        ));
+    }
+    if let Some(o) = orgs.iter().find(|o| !crate::config::valid_org_id(o)) {
+        return fail(format!(
+            "--org: expected a Meraki organization ID (digits), got {o:?}"
+        ));
+    }
+    use base64::Engine as _;
+    let key = format!(
+        "mop_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>())
+    );
+    let list = |items: &[String]| {
+        items
+            .iter()
+            .map(|i| format!("{i:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("Client key for {name} (shown once; give it to the script and keep no other copy):");
+    println!();
+    println!("  {key}");
+    println!();
+    println!("Add to proxy.toml (the proxy keeps only the key's SHA-256):");
+    println!();
+    println!("[[clients]]");
+    println!("name = {name:?}");
+    println!("key_sha256 = {:?}", crate::identity::hash_key(&key));
+    println!("integration = {integration:?}");
+    println!("organizations = [{}]", list(orgs));
+    if !methods.is_empty() {
+        let upper: Vec<String> = methods.iter().map(|m| m.to_ascii_uppercase()).collect();
+        println!("methods = [{}]", list(&upper));
+    }
+    ExitCode::SUCCESS
 }
 
 fn rotate_key(config: &Config, env: Option<String>, file: Option<PathBuf>) -> ExitCode {

@@ -26,13 +26,16 @@ pub enum IdentityError {
     /// A header that is not a usable key (not visible ASCII, or not a Bearer credential).
     #[error("malformed credentials header")]
     Malformed,
+    /// A key past the expiry its operator set while rotating it.
+    #[error("API key expired: ask the proxy's operator for this client's new key")]
+    Expired,
 }
 
 impl IdentityError {
     /// The HTTP status this error is answered with.
     pub fn status(self) -> u16 {
         match self {
-            IdentityError::Missing | IdentityError::Unknown => 401,
+            IdentityError::Missing | IdentityError::Unknown | IdentityError::Expired => 401,
             IdentityError::Conflicting | IdentityError::Malformed => 400,
         }
     }
@@ -44,25 +47,46 @@ impl IdentityError {
             IdentityError::Unknown => "unknown_key",
             IdentityError::Conflicting => "conflicting_keys",
             IdentityError::Malformed => "malformed_key",
+            IdentityError::Expired => "expired_key",
         }
     }
 }
 
 /// The clients, indexed for lookup by key digest.
 pub struct Identities {
-    clients: HashMap<[u8; 32], Arc<Client>>,
+    clients: HashMap<[u8; 32], (Arc<Client>, Option<i64>)>,
+}
+
+/// A caller, identified.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub client: Arc<Client>,
+    /// When the key used expires (unix seconds), if its operator set an expiry: a key being
+    /// rotated out, whose uses are counted.
+    pub key_expires_at: Option<i64>,
+}
+
+impl Caller {
+    /// Whether the key used is past its expiry at `now` (unix seconds).
+    pub fn expired(&self, now: i64) -> bool {
+        self.key_expires_at.is_some_and(|at| now >= at)
+    }
 }
 
 impl Identities {
     /// Builds the index from the configured clients.
     pub fn new(clients: &[Arc<Client>]) -> Self {
         Identities {
-            clients: clients.iter().map(|c| (c.key_sha256, c.clone())).collect(),
+            clients: clients
+                .iter()
+                .flat_map(|c| c.keys.iter().map(|k| (k.digest, (c.clone(), k.expires_at))))
+                .collect(),
         }
     }
 
-    /// Finds the client whose key is in the request headers.
-    pub fn identify(&self, headers: &http::HeaderMap) -> Result<Arc<Client>, IdentityError> {
+    /// Finds the client whose key is in the request headers. A key past its expiry is still
+    /// identified (so its refusal names the client); see [`Caller::expired`].
+    pub fn identify(&self, headers: &http::HeaderMap) -> Result<Caller, IdentityError> {
         let key = extract_key(headers)?;
         self.by_key(key).ok_or(IdentityError::Unknown)
     }
@@ -71,10 +95,13 @@ impl Identities {
     /// can depend only on the digest, which reveals nothing usable about the key; the match is
     /// then confirmed with a constant-time comparison. Cost does not grow with the number of
     /// clients.
-    pub fn by_key(&self, key: &[u8]) -> Option<Arc<Client>> {
+    pub fn by_key(&self, key: &[u8]) -> Option<Caller> {
         let digest: [u8; 32] = Sha256::digest(key).into();
-        let client = self.clients.get(&digest)?;
-        bool::from(client.key_sha256.ct_eq(&digest)).then(|| client.clone())
+        let (stored, (client, expires)) = self.clients.get_key_value(&digest)?;
+        bool::from(stored.ct_eq(&digest)).then(|| Caller {
+            client: client.clone(),
+            key_expires_at: *expires,
+        })
     }
 }
 
@@ -136,12 +163,26 @@ mod tests {
     use super::*;
     use http::HeaderMap;
 
-    fn client(name: &str, key: &str) -> Arc<Client> {
+    fn digest(key: &str) -> [u8; 32] {
         let mut d = [0u8; 32];
         hex::decode_to_slice(hash_key(key), &mut d).unwrap();
+        d
+    }
+
+    fn client(name: &str, key: &str) -> Arc<Client> {
+        client_with(name, &[(key, None)])
+    }
+
+    fn client_with(name: &str, keys: &[(&str, Option<i64>)]) -> Arc<Client> {
         Arc::new(Client {
             name: name.into(),
-            key_sha256: d,
+            keys: keys
+                .iter()
+                .map(|(k, expires_at)| crate::config::ClientKey {
+                    digest: digest(k),
+                    expires_at: *expires_at,
+                })
+                .collect(),
             integration: "i".into(),
             organizations: vec!["1".into()],
             methods: None,
@@ -165,22 +206,44 @@ mod tests {
         let by_api_key = ids
             .identify(&headers(&[(API_KEY.as_str(), "key-b")]))
             .unwrap();
-        assert_eq!(by_api_key.name, "b");
+        assert_eq!(by_api_key.client.name, "b");
         let by_bearer = ids
             .identify(&headers(&[("authorization", "Bearer key-a")]))
             .unwrap();
-        assert_eq!(by_bearer.name, "a");
+        assert_eq!(by_bearer.client.name, "a");
         let lower = ids
             .identify(&headers(&[("authorization", "bearer  key-a ")]))
             .unwrap();
-        assert_eq!(lower.name, "a");
+        assert_eq!(lower.client.name, "a");
         let same = ids
             .identify(&headers(&[
                 (API_KEY.as_str(), "key-a"),
                 ("authorization", "Bearer key-a"),
             ]))
             .unwrap();
-        assert_eq!(same.name, "a");
+        assert_eq!(same.client.name, "a");
+    }
+
+    #[test]
+    fn a_rotated_key_works_until_its_expiry() {
+        let now = crate::clock::now_unix();
+        let ids = Identities::new(&[client_with(
+            "a",
+            &[
+                ("new", None),
+                ("old", Some(now + 3600)),
+                ("gone", Some(now - 1)),
+            ],
+        )]);
+        let by = |k: &str| ids.identify(&headers(&[(API_KEY.as_str(), k)]));
+        assert_eq!(by("new").unwrap().key_expires_at, None);
+        assert_eq!(by("old").unwrap().key_expires_at, Some(now + 3600));
+        assert_eq!(by("old").unwrap().client.name, "a");
+        assert!(!by("old").unwrap().expired(now));
+        assert!(by("old").unwrap().expired(now + 3600));
+        assert!(by("gone").unwrap().expired(now));
+        assert_eq!(by("gone").unwrap().client.name, "a");
+        assert_eq!(IdentityError::Expired.status(), 401);
     }
 
     #[test]

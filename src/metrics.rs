@@ -24,6 +24,7 @@ pub struct Metrics {
     grant_needs_reauth: IntGaugeVec,
     retries: IntCounterVec,
     denials: IntCounterVec,
+    expiring_keys: IntCounterVec,
     upstream_429: IntCounterVec,
     redirects: IntCounterVec,
     in_flight: IntGauge,
@@ -118,6 +119,12 @@ impl Metrics {
                 "meraki_proxy_token_refreshes_total",
                 "Calls to the token endpoint, by integration, organization and result.",
                 &["integration", "organization", "result"],
+            )?,
+            expiring_keys: counter(
+                &r,
+                "meraki_proxy_expiring_key_requests_total",
+                "Requests made with a client key that has an expiry (being rotated out), by client.",
+                &["client"],
             )?,
             token_calls: counter(
                 &r,
@@ -306,6 +313,11 @@ impl Metrics {
         self.retries
             .with_label_values(&[integration, outcome])
             .inc();
+    }
+
+    /// A request made with a client key that has an expiry.
+    pub fn expiring_key_use(&self, client: &str) {
+        self.expiring_keys.with_label_values(&[client]).inc();
     }
 
     /// A refused request.

@@ -44,6 +44,8 @@ pub struct Ctx {
     path: Option<String>,
     /// The operationId of Meraki's API table, once matched.
     operation: Option<&'static str>,
+    /// The expiry of the client key used, when it has one (a key being rotated out).
+    key_expires_at: Option<i64>,
     forward: Option<Forward>,
     decision: Decision,
     refusal: Option<Refusal>,
@@ -72,6 +74,7 @@ impl Ctx {
             org: None,
             path: None,
             operation: None,
+            key_expires_at: None,
             forward: None,
             decision: Decision::Forwarded,
             refusal: None,
@@ -342,12 +345,14 @@ impl ProxyHttp for MerakiProxy {
                 ctx.org = rejection.org;
                 ctx.path = rejection.path;
                 ctx.operation = rejection.operation.map(|o| o.operation_id.as_str());
+                ctx.key_expires_at = rejection.key_expires_at;
                 self.refuse(session, ctx, rejection.refusal).await
             }
             Ok(admitted) => {
                 ctx.client = Some(admitted.client);
                 ctx.path = Some(admitted.path);
                 ctx.operation = admitted.operation.map(|o| o.operation_id.as_str());
+                ctx.key_expires_at = admitted.key_expires_at;
                 match admitted.action {
                     Action::ListOrganizations => self.list_organizations(session, ctx).await,
                     Action::Forward(f) => {
@@ -519,6 +524,13 @@ impl ProxyHttp for MerakiProxy {
             .unwrap_or(0);
         let elapsed = ctx.start.elapsed();
         let client = ctx.client.as_deref();
+        let expired = ctx
+            .refusal
+            .as_ref()
+            .is_some_and(|r| r.reason == "expired_key");
+        if let (Some(_), Some(c), false) = (ctx.key_expires_at, client, expired) {
+            self.metrics.expiring_key_use(&c.name);
+        }
         self.metrics.request(
             ctx.integration(),
             client.map_or(NONE, |c| c.name.as_str()),
@@ -542,6 +554,7 @@ impl ProxyHttp for MerakiProxy {
             method: req.method.clone(),
             path,
             operation: ctx.operation,
+            key_expires_at: ctx.key_expires_at,
             status,
             upstream_status: ctx.upstream_status,
             decision: ctx.decision.as_str(),

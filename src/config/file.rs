@@ -108,10 +108,31 @@ pub struct Integration {
 #[serde(deny_unknown_fields)]
 pub struct Client {
     pub name: String,
-    pub key_sha256: String,
+    /// One digest, or several while a key is being rotated.
+    pub key_sha256: Digests,
+    /// Digest → RFC 3339 time after which that key is refused.
+    pub key_expires: Option<std::collections::BTreeMap<String, String>>,
     pub integration: String,
     pub organizations: Vec<String>,
     pub methods: Option<Vec<String>>,
     /// operationIds and `family:read|write|*` (family `*` for every family).
     pub operations: Option<Vec<String>>,
+}
+
+/// `key_sha256`: one digest or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Digests {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Digests {
+    /// The digests as a list.
+    pub fn list(&self) -> Vec<&str> {
+        match self {
+            Digests::One(d) => vec![d.as_str()],
+            Digests::Many(ds) => ds.iter().map(String::as_str).collect(),
+        }
+    }
 }

@@ -119,13 +119,22 @@ pub struct Integration {
 #[derive(Debug)]
 pub struct Client {
     pub name: String,
-    pub key_sha256: [u8; 32],
+    /// The SHA-256 digests of the client's keys (several while a key is rotated).
+    pub keys: Vec<ClientKey>,
     pub integration: String,
     pub organizations: Vec<String>,
     /// `None`: every method.
     pub methods: Option<Vec<http::Method>>,
     /// `None`: every operation.
     pub operations: Option<Operations>,
+}
+
+/// One of a client's keys, by digest, with the time after which it is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientKey {
+    pub digest: [u8; 32],
+    /// Unix seconds; `None`: no expiry.
+    pub expires_at: Option<i64>,
 }
 
 /// A client's allowed operations (`[[clients]] operations`), finer than Meraki's scopes.
@@ -660,20 +669,57 @@ impl Validator<'_> {
                     self.invalid(key("name"), format!("client {:?} is defined twice", c.name))
                 );
             }
-            let digest = parse_digest(&c.key_sha256).ok_or_else(|| {
-                self.invalid(
-                    key("key_sha256"),
-                    format!(
-                        "expected 64 hex characters (the SHA-256 of the client's key, from `meraki-oauth-proxy hash-key`), got {} characters",
-                        c.key_sha256.len()
-                    ),
+            let listed = c.key_sha256.list();
+            if listed.is_empty() {
+                return Err(self.invalid(key("key_sha256"), "expected at least one digest"));
+            }
+            let mut keys = Vec::with_capacity(listed.len());
+            for (j, d) in listed.iter().enumerate() {
+                let at = if matches!(c.key_sha256, file::Digests::One(_)) {
+                    key("key_sha256")
+                } else {
+                    format!("clients[{i}].key_sha256[{j}]")
+                };
+                let digest = parse_digest(d).ok_or_else(|| {
+                    self.invalid(
+                        at.clone(),
+                        format!(
+                            "expected 64 hex characters (the SHA-256 of the client's key, from `meraki-oauth-proxy hash-key` or `clients new`), got {} characters",
+                            d.len()
+                        ),
+                    )
+                })?;
+                if let Some(other) = digests.insert(digest, c.name.clone()) {
+                    return Err(self.invalid(
+                        at,
+                        format!("the same key digest is used by client {other:?}"),
+                    ));
+                }
+                keys.push(ClientKey {
+                    digest,
+                    expires_at: None,
+                });
+            }
+            for (d, when) in c.key_expires.iter().flatten() {
+                let at = format!("clients[{i}].key_expires.{d}");
+                let digest = parse_digest(d)
+                    .filter(|digest| keys.iter().any(|k| k.digest == *digest))
+                    .ok_or_else(|| {
+                        self.invalid(at.clone(), "names no digest listed in key_sha256")
+                    })?;
+                let t = time::OffsetDateTime::parse(
+                    when,
+                    &time::format_description::well_known::Rfc3339,
                 )
-            })?;
-            if let Some(other) = digests.insert(digest, c.name.clone()) {
-                return Err(self.invalid(
-                    key("key_sha256"),
-                    format!("the same key digest is used by client {other:?}"),
-                ));
+                .map_err(|_| {
+                    self.invalid(
+                        at.clone(),
+                        format!("expected an RFC 3339 time such as \"2026-12-31T00:00:00Z\", got {when:?}"),
+                    )
+                })?;
+                if let Some(k) = keys.iter_mut().find(|k| k.digest == digest) {
+                    k.expires_at = Some(t.unix_timestamp());
+                }
             }
             if !integrations.iter().any(|it| it.name == c.integration) {
                 let known: Vec<&str> = integrations.iter().map(|i| i.name.as_str()).collect();
@@ -729,7 +775,7 @@ impl Validator<'_> {
                 .transpose()?;
             out.push(Arc::new(Client {
                 name: c.name,
-                key_sha256: digest,
+                keys,
                 integration: c.integration,
                 organizations: c.organizations,
                 methods,
@@ -834,10 +880,29 @@ impl fmt::Display for Config {
                 .operations()
                 .filter(|op| c.may_use(&op.method) && c.may_run(op))
                 .count();
+            let now = crate::clock::now_unix();
+            let expiring: Vec<String> = c
+                .keys
+                .iter()
+                .filter_map(|k| k.expires_at)
+                .map(|t| {
+                    if t <= now {
+                        format!("a key expired {}", crate::clock::rfc3339(t))
+                    } else {
+                        format!("a key expires {}", crate::clock::rfc3339(t))
+                    }
+                })
+                .collect();
             writeln!(
                 f,
-                "  {} integration={} organizations=[{}] methods={} operations=[{}] ({effective} of {} API operations allowed)",
+                "  {} keys={}{} integration={} organizations=[{}] methods={} operations=[{}] ({effective} of {} API operations allowed)",
                 c.name,
+                c.keys.len(),
+                if expiring.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", expiring.join(", "))
+                },
                 c.integration,
                 c.organizations.join(","),
                 methods,
@@ -874,6 +939,43 @@ integration = "netops"
 organizations = ["123"]
 methods = ["get"]
 "#;
+
+    #[test]
+    fn a_client_may_hold_several_keys_each_with_an_expiry() {
+        let (a, b) = ("a".repeat(64), "b".repeat(64));
+        let c = parse(&GOOD.replace(
+            "key_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"",
+            &format!("key_sha256 = [\"{a}\", \"{b}\"]\nkey_expires = {{ \"{b}\" = \"2026-12-31T00:00:00Z\" }}"),
+        ))
+        .unwrap();
+        let keys = &c.clients[0].keys;
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[0].expires_at, None);
+        assert_eq!(keys[1].expires_at, Some(1_798_675_200));
+        assert!(c.to_string().contains("keys=2 (a key expire"), "{c}");
+        for (replacement, key, problem) in [
+            (format!("key_sha256 = [\"{a}\", \"x\"]"), "clients[0].key_sha256[1]", "64 hex"),
+            ("key_sha256 = []".to_string(), "clients[0].key_sha256", "at least one"),
+            (
+                format!("key_sha256 = [\"{a}\"]\nkey_expires = {{ \"{b}\" = \"2026-12-31T00:00:00Z\" }}"),
+                "key_expires",
+                "names no digest",
+            ),
+            (
+                format!("key_sha256 = [\"{a}\"]\nkey_expires = {{ \"{a}\" = \"next tuesday\" }}"),
+                "key_expires",
+                "RFC 3339",
+            ),
+        ] {
+            let e = parse(&GOOD.replace(
+                "key_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"",
+                &replacement,
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(key) && e.contains(problem), "{replacement}: {e}");
+        }
+    }
 
     #[test]
     fn client_operations_are_checked_against_the_api_table() {
