@@ -941,6 +941,16 @@ methods = ["get"]
 "#;
 
     #[test]
+    fn the_example_proxy_toml_is_valid() {
+        let text = include_str!("../../proxy.toml");
+        let c = Config::parse(text, Path::new("/etc/proxy.toml"), &|_| {
+            Some("11".repeat(32))
+        })
+        .unwrap();
+        assert!(!c.clients.is_empty() && !c.integrations.is_empty());
+    }
+
+    #[test]
     fn a_client_may_hold_several_keys_each_with_an_expiry() {
         let (a, b) = ("a".repeat(64), "b".repeat(64));
         let c = parse(&GOOD.replace(
