@@ -143,6 +143,11 @@ pub fn parse(raw_path: &str, method: &http::Method) -> Result<Route, RouteError>
     } else {
         2
     };
+    if strip_api_prefix(&segments[prefix..]).is_some() {
+        // Folded once for the SDK; a third prefix is no path a client has a reason to send,
+        // and folding it again would make the forwarded path mean something else.
+        return Err(RouteError::Malformed("repeated /api/v1 prefix"));
+    }
     segments.drain(..prefix);
     let rest = &segments[..];
 
@@ -605,6 +610,12 @@ mod tests {
         assert_eq!(
             get("/api/v1/api/v1/organizations/1/networks").unwrap().path,
             "/organizations/1/networks"
+        );
+        // Found by fuzzing: a third prefix used to route as "api" (refused) while its forwarded
+        // form would fold again into a network.
+        assert_eq!(
+            get("/api/v1//api/v1/api/v1/networks/L_1").unwrap_err(),
+            RouteError::Malformed("repeated /api/v1 prefix")
         );
     }
 
