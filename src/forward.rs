@@ -144,6 +144,12 @@ pub fn rewrite_link(value: &str, upstream_base_path: &str) -> Option<String> {
             }
         }
         let params = tail[..end].trim_end();
+        if in_quotes || params.contains(['<', '>']) {
+            // A malformed value (found by fuzzing: an unterminated quoted string swallowed the
+            // next link, which a lenient client would then follow around the proxy): keep the
+            // well-formed links before it, drop the rest.
+            break;
+        }
         rest = tail.get(end + 1..).unwrap_or("");
         if let Some(rewritten) = rewrite_target(target, upstream_base_path) {
             if !out.is_empty() {
@@ -383,6 +389,15 @@ mod tests {
             "</api/v1/x?a=1>; rel=\"a,b\""
         );
         assert_eq!(rewrite_link("</api/v1x/y>; rel=next", "/api/v1"), None);
+        // An unterminated quoted string must not carry a link around the proxy.
+        assert_eq!(
+            rewrite_link(
+                "<https://api.meraki.com/api/v1/a>; rel=next, <https://api.meraki.com/api/v1/b>; rel=\"x, <https://evil.test/c>; rel=last",
+                "/api/v1"
+            )
+            .unwrap(),
+            "</api/v1/a>; rel=next"
+        );
     }
 
     #[test]
