@@ -33,6 +33,9 @@ fn segment() -> impl Strategy<Value = String> {
         Just("\u{ff0e}\u{ff0e}".to_string()),
         Just("%C0%AE".to_string()),
         Just("".to_string()),
+        Just("L_111 ".to_string()),
+        Just(" ".to_string()),
+        Just("%20".to_string()),
         "[A-Za-z0-9_%:.-]{1,6}",
     ]
 }
