@@ -4,7 +4,7 @@
 use crate::clock::{describe_expiry, describe_past, now_unix, rfc3339};
 use crate::config::{Config, Integration};
 use crate::metrics::Metrics;
-use crate::refusal::chain;
+use crate::report::chain;
 use crate::secret::Secret;
 use crate::token::{GrantStatus, Grants};
 use async_trait::async_trait;

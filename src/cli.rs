@@ -2,7 +2,7 @@
 
 use crate::clock::{describe_expiry, describe_past, now_unix};
 use crate::config::Config;
-use crate::refusal::chain;
+use crate::report::chain;
 use crate::secret::Secret;
 use clap::{Parser, Subcommand};
 use std::io::Read;

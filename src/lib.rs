@@ -27,8 +27,8 @@
 //! - [`cli`]: the command line.
 //! - [`endpoints`]: Meraki's API operations (method, path template, operationId, tags),
 //!   generated from the official SDK by `scripts/gen-endpoint-table.py`.
-//! - [`clock`], [`seal`], [`secret`], [`upstream`]: time and its formatting, sealing tokens at
-//!   rest, secrets that never print, the upstream peer.
+//! - [`clock`], [`report`], [`seal`], [`secret`], [`upstream`]: time and its formatting, error
+//!   chains for logs, sealing tokens at rest, secrets that never print, the upstream peer.
 //!
 //! Nothing below [`proxy`] imports [`audit`] or [`metrics`]; the import graph has no cycle.
 //!
@@ -48,6 +48,7 @@ pub mod metrics;
 pub mod observe;
 pub mod proxy;
 pub mod refusal;
+pub mod report;
 pub mod route;
 pub mod seal;
 pub mod secret;

@@ -65,7 +65,7 @@ impl ApiClient {
                 .await
                 .map_err(|e| {
                     let status = if e.is_timeout() { 504 } else { 502 };
-                    tracing::warn!(error = %crate::refusal::chain(&e.without_url()), "lookup request failed");
+                    tracing::warn!(error = %crate::report::chain(&e.without_url()), "lookup request failed");
                     LookupError::upstream(status, "Meraki did not answer")
                 })?;
             match resp.status().as_u16() {

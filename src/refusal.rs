@@ -130,21 +130,6 @@ pub fn body(message: &str) -> Bytes {
     Bytes::from(value.to_string())
 }
 
-/// An error and its causes, `outer: inner: innermost`, for logs (linkerd's error chains).
-pub fn chain(e: &(dyn Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let s = c.to_string();
-        if !out.ends_with(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        cur = c.source();
-    }
-    out
-}
-
 impl Refuse for crate::identity::IdentityError {
     fn status(&self) -> u16 {
         crate::identity::IdentityError::status(*self)
@@ -309,14 +294,5 @@ mod tests {
             last_failure: "unreachable",
         };
         assert_eq!(Refusal::from(&e).retry_after, Some(1));
-    }
-
-    #[test]
-    fn chains_name_every_cause_once() {
-        #[derive(Debug, thiserror::Error)]
-        #[error("outer")]
-        struct Outer(#[source] std::io::Error);
-        let e = Outer(std::io::Error::other("inner cause"));
-        assert_eq!(chain(&e), "outer: inner cause");
     }
 }

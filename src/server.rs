@@ -298,7 +298,7 @@ impl BackgroundService for DnsRefresher {
                 _ = tick.tick() => {
                     let up = self.upstream.clone();
                     match tokio::task::spawn_blocking(move || up.refresh_address()).await {
-                        Ok(Err(e)) => tracing::warn!(error = %crate::refusal::chain(&e), "upstream DNS refresh failed; keeping the last address"),
+                        Ok(Err(e)) => tracing::warn!(error = %crate::report::chain(&e), "upstream DNS refresh failed; keeping the last address"),
                         Err(e) => tracing::warn!(error = %e, "upstream DNS refresh task failed"),
                         Ok(Ok(())) => {}
                     }
@@ -329,7 +329,7 @@ impl BackgroundService for GrantKeeper {
                 }
                 _ = tick.tick() => {
                     if let Err(e) = self.grants.reload().await {
-                        tracing::warn!(error = %crate::refusal::chain(&e), "re-reading grants from the store failed");
+                        tracing::warn!(error = %crate::report::chain(&e), "re-reading grants from the store failed");
                     }
                     self.grants.flush_last_used().await;
                     let n = self.grants.keep_alive(self.idle).await;

@@ -225,7 +225,7 @@ impl GrantMap {
         if last.is_none_or(|t| t.elapsed() >= RELOAD_ON_MISS_EVERY) {
             *last = Some(Instant::now());
             if let Err(e) = self.reload().await {
-                tracing::warn!(error = %crate::refusal::chain(&e), "re-reading grants from the store failed");
+                tracing::warn!(error = %crate::report::chain(&e), "re-reading grants from the store failed");
             }
         }
         self.lookup(integration, org)

@@ -235,7 +235,7 @@ impl Refresher {
                     self.clock.now_ms() + wait.as_millis() as i64,
                     Ordering::Relaxed,
                 );
-                tracing::warn!(grant = %grant.label(), error = %crate::refusal::chain(&e), retry_in_ms = wait.as_millis() as u64, "token refresh failed");
+                tracing::warn!(grant = %grant.label(), error = %crate::report::chain(&e), retry_in_ms = wait.as_millis() as u64, "token refresh failed");
                 let mut ev = grant.event(EventKind::RefreshFailed {
                     label: e.label(),
                     retry_in: wait,
@@ -243,7 +243,7 @@ impl Refresher {
                 ev.organization = org.map(str::to_owned);
                 ev.cause = Some(cause);
                 ev.call_duration = Some(took);
-                ev.detail = Some(crate::refusal::chain(&e));
+                ev.detail = Some(crate::report::chain(&e));
                 self.events.token(ev);
                 // A proactive refresh that failed leaves a still-valid token usable.
                 if matches!(need, Need::Fresh) && st.alive(self.clock.now()) {
@@ -366,10 +366,10 @@ impl Refresher {
                 self.adopt_newer(grant).await.ok_or(TokenError::Conflict)
             }
             Err(e) => {
-                tracing::error!(grant = %grant.label(), error = %crate::refusal::chain(&e), "could not store a rotated refresh token; kept in memory and retried before use");
+                tracing::error!(grant = %grant.label(), error = %crate::report::chain(&e), "could not store a rotated refresh token; kept in memory and retried before use");
                 let mut ev = grant.event(EventKind::CommitFailed);
                 ev.organization = org.map(str::to_owned);
-                ev.detail = Some(crate::refusal::chain(&e));
+                ev.detail = Some(crate::report::chain(&e));
                 self.events.token(ev);
                 flight.pending = Some(p);
                 Err(TokenError::Store(e))
@@ -383,7 +383,7 @@ impl Refresher {
             Ok(Some(s)) => s,
             Ok(None) => return None,
             Err(e) => {
-                tracing::warn!(grant = %grant.label(), error = %crate::refusal::chain(&e), "could not re-read the grant from the store");
+                tracing::warn!(grant = %grant.label(), error = %crate::report::chain(&e), "could not re-read the grant from the store");
                 return None;
             }
         };
@@ -414,7 +414,7 @@ impl Refresher {
             ok: res.is_ok(),
         });
         if let Err(e) = res {
-            tracing::error!(grant = %grant.label(), error = %crate::refusal::chain(&e), "could not record that the grant needs re-authorization");
+            tracing::error!(grant = %grant.label(), error = %crate::report::chain(&e), "could not record that the grant needs re-authorization");
         }
         let mut e = grant.event(EventKind::NeedsReauth);
         e.organization = org.map(str::to_owned);
