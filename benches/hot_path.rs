@@ -103,6 +103,36 @@ fn routing(c: &mut Criterion) {
     g.finish();
 }
 
+fn endpoints(c: &mut Criterion) {
+    let mut g = c.benchmark_group("endpoint_find");
+    let table = meraki_oauth_proxy::endpoints::EndpointTable::builtin();
+    let cases: [(&str, Method, &[&str]); 3] = [
+        ("getDevice", Method::GET, &["devices", "Q2XX-AAAA-BBBB"]),
+        (
+            "getOrganizationNetworks",
+            Method::GET,
+            &["organizations", "123", "networks"],
+        ),
+        (
+            "unknown",
+            Method::GET,
+            &["organizations", "123", "notAnEndpoint", "x"],
+        ),
+    ];
+    for (name, method, segments) in cases {
+        assert_eq!(
+            table
+                .find(&method, segments)
+                .map(|m| m.operation().operation_id.as_str()),
+            (name != "unknown").then_some(name)
+        );
+        g.bench_function(name, |b| {
+            b.iter(|| table.find(&method, black_box(segments)).is_some())
+        });
+    }
+    g.finish();
+}
+
 /// Networks and devices in memory; the benchmark only measures warm-cache hits.
 struct Memory(HashMap<String, serde_json::Value>);
 
@@ -297,6 +327,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = hot_path;
     config = config();
-    targets = identity, routing, resolver, headers, metrics, audit
+    targets = identity, routing, endpoints, resolver, headers, metrics, audit
 }
 criterion_main!(hot_path);

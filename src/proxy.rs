@@ -524,12 +524,15 @@ impl ProxyHttp for MerakiProxy {
             .unwrap_or(0);
         let elapsed = ctx.start.elapsed();
         let client = ctx.client.as_deref();
-        let expired = ctx
-            .refusal
-            .as_ref()
-            .is_some_and(|r| r.reason == "expired_key");
-        if let (Some(_), Some(c), false) = (ctx.key_expires_at, client, expired) {
-            self.metrics.expiring_key_use(&c.name);
+        if let (Some(_), Some(c)) = (ctx.key_expires_at, client) {
+            // Uses until the expiry; a refused expired key is not one.
+            if ctx
+                .refusal
+                .as_ref()
+                .is_none_or(|r| r.reason != "expired_key")
+            {
+                self.metrics.expiring_key_use(&c.name);
+            }
         }
         self.metrics.request(
             ctx.integration(),

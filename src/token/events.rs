@@ -119,11 +119,3 @@ pub trait EventSink: Send + Sync {
     /// A store operation's duration and result.
     fn store(&self, op: StoreOp);
 }
-
-/// Discards events (the CLI's commands that only read).
-pub struct Discard;
-
-impl EventSink for Discard {
-    fn token(&self, _: TokenEvent) {}
-    fn store(&self, _: StoreOp) {}
-}

@@ -108,11 +108,6 @@ impl Refresher {
         }
     }
 
-    /// The clock the engine reads.
-    pub fn clock(&self) -> Clock {
-        self.clock
-    }
-
     /// A usable access token of `grant`, refreshed first if it is past its refresh point.
     /// `org` is the requesting organization (for events).
     pub async fn token(&self, grant: &Grant, org: &str) -> Result<Arc<TokenState>, TokenError> {
