@@ -2,8 +2,9 @@
 //! onboarding through Meraki's consent page (`/oauth/connect`, `/oauth/callback`).
 
 use crate::clock::{describe_expiry, describe_past, now_unix, rfc3339};
-use crate::config::{Config, Integration};
+use crate::config::Integration;
 use crate::metrics::Metrics;
+use crate::reload::Live;
 use crate::report::chain;
 use crate::secret::Secret;
 use crate::token::{GrantStatus, Grants};
@@ -25,7 +26,7 @@ const MAX_PENDING: usize = 1024;
 
 /// The admin HTTP app.
 pub struct Admin {
-    pub config: Arc<Config>,
+    pub live: Arc<Live>,
     pub grants: Arc<Grants>,
     pub metrics: Arc<Metrics>,
     http: reqwest::Client,
@@ -100,10 +101,11 @@ fn error_page(status: u16, title: &str, detail: &str) -> Response<Vec<u8>> {
 impl Admin {
     /// The admin app over the proxy's shared state.
     pub fn new(
-        config: Arc<Config>,
+        live: Arc<Live>,
         grants: Arc<Grants>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, reqwest::Error> {
+        let config = live.config();
         let http = reqwest::Client::builder()
             .timeout(config.token_timeout)
             .connect_timeout(config.token_timeout.min(Duration::from_secs(10)))
@@ -111,7 +113,7 @@ impl Admin {
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Admin {
-            config,
+            live,
             grants,
             metrics,
             http,
@@ -130,7 +132,7 @@ impl Admin {
             .filter(|g| g.state().status == GrantStatus::NeedsReauth)
             .map(|g| g.label())
             .collect();
-        let ready = store_ok && (reauth.is_empty() || !self.config.reauth_fails_readiness);
+        let ready = store_ok && (reauth.is_empty() || !self.live.config().reauth_fails_readiness);
         (
             ready,
             serde_json::json!({ "ready": ready, "store": if store_ok { "ok" } else { "unreachable" }, "grants_needing_reauthorization": reauth }),
@@ -139,7 +141,8 @@ impl Admin {
 
     /// Whether the request carries the admin token (Bearer, or Basic with it as password).
     fn authorized(&self, headers: &http::HeaderMap) -> bool {
-        let Some(token) = &self.config.admin_token else {
+        let config = self.live.config();
+        let Some(token) = &config.admin_token else {
             return true;
         };
         let Some(value) = headers
@@ -175,7 +178,8 @@ impl Admin {
                 "The link names no integration (?integration=NAME).",
             );
         };
-        let Some(it) = self.config.integration(name) else {
+        let config = self.live.config();
+        let Some(it) = config.integration(name) else {
             return error_page(
                 404,
                 "Cannot connect",
@@ -183,7 +187,7 @@ impl Admin {
             );
         };
         let (Some(authorize), Some(redirect_uri)) =
-            (&self.config.upstream.authorize_url, &it.redirect_uri)
+            (&config.upstream.authorize_url, &it.redirect_uri)
         else {
             return error_page(
                 400,
@@ -257,7 +261,7 @@ impl Admin {
                 "The callback carries no authorization code.",
             );
         };
-        let Some(it) = self.grants.integration(&integration).cloned() else {
+        let Some(it) = self.grants.integration(&integration) else {
             return error_page(
                 404,
                 "Authorization failed",
@@ -323,9 +327,10 @@ impl Admin {
     }
 
     async fn organizations_of(&self, access: &Secret) -> Result<Vec<String>, String> {
+        let config = self.live.config();
         let url = format!(
             "{}/organizations",
-            self.config.upstream.api_base.as_str().trim_end_matches('/')
+            config.upstream.api_base.as_str().trim_end_matches('/')
         );
         let resp = self
             .http
@@ -353,19 +358,22 @@ impl Admin {
 
     /// The status page: integrations, grants, clients. No secrets; token fingerprints only.
     pub async fn status_page(&self) -> Response<Vec<u8>> {
+        let snapshot = self.live.snapshot();
+        let config = &snapshot.config;
         let (ready, _) = self.readiness().await;
         let now = now_unix();
         let mut b = String::new();
         let _ = write!(
             b,
-            "<p>Version {}. Readiness: <span id=\"readiness\" class=\"{}\">{}</span>. Upstream: <code>{}</code>.</p>",
+            "<p>Version {}. Readiness: <span id=\"readiness\" class=\"{}\">{}</span>. Upstream: <code>{}</code>. Configuration: <span id=\"config-generation\">generation {}</span> (reload with SIGHUP or <code>POST /admin/reload</code>).</p>",
             env!("CARGO_PKG_VERSION"),
             if ready { "ok" } else { "bad" },
             if ready { "ready" } else { "not ready" },
-            escape(self.config.upstream.api_base.as_str())
+            escape(config.upstream.api_base.as_str()),
+            snapshot.generation,
         );
         b.push_str("<h2>Integrations</h2><table id=\"integrations\"><tr><th>Name</th><th>Client ID</th><th>Scopes</th><th></th></tr>");
-        for it in &self.config.integrations {
+        for it in &config.integrations {
             let _ = write!(
                 b,
                 "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td></tr>",
@@ -386,8 +394,8 @@ impl Admin {
                 GrantStatus::Ok => "<span class=\"ok\">ok</span>".to_owned(),
                 GrantStatus::NeedsReauth => format!(
                     "<span class=\"bad\">needs re-authorization</span> {}",
-                    self.config
-                        .integration(&g.integration.name)
+                    config
+                        .integration(&g.integration().name)
                         .map(|it| self.connect_button(it, "Reconnect"))
                         .unwrap_or_default()
                 ),
@@ -396,7 +404,7 @@ impl Admin {
             let _ = write!(
                 b,
                 "<tr data-grant=\"{id}\"><td>{id}</td><td>{}</td><td>{}</td><td class=\"status\">{status}</td><td><code>{}</code></td><td>{expires}</td><td>{}</td><td>{}</td></tr>",
-                escape(&g.integration.name),
+                escape(&g.integration().name),
                 escape(&g.organizations.join(", ")),
                 st.fingerprint().map_or("-", |f| &**f),
                 st.issued_at.map(rfc3339).unwrap_or_else(|| "-".into()),
@@ -405,7 +413,7 @@ impl Admin {
             );
         }
         b.push_str("</table><h2>Clients</h2><table id=\"clients\"><tr><th>Name</th><th>Integration</th><th>Organizations</th><th>Methods</th></tr>");
-        for c in &self.config.clients {
+        for c in &config.clients {
             let methods = c
                 .methods
                 .as_ref()
@@ -425,7 +433,7 @@ impl Admin {
     }
 
     fn connect_button(&self, it: &Integration, label: &str) -> String {
-        if self.config.upstream.authorize_url.is_none() || it.redirect_uri.is_none() {
+        if self.live.config().upstream.authorize_url.is_none() || it.redirect_uri.is_none() {
             return "<span class=\"note\">set authorize_url and redirect_uri to connect</span>"
                 .into();
         }
@@ -465,6 +473,31 @@ impl ServeHttp for Admin {
                 http::HeaderValue::from_static("Basic realm=\"meraki-oauth-proxy admin\""),
             );
             return r;
+        }
+        if path == "/admin/reload" {
+            if req.method != http::Method::POST {
+                return respond(
+                    405,
+                    "application/json",
+                    crate::refusal::body("use POST /admin/reload").to_vec(),
+                );
+            }
+            return match self.live.reload("admin").await {
+                Ok(r) => respond(
+                    200,
+                    "application/json",
+                    serde_json::json!({ "reloaded": true, "generation": r.generation, "clients": r.clients, "integrations": r.integrations, "restartRequired": r.restart_required, "storeWarning": r.store_warning }).to_string(),
+                ),
+                Err(e) => respond(
+                    422,
+                    "application/json",
+                    crate::refusal::body(&format!(
+                        "configuration not reloaded, the running one stays: {}",
+                        chain(&e)
+                    ))
+                    .to_vec(),
+                ),
+            };
         }
         if req.method != http::Method::GET && req.method != http::Method::HEAD {
             return respond(

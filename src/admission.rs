@@ -3,11 +3,11 @@
 //! (the client's organizations and methods) and given an access token ([`crate::token`]), or
 //! refused with a [`Refusal`] that says only what the client may know.
 
-use crate::config::{Client, Config, UnknownEndpoints};
+use crate::config::{Client, UnknownEndpoints};
 use crate::endpoints::{EndpointTable, Operation};
-use crate::identity::Identities;
 use crate::lookup::{ApiClient, LookupWith};
 use crate::refusal::{Refusal, Refuse};
+use crate::reload::Live;
 use crate::route::{self, Resolver, RouteError, Target};
 use crate::token::{Grant, Grants, TokenState};
 use crate::upstream::Upstream;
@@ -18,8 +18,9 @@ use std::sync::Arc;
 
 /// Everything admission and the hooks need, built once by [`crate::server`].
 pub struct State {
-    pub config: Arc<Config>,
-    pub identities: Identities,
+    /// The configuration and key index; a request reads them once, at admission, and keeps
+    /// what it read (its client) however many reloads happen meanwhile.
+    pub live: Arc<Live>,
     pub resolver: Resolver,
     pub grants: Arc<Grants>,
     pub upstream: Arc<Upstream>,
@@ -176,7 +177,8 @@ pub async fn admit(state: &State, req: &RequestHeader) -> Result<Admitted, Rejec
             Refusal::from(&NotAnApiMethod(req.method.clone())),
         ));
     }
-    let caller = match state.identities.identify(&req.headers) {
+    let snapshot = state.live.snapshot();
+    let caller = match snapshot.identities.identify(&req.headers) {
         Ok(c) => c,
         Err(e) => return Err(refuse(seen, Refusal::from(&e))),
     };
@@ -219,7 +221,7 @@ pub async fn admit(state: &State, req: &RequestHeader) -> Result<Admitted, Rejec
     };
     seen.operation = operation;
     match operation {
-        None if state.config.unknown_endpoints == UnknownEndpoints::Deny => {
+        None if snapshot.config.unknown_endpoints == UnknownEndpoints::Deny => {
             let e = UnknownEndpoint {
                 method: method.clone(),
                 path: r.path.clone(),

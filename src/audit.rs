@@ -206,6 +206,43 @@ impl<'a> TokenRecord<'a> {
     }
 }
 
+/// A record about the proxy itself: a configuration reload, a shutdown.
+#[derive(Debug, Serialize)]
+pub struct ServerRecord<'a> {
+    pub time: String,
+    pub kind: &'static str,
+    /// `config_reloaded`, `config_reload_refused`, `shutdown_started`, `shutdown_drained`,
+    /// `shutdown_grace_expired`.
+    pub event: &'static str,
+    /// What asked: `sighup`, `admin`, `sigterm`, `sigint`.
+    pub trigger: &'a str,
+    pub generation: Option<u64>,
+    pub clients: Option<usize>,
+    pub integrations: Option<usize>,
+    pub restart_required: &'a [&'static str],
+    /// Requests still in flight (shutdown).
+    pub in_flight: Option<i64>,
+    pub detail: Option<String>,
+}
+
+impl<'a> ServerRecord<'a> {
+    /// A record of `event`, the other fields empty.
+    pub fn new(event: &'static str, trigger: &'a str) -> Self {
+        ServerRecord {
+            time: now_rfc3339(),
+            kind: "server",
+            event,
+            trigger,
+            generation: None,
+            clients: None,
+            integrations: None,
+            restart_required: &[],
+            in_flight: None,
+            detail: None,
+        }
+    }
+}
+
 /// How often the writer thread wakes to write what was queued. A sleeping writer is never woken
 /// by a request (no futex, no context switch per record), and a batch costs one `write()`.
 const BATCH_INTERVAL: Duration = Duration::from_millis(20);
@@ -249,6 +286,11 @@ impl Audit {
     /// Queues a token event's record.
     pub fn token_event(&self, event: &TokenEvent) {
         self.send(serde_json::to_string(&TokenRecord::of(event)));
+    }
+
+    /// Queues a record about the proxy itself.
+    pub fn server_event(&self, record: &ServerRecord<'_>) {
+        self.send(serde_json::to_string(record));
     }
 
     fn send(&self, line: serde_json::Result<String>) {

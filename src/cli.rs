@@ -271,8 +271,15 @@ fn run(config: Config) -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail_chain(&e),
     };
-    let shutdown = Box::new(pingora::server::UnixShutdownSignalWatch);
-    match crate::server::run(config, listeners, shutdown) {
+    let path = config.source.clone();
+    let launch = crate::server::Launch {
+        config,
+        loader: std::sync::Arc::new(move || Config::load(&path)),
+        listeners,
+        shutdown: Box::new(crate::server::Signals),
+        exit_when_drained: true,
+    };
+    match crate::server::run(launch) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail_chain(&e),
     }
@@ -302,7 +309,7 @@ fn grants(config: Config, cmd: GrantsCommand) -> ExitCode {
                     println!(
                         "{:<6} {:<16} {:<24} {:<24} {:<12} {:<22} {}",
                         g.id,
-                        g.integration.name,
+                        g.integration().name,
                         g.organizations.join(","),
                         st.status.as_str(),
                         st.fingerprint().map_or("-", |f| &**f),
@@ -412,7 +419,7 @@ async fn connect(
             .grants
             .all()
             .into_iter()
-            .find(|g| g.integration.name == integration && !before.contains(&g.id))
+            .find(|g| g.integration().name == integration && !before.contains(&g.id))
         {
             println!(
                 "connected: grant {} for organization(s) {}",

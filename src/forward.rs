@@ -35,6 +35,35 @@ const CREDENTIALS: [&str; 3] = [
     "proxy-authorization",
 ];
 
+/// How far a request got when its upstream connection failed: what decides whether it may be
+/// repeated and what the client is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPhase {
+    /// The request could not be completely written: Meraki cannot have acted on it.
+    NotWritten,
+    /// Written, then the connection was reset or closed before an answer: it may have been
+    /// applied.
+    Unanswered,
+    /// Written, and no answer within the upstream timeout: it may have been applied.
+    TimedOut,
+    /// Anything else (a malformed answer, an error of the proxy's own).
+    Other,
+}
+
+/// The phase of an upstream error.
+pub fn fault_phase(etype: &pingora::ErrorType, source: &pingora::ErrorSource) -> FaultPhase {
+    use pingora::ErrorType as E;
+    if !matches!(source, pingora::ErrorSource::Upstream) {
+        return FaultPhase::Other;
+    }
+    match etype {
+        E::WriteError | E::WriteTimedout => FaultPhase::NotWritten,
+        E::ReadError | E::ConnectionClosed => FaultPhase::Unanswered,
+        E::ReadTimedout => FaultPhase::TimedOut,
+        _ => FaultPhase::Other,
+    }
+}
+
 /// Also dropped from responses: a trailer announcement without the trailers.
 const TRAILER: HeaderName = http::header::TRAILER;
 

@@ -5,7 +5,8 @@
 //! proxy does with a request" lives in the module named after it:
 //!
 //! - [`config`]: the TOML file (`config::file`) and the validated configuration the rest of the
-//!   program reads (`config::Config`).
+//!   program reads (`config::Config`); [`reload`] holds the live one and swaps in a new one on
+//!   SIGHUP or `POST /admin/reload`.
 //! - [`identity`]: who is calling: the proxy client key, matched by SHA-256 digest.
 //! - [`route`]: which organization the request acts on: path normalization, and the cached
 //!   lookup of networks and devices (made through [`lookup`], the proxy's own API client).
@@ -48,6 +49,7 @@ pub mod metrics;
 pub mod observe;
 pub mod proxy;
 pub mod refusal;
+pub mod reload;
 pub mod report;
 pub mod route;
 pub mod seal;

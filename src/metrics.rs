@@ -30,6 +30,8 @@ pub struct Metrics {
     in_flight: IntGauge,
     store_duration: HistogramVec,
     store_errors: IntCounterVec,
+    config_reloads: IntCounterVec,
+    config_generation: IntGauge,
 }
 
 /// Results of a token endpoint call (see `OAuthError::label`).
@@ -89,6 +91,11 @@ impl Metrics {
             "Requests being served now.",
         )?;
         r.register(Box::new(in_flight.clone()))?;
+        let config_generation = IntGauge::new(
+            "meraki_proxy_config_generation",
+            "The configuration in force: 1 at start, one more per applied reload.",
+        )?;
+        r.register(Box::new(config_generation.clone()))?;
         Ok(Metrics {
             requests: counter(
                 &r,
@@ -187,6 +194,13 @@ impl Metrics {
                 "Token store operation errors, by operation.",
                 &["op"],
             )?,
+            config_reloads: counter(
+                &r,
+                "meraki_proxy_config_reloads_total",
+                "Configuration reloads (SIGHUP, POST /admin/reload), by result: applied or refused.",
+                &["result"],
+            )?,
+            config_generation,
             registry: r,
         })
     }
@@ -194,6 +208,9 @@ impl Metrics {
     /// Creates, at zero, the series whose label values the configuration already names, so
     /// dashboards and `increase()` alerts see them before the first event.
     pub fn init_labels(&self, config: &crate::config::Config) {
+        for result in ["applied", "refused"] {
+            self.config_reloads.with_label_values(&[result]);
+        }
         for it in &config.integrations {
             let name = it.name.as_str();
             for outcome in RETRY_OUTCOMES {
@@ -333,6 +350,24 @@ impl Metrics {
     /// An upstream redirect followed.
     pub fn redirect(&self, integration: &str) {
         self.redirects.with_label_values(&[integration]).inc();
+    }
+
+    /// A configuration reload: applied (now at `generation`) or refused.
+    pub fn reload(&self, applied: bool, generation: u64) {
+        self.config_reloads
+            .with_label_values(&[if applied { "applied" } else { "refused" }])
+            .inc();
+        self.config_generation.set(generation as i64);
+    }
+
+    /// The configuration in force at start.
+    pub fn started_with_config(&self) {
+        self.config_generation.set(1);
+    }
+
+    /// The configuration generation in force.
+    pub fn config_generation(&self) -> u64 {
+        self.config_generation.get() as u64
     }
 
     /// The in-flight gauge.

@@ -2,8 +2,10 @@
 //! [`TokenEvent`] becomes an audit record and metric updates. Wired in `server.rs`; the token
 //! module itself knows neither the audit log nor the metrics.
 
-use crate::audit::Audit;
+use crate::audit::{Audit, ServerRecord};
+use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::reload::{ReloadSink, Reloaded};
 use crate::token::{EventKind, EventSink, GrantStatus, RefreshCause, StoreOp, TokenEvent};
 use std::sync::Arc;
 
@@ -60,5 +62,31 @@ impl EventSink for Observer {
 
     fn store(&self, op: StoreOp) {
         self.metrics.store_op(op.op, op.elapsed, op.ok);
+    }
+}
+
+impl ReloadSink for Observer {
+    fn reloaded(&self, trigger: &'static str, outcome: &Result<Reloaded, String>, config: &Config) {
+        match outcome {
+            Ok(r) => {
+                self.metrics.init_labels(config);
+                self.metrics.reload(true, r.generation);
+                self.audit.server_event(&ServerRecord {
+                    generation: Some(r.generation),
+                    clients: Some(r.clients),
+                    integrations: Some(r.integrations),
+                    restart_required: &r.restart_required,
+                    detail: r.store_warning.clone(),
+                    ..ServerRecord::new("config_reloaded", trigger)
+                });
+            }
+            Err(why) => {
+                self.metrics.reload(false, self.metrics.config_generation());
+                self.audit.server_event(&ServerRecord {
+                    detail: Some(why.clone()),
+                    ..ServerRecord::new("config_reload_refused", trigger)
+                });
+            }
+        }
     }
 }

@@ -5,7 +5,7 @@
 use crate::admission::{self, Action, Forward, State};
 use crate::audit::{Audit, RequestEntry, RequestId};
 use crate::config::Client;
-use crate::forward::{RedirectTarget, REDIRECTS};
+use crate::forward::{FaultPhase, RedirectTarget, REDIRECTS};
 use crate::metrics::{Metrics, NONE};
 use crate::refusal::{self, upstream, Decision, Refusal};
 use crate::route;
@@ -62,6 +62,8 @@ pub struct Ctx {
     upstream_sent: Option<Instant>,
     upstream_elapsed: Option<Duration>,
     counted_in_flight: bool,
+    /// Attempts repeated after an upstream connection fault (at most one).
+    fault_retries: u8,
 }
 
 impl Ctx {
@@ -88,6 +90,7 @@ impl Ctx {
             upstream_sent: None,
             upstream_elapsed: None,
             counted_in_flight: false,
+            fault_retries: 0,
         }
     }
 
@@ -239,7 +242,7 @@ impl MerakiProxy {
         match crate::forward::follow(
             location,
             &current,
-            &s.config.upstream.redirect_hosts,
+            &s.live.config().upstream.redirect_hosts,
             &s.upstream.host,
             ctx.redirects,
             !session.as_ref().retry_buffer_truncated(),
@@ -452,26 +455,53 @@ impl ProxyHttp for MerakiProxy {
         Ok(())
     }
 
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing was sent: one more attempt is safe for every method.
+        let again = ctx.fault_retries == 0;
+        if again {
+            ctx.fault_retries += 1;
+        }
+        e.set_retry(again);
+        e
+    }
+
     fn error_while_proxy(
         &self,
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<Error>,
         ctx: &mut Ctx,
-        client_reused: bool,
+        _client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        let replayable = !session.as_ref().retry_buffer_truncated();
         if std::mem::take(&mut ctx.retry_requested) {
             // Meraki rejected authentication (or redirected) before acting on the request, so
             // replaying it is safe for every method, as long as the body is still buffered.
-            e.set_retry(!session.as_ref().retry_buffer_truncated());
-        } else if !session.req_header().method.is_idempotent()
-            || session.as_ref().retry_buffer_truncated()
-        {
-            e.set_retry(false);
-        } else {
-            e.retry.decide_reuse(client_reused);
+            e.set_retry(replayable);
+            return e;
         }
+        let method = &session.req_header().method;
+        let retry = replayable
+            && ctx.fault_retries == 0
+            && match crate::forward::fault_phase(e.etype(), e.esource()) {
+                // Not (completely) written: Meraki cannot have acted on it.
+                FaultPhase::NotWritten => method.is_idempotent(),
+                // Written, no answer: it may have been applied. Only a read is repeated (a
+                // repeated DELETE would answer 404 and hide that the first one was applied).
+                FaultPhase::Unanswered => method.is_safe(),
+                FaultPhase::TimedOut | FaultPhase::Other => false,
+            };
+        if retry {
+            ctx.fault_retries += 1;
+        }
+        e.set_retry(retry);
         e
     }
 
@@ -513,9 +543,6 @@ impl ProxyHttp for MerakiProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
-        if ctx.counted_in_flight {
-            self.metrics.in_flight().dec();
-        }
         let req = session.req_header();
         let status = session
             .response_written()
@@ -575,6 +602,11 @@ impl ProxyHttp for MerakiProxy {
             source: session.client_addr().and_then(|a| a.as_inet()).copied(),
             user_agent: req.headers.get(USER_AGENT).cloned(),
         });
+        // Last: a draining server waits for this count, then flushes the audit log, so the
+        // record is queued before the request stops counting.
+        if ctx.counted_in_flight {
+            self.metrics.in_flight().dec();
+        }
     }
 }
 

@@ -5,10 +5,11 @@
 
 use super::*;
 use crate::clock::Clock;
-use crate::config::Config;
-use crate::identity::{hash_key, Identities};
+use crate::config::{Config, ConfigError};
+use crate::identity::hash_key;
 use crate::lookup::ApiClient;
 use crate::observe::Observer;
+use crate::reload::Live;
 use crate::route::Resolver;
 use crate::secret::Secret;
 use crate::testing::Authority;
@@ -69,6 +70,7 @@ operations = ["getOrganization", "wireless:read"]
         "SECRET" => Some("client-secret-value".into()),
         _ => None,
     };
+    std::fs::write(dir.path().join("proxy.toml"), &text).unwrap();
     let config = Arc::new(Config::parse(&text, &dir.path().join("proxy.toml"), &env).unwrap());
     let audit_path = dir.path().join("audit.jsonl");
     let audit = Arc::new(Audit::open(Some(&audit_path)).unwrap());
@@ -92,10 +94,33 @@ operations = ["getOrganization", "wireless:read"]
         .import("netops", &["111".into()], Secret::new(authority.issue()))
         .await
         .unwrap();
-    let upstream =
-        Arc::new(Upstream::new(&config.upstream.api_base, Duration::from_secs(5)).unwrap());
+    let upstream = Arc::new(
+        Upstream::new(
+            &config.upstream.api_base,
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        )
+        .unwrap(),
+    );
+    let observer = Arc::new(Observer {
+        audit: audit.clone(),
+        metrics: metrics.clone(),
+    });
+    let path = dir.path().join("proxy.toml");
+    let live = Arc::new(Live::new(
+        config.clone(),
+        Arc::new(move || {
+            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                file: path.display().to_string(),
+                source,
+            })?;
+            Config::parse(&text, &path, &env)
+        }),
+        grants.clone(),
+        observer,
+    ));
     let state = Arc::new(State {
-        identities: Identities::new(&config.clients),
+        live,
         resolver: Resolver::new(100, Duration::from_secs(60)),
         api: ApiClient::new(
             &config.upstream.api_base,
@@ -105,7 +130,6 @@ operations = ["getOrganization", "wireless:read"]
         .unwrap(),
         grants,
         upstream,
-        config,
     });
     Rig {
         proxy: MerakiProxy {

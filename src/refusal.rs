@@ -223,6 +223,7 @@ pub fn from_pingora(e: &pingora::Error) -> Refusal {
             format!("request failed with status {code}"),
         );
     }
+    use crate::forward::{fault_phase, FaultPhase};
     match e.esource() {
         pingora::ErrorSource::Upstream if never_sent(etype) => Refusal::new(
             502,
@@ -230,16 +231,26 @@ pub fn from_pingora(e: &pingora::Error) -> Refusal {
             "could not connect to the Meraki API; the request was not sent",
         )
         .upstream(upstream::NOT_SENT),
-        pingora::ErrorSource::Upstream => Refusal::new(
-            if matches!(etype, E::ReadTimedout | E::WriteTimedout) {
-                504
-            } else {
-                502
-            },
-            "upstream_error",
-            "the Meraki API connection failed after the request was sent; it may have been applied",
-        )
-        .upstream(upstream::SENT_NO_ANSWER),
+        pingora::ErrorSource::Upstream => match fault_phase(etype, e.esource()) {
+            FaultPhase::NotWritten => Refusal::new(
+                502,
+                "upstream_write_failed",
+                "the Meraki API connection failed before the request was completely sent; it was not applied",
+            )
+            .upstream(upstream::NOT_SENT),
+            FaultPhase::TimedOut => Refusal::new(
+                504,
+                "upstream_timeout",
+                "the Meraki API did not answer in time; the request was sent and may have been applied",
+            )
+            .upstream(upstream::SENT_NO_ANSWER),
+            FaultPhase::Unanswered | FaultPhase::Other => Refusal::new(
+                502,
+                "upstream_error",
+                "the Meraki API connection failed after the request was sent; it may have been applied",
+            )
+            .upstream(upstream::SENT_NO_ANSWER),
+        },
         pingora::ErrorSource::Downstream => {
             Refusal::new(400, "malformed_request", "malformed request")
         }

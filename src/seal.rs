@@ -7,6 +7,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
+use sha2::Digest as _;
 use std::fmt;
 
 const PREFIX: &str = "v1.";
@@ -27,6 +28,16 @@ pub enum SealError {
 pub struct StoreKey {
     cipher: ChaCha20Poly1305,
     fingerprint: String,
+    /// SHA-256 of the key: tells two keys apart (a configuration reload) without keeping the
+    /// key's bytes outside the cipher.
+    digest: [u8; 32],
+}
+
+impl PartialEq for StoreKey {
+    fn eq(&self, other: &Self) -> bool {
+        use subtle::ConstantTimeEq;
+        bool::from(self.digest.ct_eq(&other.digest))
+    }
 }
 
 impl fmt::Debug for StoreKey {
@@ -48,6 +59,7 @@ impl StoreKey {
         Ok(StoreKey {
             cipher: ChaCha20Poly1305::new(Key::from_slice(&key)),
             fingerprint: crate::secret::fingerprint(&key),
+            digest: sha2::Sha256::digest(key).into(),
         })
     }
 

@@ -3,30 +3,38 @@
 //! [`run`] takes listeners that are already bound, so a test binds `127.0.0.1:0`, reads the
 //! port and runs the real server in-process with no race for the port (mini-redis style); the
 //! binary binds the configured addresses with [`Listeners::bind`] and runs the same function.
+//!
+//! Shutdown (SIGTERM or SIGINT, [`Signals`]): Pingora closes the listeners and idle
+//! connections, [`Drain`] waits for in-flight requests (at most `shutdown_grace_secs`),
+//! records the last use of grants, flushes the audit log and ends the process. SIGHUP reopens
+//! the audit log and reloads the configuration ([`crate::reload`]).
 
 use crate::admin::Admin;
 use crate::admission::State;
-use crate::audit::Audit;
+use crate::audit::{Audit, ServerRecord};
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::identity::Identities;
 use crate::lookup::ApiClient;
 use crate::metrics::Metrics;
 use crate::observe::Observer;
 use crate::proxy::MerakiProxy;
+use crate::reload::{Live, Loader};
 use crate::route::Resolver;
 use crate::token::{Grants, OAuthClient, Settings, SqliteStore};
 use crate::upstream::Upstream;
 use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
-use pingora::server::{ListenFds, RunArgs, Server, ShutdownSignalWatch, ShutdownWatch};
+use pingora::server::{
+    ListenFds, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
+};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service as ListeningService;
 use pingora::services::Service;
 use std::net::TcpListener;
 use std::os::fd::{IntoRawFd, RawFd};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +66,8 @@ pub struct Parts {
     pub audit: Arc<Audit>,
     pub metrics: Arc<Metrics>,
     pub grants: Arc<Grants>,
+    /// Token events and reloads → audit records and metrics.
+    pub observer: Arc<Observer>,
 }
 
 /// Opens the audit log, metrics, store and grants, and wires token events to the audit log
@@ -81,7 +91,7 @@ pub async fn parts(config: &Config) -> Result<Parts, StartError> {
         Settings::from_config(config),
         Arc::new(store),
         Arc::new(oauth),
-        observer,
+        observer.clone(),
         Clock::System,
     )
     .await?;
@@ -89,6 +99,7 @@ pub async fn parts(config: &Config) -> Result<Parts, StartError> {
         audit,
         metrics,
         grants: Arc::new(grants),
+        observer,
     })
 }
 
@@ -114,20 +125,42 @@ impl Listeners {
     }
 }
 
-/// Builds the server on these listeners: proxy, admin, background tasks.
-pub fn build(config: Config, listeners: Listeners) -> Result<Server, StartError> {
+/// Everything [`run`] needs.
+pub struct Launch {
+    pub config: Config,
+    /// Reads the configuration file again (SIGHUP, `POST /admin/reload`).
+    pub loader: Loader,
+    pub listeners: Listeners,
+    pub shutdown: Box<dyn ShutdownSignalWatch + Send + Sync>,
+    /// End the process as soon as in-flight requests are done after a shutdown signal
+    /// (the binary), instead of waiting out `shutdown_grace_secs` (a server inside a test).
+    pub exit_when_drained: bool,
+}
+
+/// Builds the server: proxy, admin, background tasks.
+pub fn build(launch: Launch) -> Result<(Server, ShutdownBox), StartError> {
+    let Launch {
+        config,
+        loader,
+        listeners,
+        shutdown,
+        exit_when_drained,
+    } = launch;
     let config = Arc::new(config);
     let Parts {
         audit,
         metrics,
         grants,
+        observer,
     } = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(StartError::Runtime)?
         .block_on(parts(&config))?;
+    metrics.started_with_config();
     let upstream = Arc::new(Upstream::new(
         &config.upstream.api_base,
+        config.upstream_connect_timeout,
         config.upstream_timeout,
     )?);
     let api = ApiClient::new(
@@ -136,8 +169,9 @@ pub fn build(config: Config, listeners: Listeners) -> Result<Server, StartError>
         config.upstream_timeout,
     )
     .map_err(StartError::Http)?;
+    let live = Arc::new(Live::new(config.clone(), loader, grants.clone(), observer));
     let state = Arc::new(State {
-        identities: Identities::new(&config.clients),
+        live: live.clone(),
         resolver: Resolver::new(
             config.upstream.lookup_cache_capacity,
             config.upstream.lookup_cache_ttl,
@@ -145,16 +179,19 @@ pub fn build(config: Config, listeners: Listeners) -> Result<Server, StartError>
         grants: grants.clone(),
         upstream: upstream.clone(),
         api,
-        config: config.clone(),
     });
 
+    let grace = config.shutdown_grace.as_secs();
     let conf = ServerConf {
         threads: config.threads,
-        // Attempts, not retries: the first, one after a 401, the redirects, and two for
-        // Pingora's own retries of stale reused connections.
-        max_retries: 2 + crate::forward::MAX_REDIRECTS as usize + 2,
-        grace_period_seconds: Some(1),
-        graceful_shutdown_timeout_seconds: Some(5),
+        // Attempts, not retries: the first, one after a 401, the redirects, one after a
+        // connection reset before the request was written, and two for Pingora's own retries
+        // of stale reused connections.
+        max_retries: 2 + crate::forward::MAX_REDIRECTS as usize + 3,
+        // Pingora stops accepting, then waits this long before stopping the runtimes; the
+        // drain task ends the process earlier once nothing is in flight.
+        grace_period_seconds: Some(grace),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
@@ -180,8 +217,7 @@ pub fn build(config: Config, listeners: Listeners) -> Result<Server, StartError>
         let addr = local_addr(&admin_listener)?;
         let mut admin = ListeningService::new(
             "admin".to_string(),
-            Admin::new(config.clone(), grants.clone(), metrics.clone())
-                .map_err(StartError::Http)?,
+            Admin::new(live.clone(), grants.clone(), metrics.clone()).map_err(StartError::Http)?,
         );
         admin.add_tcp(&addr);
         server.add_service(Prebound::new(admin, vec![(addr, admin_listener)])?);
@@ -190,26 +226,40 @@ pub fn build(config: Config, listeners: Listeners) -> Result<Server, StartError>
         "upstream-dns",
         DnsRefresher { upstream },
     ));
-    server.add_service(background_service("audit-reopen", AuditReopen { audit }));
+    server.add_service(background_service(
+        "sighup",
+        Hangup {
+            audit: audit.clone(),
+            live,
+        },
+    ));
     server.add_service(background_service(
         "grant-keeper",
         GrantKeeper {
-            grants,
+            grants: grants.clone(),
             idle: config.keepalive_idle,
             every: config.keepalive_check,
         },
     ));
+    server.add_service(background_service(
+        "drain",
+        Drain {
+            audit,
+            metrics,
+            grants,
+            grace: config.shutdown_grace,
+            exit_when_drained,
+        },
+    ));
     tracing::info!(listen = %listen, upstream = %config.upstream.api_base, "meraki-oauth-proxy starting");
-    Ok(server)
+    Ok((server, shutdown))
 }
 
-/// Runs the server on these listeners until `shutdown` says so.
-pub fn run(
-    config: Config,
-    listeners: Listeners,
-    shutdown: Box<dyn ShutdownSignalWatch + Send + Sync>,
-) -> Result<(), StartError> {
-    let server = build(config, listeners)?;
+type ShutdownBox = Box<dyn ShutdownSignalWatch + Send + Sync>;
+
+/// Runs the server until its shutdown signal, then drains (see [`Drain`]).
+pub fn run(launch: Launch) -> Result<(), StartError> {
+    let (server, shutdown) = build(launch)?;
     server.run(RunArgs {
         shutdown_signal: shutdown,
     });
@@ -342,18 +392,19 @@ impl BackgroundService for GrantKeeper {
     }
 }
 
-/// Reopens the audit log on SIGHUP (log rotation).
-struct AuditReopen {
+/// SIGHUP: reopens the audit log (log rotation) and reloads the configuration.
+struct Hangup {
     audit: Arc<Audit>,
+    live: Arc<Live>,
 }
 
 #[async_trait]
-impl BackgroundService for AuditReopen {
+impl BackgroundService for Hangup {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        let mut hup = match signal(SignalKind::hangup()) {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGHUP; audit log rotation needs a restart");
+                tracing::error!(error = %e, "cannot listen for SIGHUP; reloads need POST /admin/reload");
                 return;
             }
         };
@@ -361,10 +412,115 @@ impl BackgroundService for AuditReopen {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = hup.recv() => {
-                    tracing::info!("SIGHUP: reopening the audit log");
+                    tracing::info!("SIGHUP: reopening the audit log and reloading the configuration");
                     self.audit.reopen();
+                    // The outcome is logged, audited and counted by the reload itself.
+                    let _ = self.live.reload("sighup").await;
                 }
             }
+        }
+    }
+}
+
+/// Which signal asked the server to stop, for the audit record.
+static STOP_TRIGGER: OnceLock<&'static str> = OnceLock::new();
+
+/// The binary's shutdown signals: SIGTERM and SIGINT both drain gracefully (Ctrl-C in a
+/// terminal should not cut requests either); a second one during the drain ends the process
+/// at once (see [`Drain`]).
+pub struct Signals;
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot listen for SIGTERM/SIGINT; stopping");
+            return ShutdownSignal::FastShutdown;
+        };
+        let which = tokio::select! {
+            _ = term.recv() => "sigterm",
+            _ = int.recv() => "sigint",
+        };
+        let _ = STOP_TRIGGER.set(which);
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// After the shutdown broadcast (listeners closed, idle keep-alive connections closed by
+/// Pingora): waits until no request is in flight or the grace period is over, then records
+/// the last use of grants, flushes the audit log and, in the binary, ends the process. Every
+/// response a client received has its audit record by then: a request leaves the in-flight
+/// count only after its record is queued.
+struct Drain {
+    audit: Arc<Audit>,
+    metrics: Arc<Metrics>,
+    grants: Arc<Grants>,
+    grace: Duration,
+    exit_when_drained: bool,
+}
+
+#[async_trait]
+impl BackgroundService for Drain {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        if shutdown.wait_for(|stop| *stop).await.is_err() {
+            return;
+        }
+        let trigger = STOP_TRIGGER.get().copied().unwrap_or("shutdown");
+        let started = tokio::time::Instant::now();
+        let in_flight = || self.metrics.in_flight().get();
+        tracing::info!(
+            trigger,
+            in_flight = in_flight(),
+            grace_secs = self.grace.as_secs(),
+            "shutting down: no new connections; draining in-flight requests"
+        );
+        self.audit.server_event(&ServerRecord {
+            in_flight: Some(in_flight()),
+            ..ServerRecord::new("shutdown_started", trigger)
+        });
+        // A second signal ends the drain.
+        let again = async {
+            match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(mut t), Ok(mut i)) => {
+                    tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+                }
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::pin!(again);
+        let deadline = started + self.grace.saturating_sub(Duration::from_millis(500));
+        let event = loop {
+            if in_flight() <= 0 {
+                break "shutdown_drained";
+            }
+            tokio::select! {
+                _ = &mut again => break "shutdown_interrupted",
+                _ = tokio::time::sleep_until(deadline) => break "shutdown_grace_expired",
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        };
+        self.grants.flush_last_used().await;
+        let left = in_flight();
+        tracing::info!(
+            event,
+            in_flight = left,
+            took_ms = started.elapsed().as_millis() as u64,
+            "drain finished"
+        );
+        self.audit.server_event(&ServerRecord {
+            in_flight: Some(left),
+            ..ServerRecord::new(event, trigger)
+        });
+        let audit = self.audit.clone();
+        let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
+        if self.exit_when_drained {
+            std::process::exit(0);
         }
     }
 }

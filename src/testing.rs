@@ -14,7 +14,7 @@ use std::time::Duration;
 /// token and revokes the one presented; a revoked one gets `invalid_grant`.
 #[derive(Default)]
 pub struct Authority {
-    state: Mutex<AuthorityState>,
+    pub state: Mutex<AuthorityState>,
     calls: AtomicUsize,
 }
 
@@ -26,6 +26,8 @@ pub struct AuthorityState {
     pub delay: Duration,
     pub expires_in: u64,
     pub down: bool,
+    /// The client secret of the last refresh call.
+    pub last_secret: Option<String>,
 }
 
 impl Authority {
@@ -67,10 +69,11 @@ impl Authority {
 impl TokenEndpoint for Authority {
     async fn refresh(
         &self,
-        _it: &Integration,
+        it: &Integration,
         refresh_token: &Secret,
     ) -> Result<TokenResponse, OAuthError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        self.state.lock().unwrap().last_secret = Some(it.client_secret.expose().to_owned());
         let (delay, down) = {
             let s = self.state.lock().unwrap();
             (s.delay, s.down)

@@ -27,12 +27,18 @@ pub struct Upstream {
     /// The `Host` header to send.
     pub host_header: String,
     addr: ArcSwap<SocketAddr>,
+    connect_timeout: Duration,
     timeout: Duration,
 }
 
 impl Upstream {
-    /// Parses the base URL and resolves its host once.
-    pub fn new(api_base: &Url, timeout: Duration) -> Result<Self, UpstreamError> {
+    /// Parses the base URL and resolves its host once. `connect_timeout` bounds the TCP (and
+    /// TLS) connection, `timeout` each wait for the upstream's answer.
+    pub fn new(
+        api_base: &Url,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Result<Self, UpstreamError> {
         let host = api_base
             .host_str()
             .ok_or_else(|| UpstreamError::NoHost(api_base.to_string()))?
@@ -53,6 +59,7 @@ impl Upstream {
             tls,
             host_header,
             addr: ArcSwap::from_pointee(addr),
+            connect_timeout,
             timeout,
         })
     }
@@ -85,8 +92,9 @@ impl Upstream {
     pub fn peer_at(&self, addr: SocketAddr, tls: bool, sni: &str) -> Box<HttpPeer> {
         let mut peer = HttpPeer::new(addr, tls, sni.to_owned());
         let o = &mut peer.options;
-        o.connection_timeout = Some(Duration::from_secs(10));
-        o.total_connection_timeout = Some(Duration::from_secs(15));
+        o.connection_timeout = Some(self.connect_timeout);
+        // TCP plus the TLS handshake.
+        o.total_connection_timeout = Some(self.connect_timeout + self.connect_timeout / 2);
         // A read timeout bounds a silent upstream; writes are bounded by the kernel's buffers and
         // the read that follows, and each timeout costs a timer per I/O operation.
         o.read_timeout = Some(self.timeout);

@@ -30,6 +30,10 @@ pub struct Server {
     pub threads: Option<usize>,
     /// Hard cap on one upstream exchange, seconds.
     pub upstream_timeout_secs: Option<u64>,
+    /// How long connecting to the upstream may take, seconds.
+    pub upstream_connect_timeout_secs: Option<u64>,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish, seconds.
+    pub shutdown_grace_secs: Option<u64>,
     /// Environment variable holding a token that protects the admin listener.
     pub admin_token_env: Option<String>,
     /// Whether `/readyz` fails while a grant needs re-authorization (default true).

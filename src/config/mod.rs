@@ -72,6 +72,9 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     pub threads: usize,
     pub upstream_timeout: Duration,
+    pub upstream_connect_timeout: Duration,
+    /// On SIGTERM/SIGINT: how long in-flight requests may take to finish.
+    pub shutdown_grace: Duration,
     pub upstream: UpstreamConfig,
     pub store_path: PathBuf,
     pub store_key: crate::seal::StoreKey,
@@ -106,7 +109,7 @@ pub struct UpstreamConfig {
 }
 
 /// An OAuth integration registered in the Meraki Dashboard.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Integration {
     pub name: String,
     pub client_id: String,
@@ -248,7 +251,7 @@ impl Config {
         let file = path.display().to_string();
         let raw: file::File = toml::from_str(text).map_err(|e| ConfigError::Parse {
             file: file.clone(),
-            message: e.to_string().trim_end().to_string(),
+            message: parse_message(text, &e),
         })?;
         let base_dir = path.parent().unwrap_or_else(|| Path::new("."));
         Validator {
@@ -262,6 +265,22 @@ impl Config {
     /// The integration with this name.
     pub fn integration(&self, name: &str) -> Option<&Arc<Integration>> {
         self.integrations.iter().find(|i| i.name == name)
+    }
+}
+
+/// A TOML error as `line L, column C: message`, without quoting the file: the offending line
+/// may hold a secret pasted where it does not belong (`client_secret = "..."`), and the message
+/// reaches logs, the audit log and the admin API.
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim_end();
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {msg}")
+        }
+        None => msg.to_owned(),
     }
 }
 
@@ -334,6 +353,18 @@ impl Validator<'_> {
         let upstream_timeout = secs(raw.server.upstream_timeout_secs.unwrap_or(60));
         if upstream_timeout.is_zero() {
             return Err(self.invalid("server.upstream_timeout_secs", "expected at least 1"));
+        }
+        let upstream_connect_timeout = secs(raw.server.upstream_connect_timeout_secs.unwrap_or(10));
+        if upstream_connect_timeout.is_zero() || upstream_connect_timeout > Duration::from_secs(120)
+        {
+            return Err(self.invalid("server.upstream_connect_timeout_secs", "expected 1 to 120"));
+        }
+        let shutdown_grace = secs(raw.server.shutdown_grace_secs.unwrap_or(30));
+        if shutdown_grace > Duration::from_secs(3600) {
+            return Err(self.invalid(
+                "server.shutdown_grace_secs",
+                "expected 0 to 3600: how long in-flight requests may take to finish on SIGTERM",
+            ));
         }
 
         let api_base = self.url("upstream.api_base", &raw.upstream.api_base)?;
@@ -464,6 +495,8 @@ impl Validator<'_> {
             admin_listen,
             threads,
             upstream_timeout,
+            upstream_connect_timeout,
+            shutdown_grace,
             upstream,
             store_path: self.path(raw.store.path.as_deref().unwrap_or("tokens.db")),
             store_key,
@@ -1114,5 +1147,13 @@ methods = ["get"]
         assert!(scope_is_known("sm:telemetry:read"));
         assert!(!scope_is_known("dashboard:wireless:config:read"));
         assert!(!scope_is_known("switch:config:admin"));
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_line_without_quoting_it() {
+        let text = "[server]\nlisten = \"127.0.0.1:8080\"\n[upstream]\napi_base = \"https://api.meraki.com/api/v1\"\ntoken_url = \"https://as.meraki.com/oauth/token\"\n[[integrations]]\nname = \"n\"\nclient_id = \"i\"\nclient_secret = \"pasted-secret-value-1234\"\n";
+        let e = parse(text).unwrap_err().to_string();
+        assert!(e.contains("line 9") && e.contains("client_secret"), "{e}");
+        assert!(!e.contains("pasted-secret-value"), "{e}");
     }
 }

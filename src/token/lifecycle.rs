@@ -97,7 +97,6 @@ impl Grants {
     ) -> Result<Arc<Grant>, ImportError> {
         let it = self
             .integration(integration)
-            .cloned()
             .ok_or_else(|| ImportError::UnknownIntegration(integration.to_owned()))?;
         let store = self.store().clone();
         let id = store
@@ -149,7 +148,7 @@ impl Grants {
     pub async fn revoke(&self, grant: &Arc<Grant>) -> Result<(), RevokeError> {
         let st = grant.state();
         self.endpoint()
-            .revoke(&grant.integration, st.refresh_token())
+            .revoke(&grant.integration(), st.refresh_token())
             .await
             .map_err(RevokeError::AuthServer)?;
         self.store()

@@ -19,7 +19,8 @@ const RELOAD_ON_MISS_EVERY: Duration = Duration::from_secs(5);
 /// One grant: a refresh token an org admin gave an integration, covering some organizations.
 pub struct Grant {
     pub id: i64,
-    pub integration: Arc<Integration>,
+    /// The integration's settings; swapped when a configuration reload changes them.
+    integration: ArcSwap<Integration>,
     pub organizations: Arc<[String]>,
     pub created_at: i64,
     pub(super) state: ArcSwap<TokenState>,
@@ -43,7 +44,7 @@ impl Grant {
     ) -> Self {
         Grant {
             id,
-            integration,
+            integration: ArcSwap::new(integration),
             organizations: organizations.into(),
             created_at,
             state: ArcSwap::from_pointee(state),
@@ -51,6 +52,11 @@ impl Grant {
             retry_at_ms: AtomicI64::new(0),
             last_used: AtomicI64::new(last_used),
         }
+    }
+
+    /// The integration this grant belongs to, as currently configured.
+    pub fn integration(&self) -> Arc<Integration> {
+        self.integration.load_full()
     }
 
     /// The current (committed) token state.
@@ -69,7 +75,11 @@ impl Grant {
 
     /// A label for logs: never a secret.
     pub fn label(&self) -> String {
-        format!("{}/{}", self.integration.name, self.organizations.join(","))
+        format!(
+            "{}/{}",
+            self.integration.load().name,
+            self.organizations.join(",")
+        )
     }
 
     /// An event about this grant at its current state.
@@ -78,7 +88,7 @@ impl Grant {
         TokenEvent {
             kind,
             grant_id: self.id,
-            integration: Arc::from(self.integration.name.as_str()),
+            integration: Arc::from(self.integration.load().name.as_str()),
             organizations: self.organizations.clone(),
             organization: None,
             cause: None,
@@ -116,7 +126,8 @@ type Map = HashMap<String, HashMap<String, Arc<Grant>>>;
 /// All grants, by integration and organization.
 pub struct GrantMap {
     map: ArcSwap<Map>,
-    integrations: HashMap<String, Arc<Integration>>,
+    /// The configured integrations, by name (replaced by a configuration reload).
+    integrations: ArcSwap<HashMap<String, Arc<Integration>>>,
     store: Arc<dyn Store>,
     events: Arc<dyn EventSink>,
     /// Single flight for reloads on a miss, and when the last one ran.
@@ -132,10 +143,7 @@ impl GrantMap {
     ) -> Self {
         GrantMap {
             map: ArcSwap::from_pointee(Map::new()),
-            integrations: integrations
-                .iter()
-                .map(|i| (i.name.clone(), i.clone()))
-                .collect(),
+            integrations: ArcSwap::from_pointee(by_name(integrations)),
             store,
             events,
             reloading: tokio::sync::Mutex::new(None),
@@ -143,8 +151,15 @@ impl GrantMap {
     }
 
     /// The configured integration with this name.
-    pub fn integration(&self, name: &str) -> Option<&Arc<Integration>> {
-        self.integrations.get(name)
+    pub fn integration(&self, name: &str) -> Option<Arc<Integration>> {
+        self.integrations.load().get(name).cloned()
+    }
+
+    /// Replaces the configured integrations (a configuration reload); [`GrantMap::reload`]
+    /// then gives known grants their integration's new settings, and drops the grants of
+    /// integrations no longer configured from the map (not from the store).
+    pub fn set_integrations(&self, integrations: &[Arc<Integration>]) {
+        self.integrations.store(Arc::new(by_name(integrations)));
     }
 
     /// Re-reads the grant list from the store. Grants already known keep their in-memory state
@@ -158,13 +173,14 @@ impl GrantMap {
             ok: stored.is_ok(),
         });
         let stored = stored?;
+        let integrations = self.integrations.load();
         let old = self.map.load();
         let mut map = Map::new();
         for g in stored {
             if g.organizations.is_empty() {
                 continue;
             }
-            let Some(it) = self.integrations.get(&g.integration) else {
+            let Some(it) = integrations.get(&g.integration) else {
                 tracing::warn!(integration = %g.integration, grant = g.id, "stored grant for an integration not in the configuration; ignored");
                 continue;
             };
@@ -174,6 +190,9 @@ impl GrantMap {
                 .cloned();
             let grant = match existing {
                 Some(grant) => {
+                    if !Arc::ptr_eq(&grant.integration.load(), it) {
+                        grant.integration.store(it.clone());
+                    }
                     if grant.adopt(&g).is_some() {
                         self.events.token(grant.event(EventKind::Loaded));
                     }
@@ -244,4 +263,11 @@ impl GrantMap {
         out.sort_by_key(|g| g.id);
         out
     }
+}
+
+fn by_name(integrations: &[Arc<Integration>]) -> HashMap<String, Arc<Integration>> {
+    integrations
+        .iter()
+        .map(|i| (i.name.clone(), i.clone()))
+        .collect()
 }

@@ -188,8 +188,17 @@ impl Grants {
     }
 
     /// The configured integration with this name.
-    pub fn integration(&self, name: &str) -> Option<&Arc<Integration>> {
+    pub fn integration(&self, name: &str) -> Option<Arc<Integration>> {
         self.map.integration(name)
+    }
+
+    /// A configuration reload: the integrations' new settings, then the grants re-read.
+    pub async fn set_integrations(
+        &self,
+        integrations: &[Arc<Integration>],
+    ) -> Result<(), StoreError> {
+        self.map.set_integrations(integrations);
+        self.map.reload().await
     }
 
     /// The clock the engine reads.

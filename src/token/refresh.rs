@@ -182,7 +182,7 @@ impl Refresher {
         let started = Instant::now();
         let answer = self
             .endpoint
-            .refresh(&grant.integration, st.refresh_token())
+            .refresh(&grant.integration(), st.refresh_token())
             .await;
         let took = started.elapsed();
         match answer {
@@ -422,7 +422,7 @@ impl Refresher {
 
 fn needs_reauth(grant: &Grant, org: Option<&str>) -> TokenError {
     TokenError::NeedsReauth {
-        integration: grant.integration.name.clone(),
+        integration: grant.integration().name.clone(),
         org: org.map_or_else(|| grant.organizations.join(","), str::to_owned),
     }
 }

@@ -463,3 +463,29 @@ async fn a_stuck_store_delays_only_the_requests_that_need_it() {
         "one reload for ten misses"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_gives_grants_their_integrations_new_settings() {
+    let rig = Rig::plain(3600).await;
+    let grant = rig.grant();
+    let rotated = Arc::new(Integration {
+        client_secret: Secret::new("rotated-secret"),
+        ..(*integration()).clone()
+    });
+    rig.grants.set_integrations(&[rotated]).await.unwrap();
+    assert!(
+        Arc::ptr_eq(&rig.grant(), &grant),
+        "the grant keeps its state and lock"
+    );
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    rig.token().await.unwrap();
+    assert_eq!(
+        rig.authority.state.lock().unwrap().last_secret.as_deref(),
+        Some("rotated-secret"),
+        "the refresh uses the reloaded client secret"
+    );
+    // An integration no longer configured: its grants leave the map (not the store).
+    rig.grants.set_integrations(&[]).await.unwrap();
+    assert!(rig.grants.map.lookup("netops", "1").is_none());
+    assert_eq!(rig.store.load_all().unwrap().len(), 1);
+}

@@ -26,7 +26,8 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn sha256_hex(s: &str) -> String {
+/// The SHA-256 digest of a key, as `meraki-oauth-proxy hash-key` prints it.
+pub fn sha256_hex(s: &str) -> String {
     let out = Command::new(BIN)
         .arg("hash-key")
         .stdin(Stdio::piped())
@@ -141,7 +142,12 @@ methods = ["GET"]
             authorize = standin.authorize_url(),
             revoke = standin.revoke_url(),
             up_extra = opts.upstream,
-            server_extra = opts.server,
+            // Pingora waits out the grace period when a test stops an in-process server.
+            server_extra = if opts.server.contains("shutdown_grace_secs") {
+                opts.server.clone()
+            } else {
+                format!("shutdown_grace_secs = 1\n{}", opts.server)
+            },
             // The tests expire and revoke tokens seconds after they were issued, which Meraki
             // does not do; the grace for freshly issued tokens has tests of its own, which set it.
             tok_extra = if opts.tokens.contains("rejected_grace_secs") {
@@ -234,6 +240,19 @@ methods = ["GET"]
         };
         p.wait_ready().await;
         p
+    }
+
+    /// Points the proxy's API traffic at `api_base` (a fault injector in front of the
+    /// stand-in); token calls still go to the stand-in.
+    pub fn set_api_base(&self, api_base: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let old = format!("api_base = \"{}\"", self.standin.api_base());
+        assert!(text.contains(&old));
+        std::fs::write(
+            &self.config,
+            text.replace(&old, &format!("api_base = \"{api_base}\"")),
+        )
+        .unwrap();
     }
 
     /// The proxy's base URL as scripts use it.
@@ -354,6 +373,21 @@ impl ProxyProcess {
     /// Sends a signal.
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// Waits (bounded) for the process to exit by itself; its status.
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the proxy did not exit within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// GETs an admin path.

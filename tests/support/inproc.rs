@@ -2,7 +2,7 @@
 //! no port is raced for; stopped (and waited for) when dropped.
 
 use super::harness::{CLIENT_SECRET, STORE_KEY};
-use meraki_oauth_proxy::config::Config;
+use meraki_oauth_proxy::config::{Config, ConfigError};
 use meraki_oauth_proxy::server::{self, Listeners};
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 use std::net::TcpListener;
@@ -39,20 +39,34 @@ impl InProcess {
     /// Loads `config` (secrets as the harness gives them to the binary) and runs the server on
     /// these listeners in a thread of its own.
     pub fn start(config: &Path, proxy: TcpListener, admin: TcpListener) -> InProcess {
-        let text = std::fs::read_to_string(config).unwrap();
         let env = |name: &str| match name {
             "MERAKI_PROXY_STORE_KEY" => Some(STORE_KEY.to_string()),
             "NETOPS_CLIENT_SECRET" => Some(CLIENT_SECRET.to_string()),
             _ => None,
         };
-        let config = Config::parse(&text, config, &env).unwrap();
+        let path = config.to_path_buf();
+        let load = move || -> Result<Config, ConfigError> {
+            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                file: path.display().to_string(),
+                source,
+            })?;
+            Config::parse(&text, &path, &env)
+        };
+        let config = load().unwrap();
         let (tx, rx) = watch::channel(false);
         let thread = std::thread::spawn(move || {
             let listeners = Listeners {
                 proxy,
                 admin: Some(admin),
             };
-            server::run(config, listeners, Box::new(Stop(rx))).unwrap();
+            server::run(server::Launch {
+                config,
+                loader: std::sync::Arc::new(load),
+                listeners,
+                shutdown: Box::new(Stop(rx)),
+                exit_when_drained: false,
+            })
+            .unwrap();
         });
         InProcess {
             stop: tx,

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests. Each test binary uses a subset, hence the allow.
 #![allow(dead_code)]
 
+pub mod chaos;
 pub mod harness;
 pub mod inproc;
 pub mod standin;

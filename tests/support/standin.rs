@@ -296,6 +296,12 @@ impl Standin {
         self.lock().token_delay = d;
     }
 
+    /// Every API request waits this long before it is handled (a slow Meraki): requests are
+    /// in flight long enough for a test to signal the proxy meanwhile.
+    pub fn set_api_delay(&self, d: Duration) {
+        self.lock().api_delay = d;
+    }
+
     /// While `down`, the token endpoint answers every call (counted) with 503
     /// `temporarily_unavailable`, as an authorization server in an outage does.
     pub fn set_token_endpoint_down(&self, down: bool) {
@@ -490,6 +496,7 @@ struct Inner {
     codes: HashMap<String, AuthCode>,
     access_ttl: u64,
     token_delay: Duration,
+    api_delay: Duration,
     /// The token endpoint answers 503 to everything (an outage).
     token_down: bool,
     faults: Faults,
@@ -516,6 +523,7 @@ impl Inner {
             codes: HashMap::new(),
             access_ttl: DEFAULT_ACCESS_TTL_SECS,
             token_delay: Duration::ZERO,
+            api_delay: Duration::ZERO,
             token_down: false,
             faults: Faults::default(),
             token_calls: 0,
@@ -1018,6 +1026,10 @@ fn html_page(status: StatusCode, message: &str) -> Response {
 // Dashboard API
 
 async fn api(ctx: Ctx, request: Request) -> Response {
+    let delay = ctx.lock().api_delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let (parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, MAX_API_BODY).await;
     let path_and_query = parts
