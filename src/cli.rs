@@ -249,16 +249,37 @@ fn rotate_key(config: &Config, env: Option<String>, file: Option<PathBuf>) -> Ex
         Ok(k) => k,
         Err(e) => return fail(format!("new key: {e}")),
     };
-    let store = match crate::token::SqliteStore::open(&config.store_path, config.store_key.clone())
-    {
-        Ok(s) => s,
-        Err(e) => return fail(e),
+    let (rekeyed, place) = match &config.store_url {
+        Some(url) => {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return fail(e),
+            };
+            let done = rt.block_on(async {
+                let store = crate::token::PgStore::open(
+                    url,
+                    config.store_key.clone(),
+                    2,
+                    std::time::Duration::from_secs(15),
+                )
+                .await?;
+                store.rekey(&new).await
+            });
+            (done, crate::config::describe_pg_url(url))
+        }
+        None => {
+            let done = crate::token::SqliteStore::open(&config.store_path, config.store_key.clone())
+                .and_then(|store| store.rekey(&new));
+            (done, config.store_path.display().to_string())
+        }
     };
-    match store.rekey(&new) {
+    match rekeyed {
         Ok(n) => {
             println!(
-                "re-sealed {n} grant(s) in {} under key {new:?}; now point store.key_env/key_file at the new key and start the proxy",
-                config.store_path.display()
+                "re-sealed {n} grant(s) in {place} under key {new:?}; now point store.key_env/key_file at the new key and start the proxy (every instance)"
             );
             ExitCode::SUCCESS
         }

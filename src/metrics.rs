@@ -32,6 +32,7 @@ pub struct Metrics {
     store_errors: IntCounterVec,
     config_reloads: IntCounterVec,
     config_generation: IntGauge,
+    instances: IntGauge,
 }
 
 /// Results of a token endpoint call (see `OAuthError::label`).
@@ -45,7 +46,7 @@ pub const RETRY_OUTCOMES: &[&str] = &[
     "body_not_replayable",
 ];
 /// Token store operations that are measured.
-pub const STORE_OPS: &[&str] = &["commit_rotation", "set_status", "touch", "reload"];
+pub const STORE_OPS: &[&str] = &["commit_rotation", "set_status", "touch", "reload", "lease"];
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -96,6 +97,11 @@ impl Metrics {
             "The configuration in force: 1 at start, one more per applied reload.",
         )?;
         r.register(Box::new(config_generation.clone()))?;
+        let instances = IntGauge::new(
+            "meraki_proxy_store_instances",
+            "Instances of the proxy alive on the shared store (heartbeats), this one included.",
+        )?;
+        r.register(Box::new(instances.clone()))?;
         Ok(Metrics {
             requests: counter(
                 &r,
@@ -201,6 +207,7 @@ impl Metrics {
                 &["result"],
             )?,
             config_generation,
+            instances,
             registry: r,
         })
     }
@@ -358,6 +365,11 @@ impl Metrics {
             .with_label_values(&[if applied { "applied" } else { "refused" }])
             .inc();
         self.config_generation.set(generation as i64);
+    }
+
+    /// Instances alive on the shared store.
+    pub fn instances(&self, n: usize) {
+        self.instances.set(n as i64);
     }
 
     /// The configuration in force at start.

@@ -172,6 +172,7 @@ impl Refuse for crate::token::TokenError {
             T::AuthServer { .. } | T::BackingOff { .. } => "auth_server_error",
             T::RejectedFresh { .. } => "fresh_token_rejected",
             T::Store(_) | T::Conflict => "store_error",
+            T::OtherInstance { .. } => "refresh_in_progress",
         }
     }
     fn upstream(&self) -> Option<&'static str> {

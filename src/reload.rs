@@ -185,6 +185,15 @@ pub fn carry_over(new: &mut Config, running: &Config) -> Vec<&'static str> {
         keepalive_idle => "tokens.keepalive_idle_secs",
         keepalive_check => "tokens.keepalive_check_secs",
     }
+    if new.store_url != running.store_url
+        || new.store_pool_size != running.store_pool_size
+        || new.store_sync != running.store_sync
+    {
+        changed.push("store");
+        new.store_url = running.store_url.clone();
+        new.store_pool_size = running.store_pool_size;
+        new.store_sync = running.store_sync;
+    }
     if new.store_key != running.store_key {
         changed.push("store.key");
         new.store_key = running.store_key.clone();

@@ -20,7 +20,7 @@ use crate::observe::Observer;
 use crate::proxy::MerakiProxy;
 use crate::reload::{Live, Loader};
 use crate::route::Resolver;
-use crate::token::{Grants, OAuthClient, Settings, SqliteStore};
+use crate::token::{Grants, OAuthClient, PgStore, Settings, SqliteStore, Store};
 use crate::upstream::Upstream;
 use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
@@ -76,7 +76,22 @@ pub async fn parts(config: &Config) -> Result<Parts, StartError> {
     let audit = Arc::new(Audit::open(config.audit_path.as_deref()).map_err(StartError::Audit)?);
     let metrics = Arc::new(Metrics::new()?);
     metrics.init_labels(config);
-    let store = SqliteStore::open(&config.store_path, config.store_key.clone())?;
+    let store: Arc<dyn Store> = match &config.store_url {
+        Some(url) => Arc::new(
+            PgStore::open(
+                url,
+                config.store_key.clone(),
+                config.store_pool_size,
+                // Three missed heartbeats, and never less than 15 s.
+                (config.store_sync * 3).max(Duration::from_secs(15)),
+            )
+            .await?,
+        ),
+        None => Arc::new(SqliteStore::open(
+            &config.store_path,
+            config.store_key.clone(),
+        )?),
+    };
     let oauth = OAuthClient::new(
         config.upstream.token_url.clone(),
         config.upstream.revoke_url.clone(),
@@ -89,7 +104,7 @@ pub async fn parts(config: &Config) -> Result<Parts, StartError> {
     });
     let grants = Grants::load(
         Settings::from_config(config),
-        Arc::new(store),
+        store,
         Arc::new(oauth),
         observer.clone(),
         Clock::System,
@@ -242,6 +257,14 @@ pub fn build(launch: Launch) -> Result<(Server, ShutdownBox), StartError> {
         },
     ));
     server.add_service(background_service(
+        "store-sync",
+        StoreSync {
+            grants: grants.clone(),
+            metrics: metrics.clone(),
+            every: config.store_sync,
+        },
+    ));
+    server.add_service(background_service(
         "drain",
         Drain {
             audit,
@@ -387,6 +410,47 @@ impl BackgroundService for GrantKeeper {
                         tracing::info!(refreshed = n, "kept idle grants alive");
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Keeps this instance in step with others sharing the store: re-reads the grants when the
+/// store announces a change (PostgreSQL's LISTEN/NOTIFY) and every `every` (heartbeat, unstored
+/// rotations, a full re-read: the safety net for missed notifications).
+struct StoreSync {
+    grants: Arc<Grants>,
+    metrics: Arc<Metrics>,
+    every: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for StoreSync {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let notify = changed.clone();
+        let on_change = move || notify.notify_one();
+        let store = self.grants.store().clone();
+        let watch = store.watch(&on_change);
+        tokio::pin!(watch);
+        let mut watching = true;
+        let mut tick = tokio::time::interval(self.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = &mut watch, if watching => watching = false,
+                _ = changed.notified() => {
+                    // Several notifications of one burst (a commit, a reassignment): one read.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if let Err(e) = self.grants.reload().await {
+                        tracing::warn!(error = %crate::report::chain(&e), "re-reading grants after a change failed");
+                    }
+                }
+                _ = tick.tick() => match self.grants.sync().await {
+                    Ok(live) => self.metrics.instances(live),
+                    Err(e) => tracing::warn!(error = %crate::report::chain(&e), "store sync failed; serving from memory"),
+                },
             }
         }
     }

@@ -135,6 +135,19 @@ impl Recorder {
     }
 }
 
+impl Recorder {
+    /// The details of the events of kind `name`.
+    pub fn details(&self, name: &str) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.kind.name() == name)
+            .filter_map(|e| e.detail.clone())
+            .collect()
+    }
+}
+
 impl EventSink for Recorder {
     fn token(&self, event: TokenEvent) {
         self.0.lock().unwrap().push(event);
@@ -156,4 +169,161 @@ pub fn integration() -> Arc<Integration> {
 /// A store key for tests.
 pub fn store_key() -> crate::seal::StoreKey {
     crate::seal::StoreKey::parse(&"11".repeat(32)).unwrap()
+}
+
+/// Several instances on one shared store, as PostgreSQL gives them, in memory: the grants live
+/// in one (in-memory SQLite) store, leases are a shared table released when their holder's
+/// lease is dropped (a dead session), and instances can be declared dead or made to fail
+/// commits.
+#[derive(Clone)]
+pub struct FleetStore {
+    inner: crate::token::SqliteStore,
+    name: Arc<str>,
+    shared: Arc<FleetShared>,
+    fail_commits: Arc<AtomicUsize>,
+}
+
+#[derive(Default)]
+struct FleetShared {
+    leases: Mutex<HashMap<i64, String>>,
+    dead: Mutex<std::collections::HashSet<String>>,
+}
+
+impl FleetStore {
+    /// The first instance of a new fleet.
+    pub fn new(name: &str) -> Self {
+        FleetStore {
+            inner: crate::token::SqliteStore::in_memory(store_key()).unwrap(),
+            name: name.into(),
+            shared: Arc::default(),
+            fail_commits: Arc::default(),
+        }
+    }
+
+    /// Another instance on the same store.
+    pub fn instance(&self, name: &str) -> Self {
+        FleetStore {
+            name: name.into(),
+            fail_commits: Arc::default(),
+            ..self.clone()
+        }
+    }
+
+    /// Declares this instance dead (its heartbeat stops); its leases go with its tasks.
+    pub fn kill(&self) {
+        self.shared.dead.lock().unwrap().insert(self.name.to_string());
+    }
+
+    /// This instance's next `n` commits fail.
+    pub fn fail_commits(&self, n: usize) {
+        self.fail_commits.store(n, Ordering::SeqCst);
+    }
+
+    /// Who holds grant `id`'s lease.
+    pub fn holder(&self, id: i64) -> Option<String> {
+        self.shared.leases.lock().unwrap().get(&id).cloned()
+    }
+}
+
+struct FleetLease {
+    store: FleetStore,
+    id: i64,
+}
+
+impl Drop for FleetLease {
+    fn drop(&mut self) {
+        let mut leases = self.store.shared.leases.lock().unwrap();
+        if leases.get(&self.id).map(String::as_str) == Some(&*self.store.name) {
+            leases.remove(&self.id);
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::token::Lease for FleetLease {
+    async fn intend(&self, generation: i64) -> Result<(), crate::token::StoreError> {
+        let (id, holder) = (self.id, self.store.name.to_string());
+        self.store
+            .inner
+            .blocking(move |s| s.intend(id, generation, &holder))
+            .await
+    }
+    async fn release(self: Box<Self>) {}
+}
+
+#[async_trait::async_trait]
+impl crate::token::Store for FleetStore {
+    async fn load_all(&self) -> Result<Vec<crate::token::StoredGrant>, crate::token::StoreError> {
+        crate::token::Store::load_all(&self.inner).await
+    }
+    async fn load(
+        &self,
+        id: i64,
+    ) -> Result<Option<crate::token::StoredGrant>, crate::token::StoreError> {
+        crate::token::Store::load(&self.inner, id).await
+    }
+    async fn insert_pending(
+        &self,
+        i: &str,
+        r: &crate::secret::Secret,
+    ) -> Result<i64, crate::token::StoreError> {
+        crate::token::Store::insert_pending(&self.inner, i, r).await
+    }
+    async fn assign(&self, id: i64, i: &str, o: &[String]) -> Result<(), crate::token::StoreError> {
+        crate::token::Store::assign(&self.inner, id, i, o).await
+    }
+    async fn commit_rotation(
+        &self,
+        id: i64,
+        from: i64,
+        t: &crate::token::Rotation,
+    ) -> Result<bool, crate::token::StoreError> {
+        if self
+            .fail_commits
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(crate::token::StoreError::Pool("connection lost".into()));
+        }
+        crate::token::Store::commit_rotation(&self.inner, id, from, t).await
+    }
+    async fn set_status(
+        &self,
+        id: i64,
+        s: crate::token::GrantStatus,
+    ) -> Result<(), crate::token::StoreError> {
+        crate::token::Store::set_status(&self.inner, id, s).await
+    }
+    async fn touch(&self, id: i64, at: i64) -> Result<(), crate::token::StoreError> {
+        crate::token::Store::touch(&self.inner, id, at).await
+    }
+    async fn delete(&self, id: i64) -> Result<bool, crate::token::StoreError> {
+        crate::token::Store::delete(&self.inner, id).await
+    }
+    async fn ping(&self) -> Result<(), crate::token::StoreError> {
+        Ok(())
+    }
+    fn instance(&self) -> &str {
+        &self.name
+    }
+    async fn try_lease(
+        &self,
+        id: i64,
+    ) -> Result<Option<Box<dyn crate::token::Lease>>, crate::token::StoreError> {
+        let mut leases = self.shared.leases.lock().unwrap();
+        if leases.contains_key(&id) {
+            return Ok(None);
+        }
+        leases.insert(id, self.name.to_string());
+        Ok(Some(Box::new(FleetLease {
+            store: self.clone(),
+            id,
+        })))
+    }
+    async fn alive(&self, name: &str) -> Result<bool, crate::token::StoreError> {
+        Ok(!self.shared.dead.lock().unwrap().contains(name))
+    }
+    async fn heartbeat(&self) -> Result<usize, crate::token::StoreError> {
+        Ok(1)
+    }
 }

@@ -63,6 +63,16 @@ pub struct Upstream {
 #[serde(deny_unknown_fields)]
 pub struct Store {
     pub path: Option<String>,
+    /// PostgreSQL instead of the embedded file: `postgres://user:password@host:port/db`.
+    pub url: Option<String>,
+    /// Environment variable holding the PostgreSQL URL (it carries a password).
+    pub url_env: Option<String>,
+    /// File holding the PostgreSQL URL.
+    pub url_file: Option<String>,
+    /// Most PostgreSQL connections per instance.
+    pub pool_size: Option<usize>,
+    /// How often an instance re-reads the grants and says it is alive, seconds.
+    pub sync_secs: Option<u64>,
     /// Environment variable holding the token encryption key.
     pub key_env: Option<String>,
     /// File holding the token encryption key.

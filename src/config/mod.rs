@@ -77,6 +77,11 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub upstream: UpstreamConfig,
     pub store_path: PathBuf,
+    /// PostgreSQL instead of the embedded store (the URL holds a password: a [`Secret`]).
+    pub store_url: Option<Secret>,
+    pub store_pool_size: usize,
+    /// How often an instance re-reads the grants and records its heartbeat.
+    pub store_sync: Duration,
     pub store_key: crate::seal::StoreKey,
     pub audit_path: Option<PathBuf>,
     pub refresh_ahead: Duration,
@@ -265,6 +270,29 @@ impl Config {
     /// The integration with this name.
     pub fn integration(&self, name: &str) -> Option<&Arc<Integration>> {
         self.integrations.iter().find(|i| i.name == name)
+    }
+}
+
+/// `host:port/database as user`, from a PostgreSQL URL: never the password.
+pub fn describe_pg_url(url: &Secret) -> String {
+    match url.expose().parse::<tokio_postgres::Config>() {
+        Ok(c) => {
+            let host = c
+                .get_hosts()
+                .first()
+                .map(|h| match h {
+                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                })
+                .unwrap_or_default();
+            let port = c.get_ports().first().copied().unwrap_or(5432);
+            format!(
+                "{host}:{port}/{} as {}",
+                c.get_dbname().unwrap_or("-"),
+                c.get_user().unwrap_or("-")
+            )
+        }
+        Err(_) => "(unparseable URL)".into(),
     }
 }
 
@@ -486,6 +514,15 @@ impl Validator<'_> {
             }
         };
         let store_key = self.store_key(&raw.store)?;
+        let store_url = self.store_url(&raw.store)?;
+        let store_pool_size = raw.store.pool_size.unwrap_or(8);
+        if !(2..=100).contains(&store_pool_size) {
+            return Err(self.invalid("store.pool_size", "expected 2 to 100"));
+        }
+        let store_sync = secs(raw.store.sync_secs.unwrap_or(5));
+        if store_sync.is_zero() || store_sync > Duration::from_secs(300) {
+            return Err(self.invalid("store.sync_secs", "expected 1 to 300"));
+        }
         let integrations = self.integrations(raw.integrations)?;
         let clients = self.clients(raw.clients, &integrations)?;
 
@@ -499,6 +536,9 @@ impl Validator<'_> {
             shutdown_grace,
             upstream,
             store_path: self.path(raw.store.path.as_deref().unwrap_or("tokens.db")),
+            store_url,
+            store_pool_size,
+            store_sync,
             store_key,
             audit_path: match raw.audit.path.as_deref() {
                 None | Some("-") => None,
@@ -540,6 +580,59 @@ impl Validator<'_> {
             }
         };
         crate::seal::StoreKey::parse(&text).map_err(|e| self.invalid(key, e.to_string()))
+    }
+
+    /// `[store] url`, `url_env` or `url_file`: PostgreSQL. The URL is checked without ever
+    /// being quoted (it holds a password).
+    fn store_url(&self, store: &file::Store) -> Result<Option<Secret>, ConfigError> {
+        let given = [
+            store.url.as_ref().map(|_| "store.url"),
+            store.url_env.as_ref().map(|_| "store.url_env"),
+            store.url_file.as_ref().map(|_| "store.url_file"),
+        ];
+        let given: Vec<&str> = given.into_iter().flatten().collect();
+        let key = match given.as_slice() {
+            [] => return Ok(None),
+            [one] => *one,
+            [first, ..] => {
+                return Err(self.invalid(*first, "set one of store.url, url_env and url_file"))
+            }
+        };
+        if store.path.is_some() {
+            return Err(self.invalid(
+                "store.path",
+                "store.path is the embedded store's file; with a PostgreSQL store.url leave it out",
+            ));
+        }
+        let text = match (&store.url, &store.url_env, &store.url_file) {
+            (Some(u), _, _) => u.clone(),
+            (_, Some(var), _) => match (self.env)(var) {
+                Some(v) if !v.trim().is_empty() => v,
+                _ => {
+                    return Err(self.invalid(
+                        key,
+                        format!("environment variable {var} is not set or empty"),
+                    ))
+                }
+            },
+            (_, _, Some(f)) => {
+                let p = self.path(f);
+                std::fs::read_to_string(&p).map_err(|e| {
+                    self.invalid(key, format!("cannot read {}: {e}", p.display()))
+                })?
+            }
+            _ => return Ok(None),
+        };
+        let text = text.trim().to_owned();
+        if !(text.starts_with("postgres://") || text.starts_with("postgresql://"))
+            || text.parse::<tokio_postgres::Config>().is_err()
+        {
+            return Err(self.invalid(
+                key,
+                "expected a URL such as postgres://user:password@host:5432/database (not shown here: it may hold a password)",
+            ));
+        }
+        Ok(Some(Secret::new(text)))
     }
 
     fn integrations(
@@ -861,12 +954,22 @@ impl fmt::Display for Config {
             "redirects allowed to: {}",
             self.upstream.redirect_hosts.join(", ")
         )?;
-        writeln!(
-            f,
-            "token store: {} (tokens sealed with key {:?})",
-            self.store_path.display(),
-            self.store_key
-        )?;
+        match &self.store_url {
+            Some(url) => writeln!(
+                f,
+                "token store: PostgreSQL {} (pool {}, sync every {} s; tokens sealed with key {:?})",
+                describe_pg_url(url),
+                self.store_pool_size,
+                self.store_sync.as_secs(),
+                self.store_key
+            )?,
+            None => writeln!(
+                f,
+                "token store: {} (tokens sealed with key {:?})",
+                self.store_path.display(),
+                self.store_key
+            )?,
+        }
         match &self.audit_path {
             Some(p) => writeln!(f, "audit log: {}", p.display())?,
             None => writeln!(f, "audit log: stdout")?,

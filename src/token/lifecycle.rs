@@ -206,4 +206,16 @@ impl Grants {
             ok,
         });
     }
+
+    /// Keeping in step with other instances sharing the store: records this instance's
+    /// heartbeat (how many instances are alive), stores rotations the store did not take when
+    /// they were made, and re-reads the grants.
+    pub async fn sync(&self) -> Result<usize, StoreError> {
+        let live = self.store().heartbeat().await;
+        for g in self.all() {
+            self.refresher.commit_pending(&g).await;
+        }
+        self.reload().await?;
+        live
+    }
 }

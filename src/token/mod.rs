@@ -14,6 +14,8 @@ pub mod lifecycle;
 pub mod map;
 pub mod oauth;
 pub mod refresh;
+pub mod postgres;
+pub mod sqlite;
 pub mod state;
 pub mod store;
 
@@ -27,7 +29,11 @@ pub use refresh::{Policy, Refresher};
 pub use state::TokenState;
 use std::sync::Arc;
 use std::time::Duration;
-pub use store::{GrantStatus, Rotation, SqliteStore, Store, StoreError, StoredGrant};
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+pub use store::{
+    GrantStatus, Lease, RefreshIntent, Rotation, Store, StoreError, StoredGrant,
+};
 
 /// Why no access token could be had.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +66,10 @@ pub enum TokenError {
     /// The store holds a generation this process cannot explain.
     #[error("conflicting token generations in the store")]
     Conflict,
+    /// Another instance sharing the store is refreshing the grant (or holds a rotation it has
+    /// not stored yet) and the access token has expired.
+    #[error("another instance of the proxy is refreshing this grant's token; retry shortly")]
+    OtherInstance { retry_after: Duration },
 }
 
 impl TokenError {
@@ -69,6 +79,7 @@ impl TokenError {
             TokenError::AuthServer { retry_after, .. }
             | TokenError::BackingOff { retry_after, .. } => Some(*retry_after),
             TokenError::Store(_) | TokenError::Conflict => Some(Duration::from_secs(1)),
+            TokenError::OtherInstance { retry_after } => Some(*retry_after),
             _ => None,
         }
     }
@@ -90,6 +101,8 @@ impl Settings {
                 refresh_ahead: config.refresh_ahead,
                 rejected_grace: config.rejected_grace,
                 backoff_max: config.refresh_backoff_max,
+                // A lease is held for one token call and one commit.
+                lease_wait: config.token_timeout * 2 + Duration::from_secs(5),
                 ..Policy::default()
             },
         }

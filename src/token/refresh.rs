@@ -37,6 +37,9 @@ pub struct Policy {
     pub backoff_base: Duration,
     /// The longest backoff.
     pub backoff_max: Duration,
+    /// How long a request whose token has expired waits for another instance's refresh (the
+    /// lease) before it is answered 503.
+    pub lease_wait: Duration,
 }
 
 impl Default for Policy {
@@ -47,6 +50,7 @@ impl Default for Policy {
             min_lifetime: Duration::from_secs(30),
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
+            lease_wait: Duration::from_secs(35),
         }
     }
 }
@@ -79,6 +83,16 @@ enum Need {
     Replacing { generation: i64 },
     /// A refresh whatever the token's age, unless one happened since `generation`.
     Rotation { generation: i64 },
+}
+
+/// How often a request whose token has expired looks again while another instance holds the
+/// grant's lease.
+const LEASE_POLL: Duration = Duration::from_millis(50);
+
+/// A held lease, and a refresh intent another instance left on the stored generation.
+struct Leased {
+    lease: Box<dyn super::store::Lease>,
+    prior: Option<super::store::RefreshIntent>,
 }
 
 /// Refreshes grants.
@@ -178,7 +192,18 @@ impl Refresher {
                 return answer;
             }
         }
+        // Across instances: the grant's lease. Under it, the stored state is read again, so a
+        // rotation another instance committed meanwhile is adopted instead of repeated.
+        let Leased { lease, prior } = match self.lease(grant, org, need, &mut flight).await {
+            Ok(l) => l,
+            Err(answer) => return answer,
+        };
         let st = grant.state();
+        if let Err(e) = lease.intend(st.generation).await {
+            lease.release().await;
+            return self.store_failed(grant, need, &mut flight, e);
+        }
+        fail::fail_point!("before-token-call");
         let started = Instant::now();
         let answer = self
             .endpoint
@@ -187,6 +212,7 @@ impl Refresher {
         let took = started.elapsed();
         match answer {
             Ok(resp) => {
+                fail::fail_point!("after-token-answer");
                 flight.failures = 0;
                 flight.last_failure = None;
                 grant.retry_at_ms.store(0, Ordering::Relaxed);
@@ -213,16 +239,41 @@ impl Refresher {
                     rotated,
                     took,
                 };
-                self.commit(grant, org, &mut flight, pending).await
+                // Nothing but the commit between the answer and the commit.
+                let committed = self.commit(grant, org, &mut flight, pending).await;
+                fail::fail_point!("after-commit");
+                lease.release().await;
+                committed
             }
             Err(OAuthError::InvalidGrant(description)) => {
                 if let Some(adopted) = self.adopt_newer(grant).await {
+                    lease.release().await;
                     return Ok(adopted);
                 }
-                self.mark_needs_reauth(grant, org, &description, took).await;
+                // Was the refresh token rotated by a refresh that was never stored?
+                let detail = match prior {
+                    Some(i) if self.store.alive(&i.holder).await.unwrap_or(true) => {
+                        // A live instance lost its lease during its token call and holds the
+                        // new token in memory; it stores it at its next sync. Not a lost grant.
+                        tracing::warn!(grant = %grant.label(), holder = %i.holder, "invalid_grant while another live instance holds an unstored rotation; waiting for it");
+                        lease.release().await;
+                        return Err(TokenError::OtherInstance {
+                            retry_after: Duration::from_secs(2),
+                        });
+                    }
+                    Some(i) => format!(
+                        "invalid_grant: {description}; instance {} began a refresh at {} and stopped before storing the rotated refresh token (the crash window): an organization admin must connect the integration again",
+                        i.holder,
+                        crate::clock::rfc3339(i.since)
+                    ),
+                    None => format!("invalid_grant: {description}"),
+                };
+                self.mark_needs_reauth(grant, org, &detail, took).await;
+                lease.release().await;
                 Err(needs_reauth(grant, org))
             }
             Err(e) => {
+                lease.release().await;
                 flight.failures += 1;
                 flight.last_failure = Some(e.label());
                 let wait = self.backoff(flight.failures);
@@ -249,6 +300,115 @@ impl Refresher {
                     retry_after: wait,
                 })
             }
+        }
+    }
+
+    /// Takes the grant's lease. While another instance holds it, the store is re-read until
+    /// that instance's rotation shows up (then it is used), for at most `lease_wait`; a request
+    /// whose token still works does not wait at all.
+    async fn lease(
+        &self,
+        grant: &Grant,
+        org: Option<&str>,
+        need: Need,
+        flight: &mut Flight,
+    ) -> Result<Leased, Result<Arc<TokenState>, TokenError>> {
+        let started = Instant::now();
+        let deadline = started + self.policy.lease_wait;
+        loop {
+            let attempt = self.store.try_lease(grant.id).await;
+            match attempt {
+                Ok(Some(lease)) => {
+                    let stored = self.store.load(grant.id).await;
+                    self.events.store(StoreOp {
+                        op: "lease",
+                        elapsed: started.elapsed(),
+                        ok: stored.is_ok(),
+                    });
+                    let stored = match stored {
+                        Ok(Some(s)) => s,
+                        Ok(None) => {
+                            lease.release().await;
+                            return Err(Err(TokenError::Conflict));
+                        }
+                        Err(e) => {
+                            lease.release().await;
+                            return Err(self.store_failed(grant, need, flight, e));
+                        }
+                    };
+                    if let Some(adopted) = grant.adopt(&stored) {
+                        self.events.token(grant.event(EventKind::Loaded));
+                        if let Some(answer) = self.satisfied(grant, org, &adopted, need) {
+                            lease.release().await;
+                            return Err(answer);
+                        }
+                    }
+                    let prior = stored.refreshing.filter(|i| {
+                        i.holder != self.store.instance() && i.from_generation == stored.generation
+                    });
+                    return Ok(Leased { lease, prior });
+                }
+                Ok(None) => {
+                    if let Some(adopted) = self.adopt_newer(grant).await {
+                        if let Some(answer) = self.satisfied(grant, org, &adopted, need) {
+                            return Err(answer);
+                        }
+                    }
+                    let st = grant.state();
+                    let now = self.clock.now();
+                    if matches!(need, Need::Fresh) && st.alive(now) {
+                        // Another instance is refreshing; this token serves meanwhile.
+                        return Err(Ok(st));
+                    }
+                    if Instant::now() >= deadline {
+                        self.events.store(StoreOp {
+                            op: "lease",
+                            elapsed: started.elapsed(),
+                            ok: false,
+                        });
+                        return Err(Err(TokenError::OtherInstance {
+                            retry_after: Duration::from_secs(1),
+                        }));
+                    }
+                    tokio::time::sleep(LEASE_POLL).await;
+                }
+                Err(e) => return Err(self.store_failed(grant, need, flight, e)),
+            }
+        }
+    }
+
+    /// The store failed before a token call: no call is made (its rotation could not be
+    /// stored); the next attempt waits a backoff, and a still-valid token keeps serving.
+    fn store_failed(
+        &self,
+        grant: &Grant,
+        need: Need,
+        flight: &mut Flight,
+        e: super::StoreError,
+    ) -> Result<Arc<TokenState>, TokenError> {
+        flight.failures += 1;
+        flight.last_failure = Some("store_unavailable");
+        let wait = self.backoff(flight.failures);
+        grant.retry_at_ms.store(
+            self.clock.now_ms() + wait.as_millis() as i64,
+            Ordering::Relaxed,
+        );
+        tracing::warn!(grant = %grant.label(), error = %crate::report::chain(&e), retry_in_ms = wait.as_millis() as u64, "the token store is unavailable; refresh postponed");
+        let st = grant.state();
+        if matches!(need, Need::Fresh) && st.alive(self.clock.now()) {
+            return Ok(st);
+        }
+        Err(TokenError::Store(e))
+    }
+
+    /// Commits a rotation the store did not take earlier (its lease was lost, or the store was
+    /// down), without waiting for a request to need the grant. Skips a grant being refreshed.
+    pub async fn commit_pending(&self, grant: &Grant) {
+        let Ok(mut flight) = grant.flight.try_lock() else {
+            return;
+        };
+        if let Some(p) = flight.pending.take() {
+            let _ = self.commit(grant, None, &mut flight, p).await;
         }
     }
 
@@ -391,7 +551,7 @@ impl Refresher {
         &self,
         grant: &Grant,
         org: Option<&str>,
-        description: &str,
+        detail: &str,
         took: Duration,
     ) {
         let st = grant.state();
@@ -414,7 +574,7 @@ impl Refresher {
         let mut e = grant.event(EventKind::NeedsReauth);
         e.organization = org.map(str::to_owned);
         e.call_duration = Some(took);
-        e.detail = Some(format!("invalid_grant: {description}"));
+        e.detail = Some(detail.to_owned());
         self.events.token(e);
         tracing::warn!(grant = %grant.label(), "grant needs re-authorization (invalid_grant)");
     }

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::secret::Secret;
-use crate::testing::{integration, store_key, Authority, Recorder};
+use crate::testing::{integration, store_key, Authority, FleetStore, Recorder};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A store whose next `n` commits fail, over the real one.
@@ -77,6 +77,18 @@ impl Store for Flaky {
     }
     async fn ping(&self) -> Result<(), StoreError> {
         Store::ping(&self.inner).await
+    }
+    fn instance(&self) -> &str {
+        Store::instance(&self.inner)
+    }
+    async fn try_lease(&self, id: i64) -> Result<Option<Box<dyn Lease>>, StoreError> {
+        Store::try_lease(&self.inner, id).await
+    }
+    async fn alive(&self, name: &str) -> Result<bool, StoreError> {
+        Store::alive(&self.inner, name).await
+    }
+    async fn heartbeat(&self) -> Result<usize, StoreError> {
+        Store::heartbeat(&self.inner).await
     }
 }
 
@@ -488,4 +500,172 @@ async fn a_reload_gives_grants_their_integrations_new_settings() {
     rig.grants.set_integrations(&[]).await.unwrap();
     assert!(rig.grants.map.lookup("netops", "1").is_none());
     assert_eq!(rig.store.load_all().unwrap().len(), 1);
+}
+
+// ---- a fleet: several instances on one shared store (leases, intents, adoption) ----
+
+struct Fleet {
+    instances: Vec<(FleetStore, Arc<Grants>, Arc<Recorder>)>,
+    authority: Arc<Authority>,
+}
+
+impl Fleet {
+    /// `n` instances; the grant for organization "1" imported by the first (one token call).
+    async fn new(n: usize, expires_in: u64) -> Fleet {
+        let first = FleetStore::new("i0");
+        let authority = Authority::new(expires_in);
+        let mut instances = Vec::new();
+        for i in 0..n {
+            let store = if i == 0 {
+                first.clone()
+            } else {
+                first.instance(&format!("i{i}"))
+            };
+            let events = Arc::new(Recorder::default());
+            let grants = Grants::load(
+                Settings {
+                    integrations: vec![integration()],
+                    policy: Policy::default(),
+                },
+                Arc::new(store.clone()),
+                authority.clone(),
+                events.clone(),
+                Clock::tokio(),
+            )
+            .await
+            .unwrap();
+            instances.push((store, Arc::new(grants), events));
+        }
+        instances[0]
+            .1
+            .import("netops", &["1".to_string()], Secret::new(authority.issue()))
+            .await
+            .unwrap();
+        for (_, g, _) in &instances[1..] {
+            g.reload().await.unwrap();
+        }
+        Fleet {
+            instances,
+            authority,
+        }
+    }
+
+    fn grants(&self, i: usize) -> Arc<Grants> {
+        self.instances[i].1.clone()
+    }
+
+    async fn token(&self, i: usize) -> Result<Arc<TokenState>, TokenError> {
+        let g = self.grants(i);
+        let grant = g.get("netops", "1").await.unwrap();
+        g.token(&grant, "1").await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_instances_make_one_token_call_per_expiry() {
+    let fleet = Arc::new(Fleet::new(3, 3600).await);
+    fleet.authority.set(|s| s.delay = Duration::from_millis(300));
+    for round in 0..3i64 {
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        let tasks: Vec<_> = (0..300)
+            .map(|i| {
+                let fleet = fleet.clone();
+                tokio::spawn(async move {
+                    // Spread over 600 ms: before, during and after the token call.
+                    tokio::time::sleep(Duration::from_millis(i as u64 * 2)).await;
+                    fleet.token(i % 3).await.map(|t| t.generation)
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), 2 + round);
+        }
+        assert_eq!(fleet.authority.calls(), 2 + round as usize, "one call per expiry");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_holder_killed_before_the_answer_leaves_the_grant_to_the_others() {
+    let fleet = Arc::new(Fleet::new(2, 3600).await);
+    fleet.authority.set(|s| s.delay = Duration::from_secs(2));
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    let f = fleet.clone();
+    let holder = tokio::spawn(async move { f.token(0).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(fleet.instances[0].0.holder(1).as_deref(), Some("i0"));
+    // SIGKILL during the token call: the task goes (its session, and the lease, with it).
+    holder.abort();
+    let _ = holder.await;
+    fleet.instances[0].0.kill();
+    assert_eq!(fleet.instances[0].0.holder(1), None, "the lease went with it");
+    fleet.authority.set(|s| s.delay = Duration::ZERO);
+    let t = fleet.token(1).await.unwrap();
+    assert_eq!(t.generation, 2, "the survivor refreshed with the stored token");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_crash_window_is_detected_and_named() {
+    let fleet = Fleet::new(2, 3600).await;
+    let store = &fleet.instances[0].0;
+    // Instance 0 took the lease, recorded its intent, got Meraki's answer (the refresh token
+    // rotated) and died before storing it.
+    let lease = store.try_lease(1).await.unwrap().unwrap();
+    lease.intend(1).await.unwrap();
+    let stored = store.load(1).await.unwrap().unwrap();
+    fleet
+        .authority
+        .rotate_now(stored.refresh_token.expose())
+        .unwrap();
+    drop(lease);
+    store.kill();
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    let e = fleet.token(1).await.unwrap_err();
+    assert!(matches!(e, TokenError::NeedsReauth { .. }), "{e}");
+    let details = fleet.instances[1].2.details("needs_reauthorization");
+    assert_eq!(details.len(), 1);
+    assert!(
+        details[0].contains("crash window") && details[0].contains("i0"),
+        "{details:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_token_call_keeps_the_lease_and_others_wait_then_adopt() {
+    let fleet = Arc::new(Fleet::new(2, 3600).await);
+    // Slower than the lease wait (35 s): the lease does not expire under the holder.
+    fleet.authority.set(|s| s.delay = Duration::from_secs(100));
+    tokio::time::advance(Duration::from_secs(3600 - 20)).await;
+    let f = fleet.clone();
+    let holder = tokio::spawn(async move { f.token(0).await.map(|t| t.generation) });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Past the refresh point, still valid: served at once, no call.
+    assert_eq!(fleet.token(1).await.unwrap().generation, 1);
+    tokio::time::advance(Duration::from_secs(25)).await;
+    // Expired: waits for the holder up to the lease wait, then a 503, never a second call.
+    let waited = tokio::time::Instant::now();
+    let e = fleet.token(1).await.unwrap_err();
+    assert!(matches!(e, TokenError::OtherInstance { .. }), "{e}");
+    assert!(waited.elapsed() >= Duration::from_secs(35));
+    assert_eq!(holder.await.unwrap().unwrap(), 2);
+    assert_eq!(fleet.token(1).await.unwrap().generation, 2, "adopted");
+    assert_eq!(fleet.authority.calls(), 2, "the import and one refresh");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_live_instance_with_an_unstored_rotation_is_not_condemned() {
+    let fleet = Fleet::new(2, 3600).await;
+    // Instance 0 refreshes but the store does not take the rotation (a lost connection).
+    fleet.instances[0].0.fail_commits(1);
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    let e = fleet.token(0).await.unwrap_err();
+    assert!(matches!(e, TokenError::Store(_)), "{e}");
+    // Instance 1: the stored refresh token is the rotated-out one; instance 0 is alive.
+    let e = fleet.token(1).await.unwrap_err();
+    assert!(matches!(e, TokenError::OtherInstance { .. }), "{e}");
+    assert!(fleet.instances[1].2.details("needs_reauthorization").is_empty());
+    // Instance 0's sync stores its rotation; instance 1 adopts it.
+    fleet.grants(0).sync().await.unwrap();
+    fleet.grants(1).reload().await.unwrap();
+    assert_eq!(fleet.token(1).await.unwrap().generation, 2);
+    assert_eq!(fleet.authority.calls(), 3, "import, refresh, instance 1's refused call");
 }
