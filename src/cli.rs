@@ -271,8 +271,9 @@ fn rotate_key(config: &Config, env: Option<String>, file: Option<PathBuf>) -> Ex
             (done, crate::config::describe_pg_url(url))
         }
         None => {
-            let done = crate::token::SqliteStore::open(&config.store_path, config.store_key.clone())
-                .and_then(|store| store.rekey(&new));
+            let done =
+                crate::token::SqliteStore::open(&config.store_path, config.store_key.clone())
+                    .and_then(|store| store.rekey(&new));
             (done, config.store_path.display().to_string())
         }
     };

@@ -211,7 +211,11 @@ impl FleetStore {
 
     /// Declares this instance dead (its heartbeat stops); its leases go with its tasks.
     pub fn kill(&self) {
-        self.shared.dead.lock().unwrap().insert(self.name.to_string());
+        self.shared
+            .dead
+            .lock()
+            .unwrap()
+            .insert(self.name.to_string());
     }
 
     /// This instance's next `n` commits fail.

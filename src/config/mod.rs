@@ -617,9 +617,8 @@ impl Validator<'_> {
             },
             (_, _, Some(f)) => {
                 let p = self.path(f);
-                std::fs::read_to_string(&p).map_err(|e| {
-                    self.invalid(key, format!("cannot read {}: {e}", p.display()))
-                })?
+                std::fs::read_to_string(&p)
+                    .map_err(|e| self.invalid(key, format!("cannot read {}: {e}", p.display())))?
             }
             _ => return Ok(None),
         };

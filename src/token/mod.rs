@@ -13,8 +13,8 @@ pub mod events;
 pub mod lifecycle;
 pub mod map;
 pub mod oauth;
-pub mod refresh;
 pub mod postgres;
+pub mod refresh;
 pub mod sqlite;
 pub mod state;
 pub mod store;
@@ -25,15 +25,13 @@ pub use events::{EventKind, EventSink, RefreshCause, StoreOp, TokenEvent};
 pub use lifecycle::{ImportError, RevokeError};
 pub use map::{Grant, GrantMap};
 pub use oauth::{OAuthClient, OAuthError, TokenEndpoint};
+pub use postgres::PgStore;
 pub use refresh::{Policy, Refresher};
+pub use sqlite::SqliteStore;
 pub use state::TokenState;
 use std::sync::Arc;
 use std::time::Duration;
-pub use postgres::PgStore;
-pub use sqlite::SqliteStore;
-pub use store::{
-    GrantStatus, Lease, RefreshIntent, Rotation, Store, StoreError, StoredGrant,
-};
+pub use store::{GrantStatus, Lease, RefreshIntent, Rotation, Store, StoreError, StoredGrant};
 
 /// Why no access token could be had.
 #[derive(Debug, thiserror::Error)]

@@ -9,8 +9,9 @@
 //!   row to insert (Grafana #98195).
 //! - **Changes** are announced by triggers (`NOTIFY meraki_proxy_grants`) on rotations, status
 //!   changes, new, reassigned and deleted grants; every instance LISTENs and re-reads.
-//! - **Heartbeats** (`mop_instances`) tell live instances from dead ones: a refresh intent left
-//!   by a dead instance explains an `invalid_grant` (the crash window).
+//! - **Liveness**: every session of an instance carries its name (`application_name`); an
+//!   instance with no open session is dead, and a refresh intent it left explains an
+//!   `invalid_grant` (the crash window). Heartbeats (`mop_instances`) count live instances.
 //! - Schema changes are applied at start under an advisory lock, so instances starting
 //!   together do not race.
 
@@ -81,7 +82,8 @@ CREATE TRIGGER mop_grant_organizations_changed
     FOR EACH STATEMENT EXECUTE FUNCTION mop_notify();
 "#;
 
-const SELECT_GRANTS: &str = "SELECT g.id, g.integration, g.refresh_token, g.access_token, g.access_expires_at,
+const SELECT_GRANTS: &str =
+    "SELECT g.id, g.integration, g.refresh_token, g.access_token, g.access_expires_at,
         g.generation, g.status, g.scope, g.created_at, g.refreshed_at, g.last_used_at,
         g.refreshing_by, g.refreshing_from, g.refreshing_since,
         COALESCE(array_agg(o.organization ORDER BY o.organization)
@@ -125,7 +127,9 @@ impl PgStore {
         config.connect_timeout(Duration::from_secs(5));
         // A wedged statement must not hold a refresh (or a pooled connection) forever.
         config.options("-c statement_timeout=10000");
-        config.application_name("meraki-oauth-proxy");
+        let instance: Arc<str> = super::store::instance_name().into();
+        // Every session of this instance carries its name: while one is open, it is alive.
+        config.application_name(&session_name(&instance));
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
@@ -145,7 +149,7 @@ impl PgStore {
             pool,
             config,
             key,
-            instance: super::store::instance_name().into(),
+            instance,
             liveness,
         };
         store.migrate().await?;
@@ -343,8 +347,11 @@ impl Store for PgStore {
             )
             .await?;
         }
-        tx.execute("UPDATE mop_grants SET pending = false WHERE id = $1", &[&id])
-            .await?;
+        tx.execute(
+            "UPDATE mop_grants SET pending = false WHERE id = $1",
+            &[&id],
+        )
+        .await?;
         tx.execute(
             "DELETE FROM mop_grants WHERE NOT pending AND id NOT IN (SELECT grant_id FROM mop_grant_organizations)",
             &[],
@@ -441,12 +448,17 @@ impl Store for PgStore {
         if name == &*self.instance {
             return Ok(true);
         }
+        // A process that died closed its sessions (the kernel closes its sockets): the database
+        // knows at once, sooner than a missed heartbeat would tell.
         let c = self.conn().await?;
-        let seen: Option<i64> = c
-            .query_opt("SELECT last_seen FROM mop_instances WHERE name = $1", &[&name])
+        let open: bool = c
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = $1)",
+                &[&session_name(name)],
+            )
             .await?
-            .map(|r| r.get(0));
-        Ok(seen.is_some_and(|t| now_unix() - t <= self.liveness.as_secs() as i64))
+            .get(0);
+        Ok(open)
     }
 
     async fn heartbeat(&self) -> Result<usize, StoreError> {
@@ -514,6 +526,15 @@ impl Store for PgStore {
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
     }
+}
+
+/// The `application_name` of an instance's sessions (at most 63 bytes, as PostgreSQL keeps).
+fn session_name(instance: &str) -> String {
+    let mut name = format!("mop:{instance}");
+    while name.len() > 63 {
+        name.pop();
+    }
+    name
 }
 
 /// A grant's lease: an advisory lock held by the session of `conn`.

@@ -336,12 +336,14 @@ impl Refresher {
                             return Err(self.store_failed(grant, need, flight, e));
                         }
                     };
-                    if let Some(adopted) = grant.adopt(&stored) {
+                    if grant.adopt(&stored).is_some() {
                         self.events.token(grant.event(EventKind::Loaded));
-                        if let Some(answer) = self.satisfied(grant, org, &adopted, need) {
-                            lease.release().await;
-                            return Err(answer);
-                        }
+                    }
+                    // Against the state now in memory, however it got there (adopted here, or
+                    // by a change notification meanwhile): what the lease's last holder did.
+                    if let Some(answer) = self.satisfied(grant, org, &grant.state(), need) {
+                        lease.release().await;
+                        return Err(answer);
                     }
                     let prior = stored.refreshing.filter(|i| {
                         i.holder != self.store.instance() && i.from_generation == stored.generation
@@ -349,12 +351,11 @@ impl Refresher {
                     return Ok(Leased { lease, prior });
                 }
                 Ok(None) => {
-                    if let Some(adopted) = self.adopt_newer(grant).await {
-                        if let Some(answer) = self.satisfied(grant, org, &adopted, need) {
-                            return Err(answer);
-                        }
-                    }
+                    self.adopt_newer(grant).await;
                     let st = grant.state();
+                    if let Some(answer) = self.satisfied(grant, org, &st, need) {
+                        return Err(answer);
+                    }
                     let now = self.clock.now();
                     if matches!(need, Need::Fresh) && st.alive(now) {
                         // Another instance is refreshing; this token serves meanwhile.

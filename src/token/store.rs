@@ -110,7 +110,11 @@ pub fn instance_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "host".into());
-    format!("{host}:{}:{:04x}", std::process::id(), rand::random::<u16>())
+    format!(
+        "{host}:{}:{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
 }
 
 /// What the key check value decrypts to.
@@ -172,4 +176,3 @@ pub struct Rotation {
     pub scope: Option<String>,
     pub refreshed_at: i64,
 }
-

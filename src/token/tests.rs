@@ -564,7 +564,9 @@ impl Fleet {
 #[tokio::test(start_paused = true)]
 async fn three_instances_make_one_token_call_per_expiry() {
     let fleet = Arc::new(Fleet::new(3, 3600).await);
-    fleet.authority.set(|s| s.delay = Duration::from_millis(300));
+    fleet
+        .authority
+        .set(|s| s.delay = Duration::from_millis(300));
     for round in 0..3i64 {
         tokio::time::advance(Duration::from_secs(3600)).await;
         let tasks: Vec<_> = (0..300)
@@ -580,7 +582,11 @@ async fn three_instances_make_one_token_call_per_expiry() {
         for t in tasks {
             assert_eq!(t.await.unwrap().unwrap(), 2 + round);
         }
-        assert_eq!(fleet.authority.calls(), 2 + round as usize, "one call per expiry");
+        assert_eq!(
+            fleet.authority.calls(),
+            2 + round as usize,
+            "one call per expiry"
+        );
     }
 }
 
@@ -597,10 +603,17 @@ async fn a_holder_killed_before_the_answer_leaves_the_grant_to_the_others() {
     holder.abort();
     let _ = holder.await;
     fleet.instances[0].0.kill();
-    assert_eq!(fleet.instances[0].0.holder(1), None, "the lease went with it");
+    assert_eq!(
+        fleet.instances[0].0.holder(1),
+        None,
+        "the lease went with it"
+    );
     fleet.authority.set(|s| s.delay = Duration::ZERO);
     let t = fleet.token(1).await.unwrap();
-    assert_eq!(t.generation, 2, "the survivor refreshed with the stored token");
+    assert_eq!(
+        t.generation, 2,
+        "the survivor refreshed with the stored token"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -662,10 +675,61 @@ async fn a_live_instance_with_an_unstored_rotation_is_not_condemned() {
     // Instance 1: the stored refresh token is the rotated-out one; instance 0 is alive.
     let e = fleet.token(1).await.unwrap_err();
     assert!(matches!(e, TokenError::OtherInstance { .. }), "{e}");
-    assert!(fleet.instances[1].2.details("needs_reauthorization").is_empty());
+    assert!(fleet.instances[1]
+        .2
+        .details("needs_reauthorization")
+        .is_empty());
     // Instance 0's sync stores its rotation; instance 1 adopts it.
     fleet.grants(0).sync().await.unwrap();
     fleet.grants(1).reload().await.unwrap();
     assert_eq!(fleet.token(1).await.unwrap().generation, 2);
-    assert_eq!(fleet.authority.calls(), 3, "import, refresh, instance 1's refused call");
+    assert_eq!(
+        fleet.authority.calls(),
+        3,
+        "import, refresh, instance 1's refused call"
+    );
+}
+
+/// The race the three-process test found: a change notification adopts another instance's
+/// rotation while this instance waits for the lease, so when the lease comes free there is
+/// nothing newer to adopt, yet nothing left to do either.
+#[tokio::test(start_paused = true)]
+async fn a_rotation_adopted_by_notification_while_waiting_is_not_repeated() {
+    let fleet = Arc::new(Fleet::new(2, 3600).await);
+    let store0 = fleet.instances[0].0.clone();
+    let lease = store0.try_lease(1).await.unwrap().unwrap();
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    let f = fleet.clone();
+    let waiter = tokio::spawn(async move { f.token(1).await.map(|t| t.generation) });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Instance 0 rotates and commits; instance 1 hears of it (NOTIFY) and re-reads; then
+    // instance 0 releases the lease — all between two of instance 1's looks.
+    let stored = store0.load(1).await.unwrap().unwrap();
+    let (refresh, access) = fleet
+        .authority
+        .rotate_now(stored.refresh_token.expose())
+        .unwrap();
+    let now = fleet.grants(0).clock().now();
+    assert!(store0
+        .commit_rotation(
+            1,
+            1,
+            &Rotation {
+                refresh_token: Secret::new(refresh),
+                access_token: Secret::new(access),
+                access_expires_at: now + 3600,
+                scope: None,
+                refreshed_at: now,
+            },
+        )
+        .await
+        .unwrap());
+    fleet.grants(1).reload().await.unwrap();
+    drop(lease);
+    assert_eq!(waiter.await.unwrap().unwrap(), 2);
+    assert_eq!(
+        fleet.authority.calls(),
+        1,
+        "only the import called: nothing repeated"
+    );
 }

@@ -52,6 +52,7 @@ pub struct Scenario {
     pub admin_port: u16,
     /// The refresh tokens the stand-in issued for orgs 111 and 222 (rotated by import).
     pub initial_refresh: Vec<String>,
+    pub store_url: Option<String>,
 }
 
 /// Extra TOML appended to the generated configuration's sections.
@@ -66,6 +67,10 @@ pub struct Options {
     /// The proxy and admin ports, when the caller bound them already (an in-process server on
     /// listeners bound to port 0).
     pub ports: Option<(u16, u16)>,
+    /// A PostgreSQL URL: the store is PostgreSQL (given through `url_env`), not the file.
+    pub store_url: Option<String>,
+    /// Lines for `[store]`.
+    pub store: String,
 }
 
 impl Scenario {
@@ -108,8 +113,9 @@ revoke_url = "{revoke}"
 {up_extra}
 
 [store]
-path = "tokens.db"
+{store_line}
 key_env = "MERAKI_PROXY_STORE_KEY"
+{store_extra}
 
 [audit]
 path = "audit.jsonl"
@@ -142,6 +148,12 @@ methods = ["GET"]
             authorize = standin.authorize_url(),
             revoke = standin.revoke_url(),
             up_extra = opts.upstream,
+            store_line = if opts.store_url.is_some() {
+                "url_env = \"MERAKI_PROXY_STORE_URL\""
+            } else {
+                "path = \"tokens.db\""
+            },
+            store_extra = opts.store,
             // Pingora waits out the grace period when a test stops an in-process server.
             server_extra = if opts.server.contains("shutdown_grace_secs") {
                 opts.server.clone()
@@ -166,14 +178,23 @@ methods = ["GET"]
             port,
             admin_port,
             initial_refresh,
+            store_url: opts.store_url,
         }
     }
 
     /// Runs the binary with this configuration and the client secret in its environment.
     pub fn command(&self, args: &[&str]) -> Command {
+        self.command_with(&self.config, args)
+    }
+
+    /// Runs the binary with another configuration file.
+    pub fn command_with(&self, config: &Path, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
+        if let Some(url) = &self.store_url {
+            c.env("MERAKI_PROXY_STORE_URL", url);
+        }
         c.arg("--config")
-            .arg(&self.config)
+            .arg(config)
             .args(args)
             .env("NETOPS_CLIENT_SECRET", CLIENT_SECRET)
             .env("MERAKI_PROXY_STORE_KEY", STORE_KEY)
@@ -216,6 +237,49 @@ methods = ["GET"]
         tokio::task::spawn_blocking(move || cmd.output().unwrap())
             .await
             .unwrap()
+    }
+
+    /// Starts instance `i` of a fleet sharing this scenario's store: a configuration of its
+    /// own (`proxy-i.toml`: its own ports and audit log `audit-i.jsonl`), `env` added.
+    pub async fn start_instance(&self, i: usize, env: &[(&str, &str)]) -> ProxyProcess {
+        let (port, admin_port) = (free_port(), free_port());
+        let text = std::fs::read_to_string(&self.config)
+            .unwrap()
+            .replace(
+                &format!("listen = \"127.0.0.1:{}\"", self.port),
+                &format!("listen = \"127.0.0.1:{port}\""),
+            )
+            .replace(
+                &format!("admin_listen = \"127.0.0.1:{}\"", self.admin_port),
+                &format!("admin_listen = \"127.0.0.1:{admin_port}\""),
+            )
+            .replace(
+                "path = \"audit.jsonl\"",
+                &format!("path = \"audit-{i}.jsonl\""),
+            );
+        let config = self.dir.path().join(format!("proxy-{i}.toml"));
+        std::fs::write(&config, text).unwrap();
+        let log = self
+            .dir
+            .path()
+            .join(format!("proxy-{i}-{}.log", std::process::id()));
+        let stderr = std::fs::File::create(&log).unwrap();
+        let stdout = stderr.try_clone().unwrap();
+        let mut cmd = self.command_with(&config, &["run"]);
+        cmd.envs(env.iter().copied()).stdout(stdout).stderr(stderr);
+        let p = ProxyProcess {
+            child: cmd.spawn().unwrap(),
+            port,
+            admin_port,
+            log,
+        };
+        p.wait_ready().await;
+        p
+    }
+
+    /// The audit records of fleet instance `i`.
+    pub fn audit_of(&self, i: usize) -> Vec<serde_json::Value> {
+        read_jsonl(&self.dir.path().join(format!("audit-{i}.jsonl")))
     }
 
     /// Starts the proxy and waits until both listeners answer.
@@ -337,6 +401,11 @@ pub struct ProxyProcess {
 }
 
 impl ProxyProcess {
+    /// The base URL scripts use with this process.
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}/api/v1", self.port)
+    }
+
     async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         let http = reqwest::Client::new();

@@ -4,4 +4,5 @@
 pub mod chaos;
 pub mod harness;
 pub mod inproc;
+pub mod pg;
 pub mod standin;

@@ -364,6 +364,12 @@ impl Standin {
         self.lock().token_calls
     }
 
+    /// Refresh calls answered `invalid_grant` (a rotated-out, revoked or unknown refresh token:
+    /// a replay, when the proxy presents one it used before).
+    pub fn refused_refreshes(&self) -> usize {
+        self.lock().refused_refreshes
+    }
+
     /// POSTs to `/oauth/token` whose form carried `grant_type=authorization_code`.
     pub fn code_exchanges(&self) -> usize {
         self.lock().code_exchanges
@@ -501,6 +507,7 @@ struct Inner {
     token_down: bool,
     faults: Faults,
     token_calls: usize,
+    refused_refreshes: usize,
     code_exchanges: usize,
     revocations: usize,
     /// Recorded requests with a sequence number, so a status can be filled in after the handler
@@ -527,6 +534,7 @@ impl Inner {
             token_down: false,
             faults: Faults::default(),
             token_calls: 0,
+            refused_refreshes: 0,
             code_exchanges: 0,
             revocations: 0,
             requests: Vec::new(),
@@ -821,7 +829,10 @@ fn refresh_grant(s: &mut Inner, client_id: &str, form: &[(String, String)]) -> R
     });
     match grant_id {
         Some(id) => s.token_response(id),
-        None => invalid_grant("The refresh token is invalid, expired, or revoked"),
+        None => {
+            s.refused_refreshes += 1;
+            invalid_grant("The refresh token is invalid, expired, or revoked")
+        }
     }
 }
 
