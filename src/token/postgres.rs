@@ -129,7 +129,7 @@ impl PgStore {
         config.options("-c statement_timeout=10000");
         let instance: Arc<str> = super::store::instance_name().into();
         // Every session of this instance carries its name: while one is open, it is alive.
-        config.application_name(&session_name(&instance));
+        config.application_name(session_name(&instance));
         let manager = Manager::from_config(
             config.clone(),
             NoTls,

@@ -353,20 +353,24 @@ impl Refresher {
                 Ok(None) => {
                     self.adopt_newer(grant).await;
                     let st = grant.state();
+                    let waited = |ok| StoreOp {
+                        op: "lease",
+                        elapsed: started.elapsed(),
+                        ok,
+                    };
                     if let Some(answer) = self.satisfied(grant, org, &st, need) {
+                        // The holder's rotation arrived: the wait is over.
+                        self.events.store(waited(true));
                         return Err(answer);
                     }
                     let now = self.clock.now();
                     if matches!(need, Need::Fresh) && st.alive(now) {
                         // Another instance is refreshing; this token serves meanwhile.
+                        self.events.store(waited(true));
                         return Err(Ok(st));
                     }
                     if Instant::now() >= deadline {
-                        self.events.store(StoreOp {
-                            op: "lease",
-                            elapsed: started.elapsed(),
-                            ok: false,
-                        });
+                        self.events.store(waited(false));
                         return Err(Err(TokenError::OtherInstance {
                             retry_after: Duration::from_secs(1),
                         }));

@@ -83,6 +83,12 @@ impl PgCluster {
         )
     }
 
+    /// Creates database `name`; the URL of it.
+    pub fn create_db(&self, name: &str) -> String {
+        self.psql("postgres", &format!("CREATE DATABASE {name}"));
+        self.url().replace("/meraki_proxy", &format!("/{name}"))
+    }
+
     /// The password in the URL (tests check it is never printed).
     pub fn password(&self) -> &'static str {
         PASSWORD
