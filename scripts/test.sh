@@ -2,7 +2,7 @@
 # Runs every test of the project: unit tests, the end-to-end suites against the real binary and
 # the Meraki stand-in, the official-SDK interop suite, the fuzz targets for a bounded time
 # (FUZZ_SECS each, default 60), the micro-benchmarks in quick mode and the load script in quick
-# mode. Needs the packages .ci/run installs (cmake, nginx, wrk, chromium) and a nightly toolchain
+# mode. Needs the packages .ci/run installs (cmake, nginx, wrk, chromium, postgresql) and a nightly toolchain
 # for cargo-fuzz (installed from crates.io when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,3 +39,6 @@ cargo bench --bench hot_path -- --test
 
 echo "== load benchmark, quick mode (checks every configuration answers; no timing assertions)"
 QUICK=1 bash benches/load.sh
+
+echo "== fleet benchmark, quick mode (1 and 3 instances on PostgreSQL; fails only on errors)"
+QUICK=1 cargo bench --bench fleet

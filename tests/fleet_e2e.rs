@@ -368,3 +368,53 @@ async fn a_postgres_outage_under_load_loses_nothing() {
         "the store password is never logged"
     );
 }
+
+/// The fleet example in `deploy/fleet/` is a valid configuration, and `check` describes its
+/// PostgreSQL store without the password.
+#[test]
+fn the_deploy_fleet_configuration_checks_without_showing_the_password() {
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config", "deploy/fleet/proxy.toml"])
+        .env(
+            "MERAKI_PROXY_STORE_URL",
+            "postgres://meraki_proxy:s3cret-db-password@postgres:5432/meraki_proxy",
+        )
+        .env("MERAKI_PROXY_STORE_KEY", STORE_KEY)
+        .env("NETOPS_CLIENT_SECRET", CLIENT_SECRET)
+        .env("ADMIN_TOKEN", "an-admin-token-of-some-length")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("PostgreSQL postgres:5432/meraki_proxy as meraki_proxy"),
+        "{text}"
+    );
+    assert!(!text.contains("s3cret-db-password"), "{text}");
+}
+
+/// A store URL that does not parse is refused naming the key, without quoting it.
+#[test]
+fn a_bad_store_url_is_refused_without_being_quoted() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        "[server]\nlisten = \"127.0.0.1:1\"\n[upstream]\napi_base = \"https://api.meraki.com/api/v1\"\ntoken_url = \"https://as.meraki.com/oauth/token\"\n[store]\nurl_env = \"U\"\nkey_env = \"K\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config", config.to_str().unwrap()])
+        .env("U", "mysql://root:hunter2-password@db/x")
+        .env("K", STORE_KEY)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("store.url_env"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+}
