@@ -195,7 +195,15 @@ async fn main() {
     println!("== refresh path: 6-s tokens, 300-ms token endpoint, 16 connections, 2 grants");
     println!(
         "{:>9} {:>9} {:>7} {:>12} {:>17} {:>14} {:>11} {:>10} {:>10}",
-        "instances", "requests", "errors", "token calls", "calls per expiry", "invalid_grant", "lease waits", "wait p50", "wait p99"
+        "instances",
+        "requests",
+        "errors",
+        "token calls",
+        "calls per expiry",
+        "invalid_grant",
+        "lease waits",
+        "wait p50",
+        "wait p99"
     );
     for n in [1, 3] {
         let r = refresh_run(&pg, n, refresh_secs).await;
@@ -220,7 +228,10 @@ async fn main() {
     let (sqlite, e1) = throughput(None, tput_secs).await;
     let (postgres, e2) = throughput(Some(pg.create_db("bench_tput")), tput_secs).await;
     println!("embedded store: {sqlite:>9.0} req/s");
-    println!("PostgreSQL:     {postgres:>9.0} req/s  ({:.2}x the embedded store)", postgres / sqlite);
+    println!(
+        "PostgreSQL:     {postgres:>9.0} req/s  ({:.2}x the embedded store)",
+        postgres / sqlite
+    );
     failed |= e1 > 0 || e2 > 0;
     if failed {
         eprintln!("fleet bench: errors or invalid_grant answers (see above)");

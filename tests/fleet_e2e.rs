@@ -418,3 +418,64 @@ fn a_bad_store_url_is_refused_without_being_quoted() {
     assert!(err.contains("store.url_env"), "{err}");
     assert!(!err.contains("hunter2"), "{err}");
 }
+
+/// The `grants` commands and key rotation against PostgreSQL: list, rotate the store key, and
+/// an instance with the new key serves while the old key is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_commands_and_key_rotation_work_against_postgres() {
+    let pg = PgCluster::start();
+    let s = fleet_scenario(&pg, 3600).await;
+    let out = s.run(&["grants", "list"]).await;
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{list}");
+    assert!(list.contains("111") && list.contains("222"), "{list}");
+    let new_key = "7b".repeat(32);
+    let mut rotate = s.command(&["store", "rotate-key", "--new-key-env", "NEW_KEY"]);
+    rotate.env("NEW_KEY", &new_key);
+    let out = tokio::task::spawn_blocking(move || rotate.output().unwrap())
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("re-sealed 2 grant(s)"), "{said}");
+    assert!(!said.contains(pg.password()), "{said}");
+    // The old key no longer opens the store.
+    let out = s.run(&["grants", "list"]).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("sealed with another key"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = s
+        .start_instance(0, &[("MERAKI_PROXY_STORE_KEY", new_key.as_str())])
+        .await;
+    assert_eq!(
+        get(&p.base(), "/organizations/111/networks", ALICE_KEY)
+            .await
+            .0,
+        200
+    );
+    // Nothing sealed in the database is a token in clear.
+    let dump = pg.psql(
+        "meraki_proxy",
+        "SELECT refresh_token || ' ' || access_token FROM mop_grants",
+    );
+    let current = s
+        .standin
+        .current_refresh_token(&s.initial_refresh[0])
+        .unwrap();
+    assert!(
+        !dump.contains(&current),
+        "a refresh token in clear in PostgreSQL"
+    );
+    assert!(
+        dump.lines()
+            .all(|l| l.split(' ').all(|v| v.starts_with("v1."))),
+        "{dump}"
+    );
+}
