@@ -31,8 +31,13 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy (the default).
     Run,
-    /// Validate the configuration and print what it would serve (no secrets).
-    Check,
+    /// Validate the configuration and print what it would serve (no secrets); with a
+    /// PostgreSQL store, also connect to it and check the store key.
+    Check {
+        /// Do not connect to a PostgreSQL store (validate the file only).
+        #[arg(long)]
+        no_connect: bool,
+    },
     /// Read a client key from standard input and print its SHA-256 for `key_sha256`.
     HashKey,
     /// Manage OAuth grants.
@@ -165,8 +170,14 @@ pub fn main() -> ExitCode {
                 Err(e) => return fail(e),
             };
             match command {
-                Command::Check => {
+                Command::Check { no_connect } => {
                     print!("{config}");
+                    if let (Some(url), false) = (&config.store_url, no_connect) {
+                        match probe_store(url, &config) {
+                            Ok(said) => println!("{said}"),
+                            Err(e) => return fail_chain(&e),
+                        }
+                    }
                     println!("configuration OK");
                     ExitCode::SUCCESS
                 }
@@ -182,6 +193,18 @@ pub fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Connects to a PostgreSQL store (without changing it) and checks the store key.
+fn probe_store(
+    url: &crate::secret::Secret,
+    config: &Config,
+) -> Result<String, crate::token::StoreError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| crate::token::StoreError::Pool(e.to_string()))?;
+    rt.block_on(crate::token::PgStore::probe(url, &config.store_key))
 }
 
 fn new_client(name: &str, integration: &str, orgs: &[String], methods: &[String]) -> ExitCode {

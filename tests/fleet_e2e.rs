@@ -374,7 +374,12 @@ async fn a_postgres_outage_under_load_loses_nothing() {
 #[test]
 fn the_deploy_fleet_configuration_checks_without_showing_the_password() {
     let out = std::process::Command::new(BIN)
-        .args(["check", "--config", "deploy/fleet/proxy.toml"])
+        .args([
+            "check",
+            "--no-connect",
+            "--config",
+            "deploy/fleet/proxy.toml",
+        ])
         .env(
             "MERAKI_PROXY_STORE_URL",
             "postgres://meraki_proxy:s3cret-db-password@postgres:5432/meraki_proxy",
@@ -425,6 +430,15 @@ fn a_bad_store_url_is_refused_without_being_quoted() {
 async fn grants_commands_and_key_rotation_work_against_postgres() {
     let pg = PgCluster::start();
     let s = fleet_scenario(&pg, 3600).await;
+    let out = s.run(&["check"]).await;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains(
+            "PostgreSQL store: reachable; schema version 1; 2 grant(s); the store key opens it"
+        ),
+        "{said}"
+    );
     let out = s.run(&["grants", "list"]).await;
     let list = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{list}");

@@ -157,6 +157,58 @@ impl PgStore {
         Ok(store)
     }
 
+    /// Connects once, changing nothing: what `check` says about the store (reachable, schema
+    /// version, whether the store key opens it).
+    pub async fn probe(url: &Secret, key: &StoreKey) -> Result<String, StoreError> {
+        let mut config: tokio_postgres::Config = url
+            .expose()
+            .parse()
+            .map_err(|_| StoreError::Pool("store.url is not a valid postgres:// URL".into()))?;
+        config.connect_timeout(Duration::from_secs(5));
+        config.application_name("meraki-oauth-proxy check");
+        let (client, connection) = config.connect(NoTls).await?;
+        let driver = tokio::spawn(connection);
+        let said = async {
+            let exists: bool = client
+                .query_one("SELECT to_regclass('mop_schema') IS NOT NULL", &[])
+                .await?
+                .get(0);
+            if !exists {
+                return Ok::<_, StoreError>(
+                    "PostgreSQL store: reachable; empty (the schema is created at the first start)"
+                        .to_owned(),
+                );
+            }
+            let version: Option<i32> = client
+                .query_one("SELECT max(version) FROM mop_schema", &[])
+                .await?
+                .get(0);
+            let check: Option<String> = client
+                .query_opt("SELECT value FROM mop_meta WHERE name = 'key_check'", &[])
+                .await?
+                .map(|r| r.get(0));
+            let key_state = match check {
+                None => "no key recorded yet".to_owned(),
+                Some(sealed) => match key.open(&sealed, "key_check") {
+                    Ok(v) if v.expose() == KEY_CHECK => "the store key opens it".to_owned(),
+                    _ => return Err(SealError::Open.into()),
+                },
+            };
+            let grants: i64 = client
+                .query_one("SELECT count(*) FROM mop_grants", &[])
+                .await?
+                .get(0);
+            Ok(format!(
+                "PostgreSQL store: reachable; schema version {}; {grants} grant(s); {key_state}",
+                version.unwrap_or(0)
+            ))
+        }
+        .await;
+        drop(client);
+        let _ = driver.await;
+        said
+    }
+
     async fn conn(&self) -> Result<Object, StoreError> {
         self.pool.get().await.map_err(|e| match e {
             deadpool_postgres::PoolError::Backend(e) => StoreError::Pg(e),
