@@ -207,7 +207,9 @@ async fn main() {
     );
     for n in [1, 3] {
         let r = refresh_run(&pg, n, refresh_secs).await;
-        // Each grant's token expires every 6 s; refreshed at half-life, a need arises every 3 s.
+        // Token lifetimes elapsed, both grants together. Tokens shorter than refresh_ahead_secs
+        // are refreshed at half-life: two calls per lifetime is one call per need, and the
+        // figure must not grow with the number of instances.
         let expiries = 2.0 * r.secs / 6.0;
         println!(
             "{:>9} {:>9} {:>7} {:>12} {:>17.2} {:>14} {:>11} {:>10} {:>10}",
