@@ -17,7 +17,6 @@
 //! a temporary directory), the Rust Meraki stand-in. Every loop is bounded in time.
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use std::collections::BTreeMap;

@@ -10,12 +10,7 @@ use std::time::Duration;
 use support::harness::*;
 
 async fn send(s: &Scenario, key: &str, path: &str) -> u16 {
-    s.script(Method::GET, path, key)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    s.status(path, key).await
 }
 
 /// `name{labels}` → value, for every sample of the exposition.

@@ -35,15 +35,6 @@ fn alice_load(
         .collect()
 }
 
-async fn status_of(s: &Scenario, path: &str, key: &str) -> u16 {
-    s.script(Method::GET, path, key)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
-}
-
 async fn post_reload(p: &ProxyProcess) -> (u16, serde_json::Value) {
     let r = http()
         .post(format!("http://127.0.0.1:{}/admin/reload", p.admin_port))
@@ -62,8 +53,8 @@ async fn reload_under_load_applies_clients_and_refuses_an_invalid_file() {
     let s = Arc::new(Scenario::new(Options::default()).await);
     s.import().await;
     let p = s.start().await;
-    assert_eq!(status_of(&s, "/networks/L_222_0", BOB_KEY).await, 200);
-    assert_eq!(status_of(&s, "/networks/L_111_0", CAROL_KEY).await, 401);
+    assert_eq!(s.status("/networks/L_222_0", BOB_KEY).await, 200);
+    assert_eq!(s.status("/networks/L_111_0", CAROL_KEY).await, 401);
 
     let load = alice_load(&s, 8, 150);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -80,14 +71,14 @@ async fn reload_under_load_applies_clients_and_refuses_an_invalid_file() {
     p.signal(Signal::SIGHUP);
     let mut carol = 0;
     for _ in 0..200 {
-        carol = status_of(&s, "/networks/L_111_1", CAROL_KEY).await;
+        carol = s.status("/networks/L_111_1", CAROL_KEY).await;
         if carol == 200 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert_eq!(carol, 200, "the client added by the reload is served");
-    assert_eq!(status_of(&s, "/networks/L_222_0", BOB_KEY).await, 401);
+    assert_eq!(s.status("/networks/L_222_0", BOB_KEY).await, 401);
     assert_eq!(
         s.script(Method::PUT, "/networks/L_111_1", CAROL_KEY)
             .json(&serde_json::json!({"name": "x"}))
@@ -112,8 +103,8 @@ async fn reload_under_load_applies_clients_and_refuses_an_invalid_file() {
     assert_eq!(status, 422, "{body}");
     let why = body["errors"][0].as_str().unwrap();
     assert!(why.contains("clients[1].organizations"), "{why}");
-    assert_eq!(status_of(&s, "/networks/L_111_1", CAROL_KEY).await, 200);
-    assert_eq!(status_of(&s, "/networks/L_222_0", BOB_KEY).await, 401);
+    assert_eq!(s.status("/networks/L_111_1", CAROL_KEY).await, 200);
+    assert_eq!(s.status("/networks/L_222_0", BOB_KEY).await, 401);
 
     // The valid file again, through the admin API: the next generation.
     std::fs::write(&s.config, &valid).unwrap();
@@ -306,8 +297,8 @@ async fn sigterm_drains_in_flight_requests_and_loses_no_audit_record() {
     s.standin.expire_all_access_tokens();
     let calls = s.standin.token_calls();
     let _p = s.start().await;
-    assert_eq!(status_of(&s, "/networks/L_111_0", ALICE_KEY).await, 200);
-    assert_eq!(status_of(&s, "/networks/L_222_0", BOB_KEY).await, 200);
+    assert_eq!(s.status("/networks/L_111_0", ALICE_KEY).await, 200);
+    assert_eq!(s.status("/networks/L_222_0", BOB_KEY).await, 200);
     assert!(s.standin.token_calls() > calls);
     assert!(
         !s.audit()

@@ -16,10 +16,11 @@
 //!   together do not race.
 
 use super::store::{
-    GrantStatus, Lease, RefreshIntent, Rotation, Store, StoreError, StoredGrant, KEY_CHECK,
+    verify_key_check, GrantStatus, Lease, RefreshIntent, Rotation, Store, StoreError, StoredGrant,
+    KEY_CHECK,
 };
 use crate::clock::now_unix;
-use crate::seal::{SealError, StoreKey};
+use crate::seal::StoreKey;
 use crate::secret::Secret;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use std::sync::Arc;
@@ -189,10 +190,10 @@ impl PgStore {
                 .map(|r| r.get(0));
             let key_state = match check {
                 None => "no key recorded yet".to_owned(),
-                Some(sealed) => match key.open(&sealed, "key_check") {
-                    Ok(v) if v.expose() == KEY_CHECK => "the store key opens it".to_owned(),
-                    _ => return Err(SealError::Open.into()),
-                },
+                Some(sealed) => {
+                    verify_key_check(key, &sealed)?;
+                    "the store key opens it".to_owned()
+                }
             };
             let grants: i64 = client
                 .query_one("SELECT count(*) FROM mop_grants", &[])
@@ -255,12 +256,7 @@ impl PgStore {
             .await?
             .map(|r| r.get(0));
         match check {
-            Some(sealed) => {
-                let opened = self.key.open(&sealed, "key_check")?;
-                if opened.expose() != KEY_CHECK {
-                    return Err(SealError::Open.into());
-                }
-            }
+            Some(sealed) => verify_key_check(&self.key, &sealed)?,
             None => {
                 c.execute(
                     "INSERT INTO mop_meta (name, value) VALUES ('key_check', $1) ON CONFLICT (name) DO NOTHING",
@@ -272,9 +268,7 @@ impl PgStore {
                     .query_one("SELECT value FROM mop_meta WHERE name = 'key_check'", &[])
                     .await?
                     .get(0);
-                if self.key.open(&sealed, "key_check")?.expose() != KEY_CHECK {
-                    return Err(SealError::Open.into());
-                }
+                verify_key_check(&self.key, &sealed)?;
             }
         }
         Ok(())

@@ -2,9 +2,10 @@
 //! commands may run beside it): its leases are the process's own single flight.
 
 use super::store::{
-    GrantStatus, Lease, RefreshIntent, Rotation, Store, StoreError, StoredGrant, KEY_CHECK,
+    verify_key_check, GrantStatus, Lease, RefreshIntent, Rotation, Store, StoreError, StoredGrant,
+    KEY_CHECK,
 };
-use crate::seal::{SealError, StoreKey};
+use crate::seal::StoreKey;
 use crate::secret::Secret;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
@@ -52,12 +53,7 @@ impl SqliteStore {
             })
             .optional()?;
         match check {
-            Some(sealed) => {
-                let opened = self.key.open(&sealed, "key_check")?;
-                if opened.expose() != KEY_CHECK {
-                    return Err(SealError::Open.into());
-                }
-            }
+            Some(sealed) => verify_key_check(&self.key, &sealed)?,
             None => {
                 conn.execute(
                     "INSERT INTO meta (name, value) VALUES ('key_check', ?1)",

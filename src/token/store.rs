@@ -120,6 +120,18 @@ pub fn instance_name() -> String {
 /// What the key check value decrypts to.
 pub(super) const KEY_CHECK: &str = "meraki-oauth-proxy token store key check";
 
+/// Whether `sealed`, the stored key check value, opens to [`KEY_CHECK`] under `key`: the store
+/// was sealed with this key.
+pub(super) fn verify_key_check(
+    key: &crate::seal::StoreKey,
+    sealed: &str,
+) -> Result<(), StoreError> {
+    if key.open(sealed, "key_check")?.expose() != KEY_CHECK {
+        return Err(SealError::Open.into());
+    }
+    Ok(())
+}
+
 /// Health of a grant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GrantStatus {

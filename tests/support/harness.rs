@@ -337,6 +337,16 @@ methods = ["GET"]
             .header("X-Cisco-Meraki-API-Key", key)
     }
 
+    /// The status of one GET of `path` as `key`.
+    pub async fn status(&self, path: &str, key: &str) -> u16 {
+        self.script(reqwest::Method::GET, path, key)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
     /// Sends `n` GETs at once as `key`, the i-th to `path_of(i)`; their statuses, in order.
     pub async fn burst(
         &self,
