@@ -657,7 +657,9 @@ impl Validator<'_> {
         };
         let cert = crate::tls::ServerCert::load(&cert_file, &key_file).map_err(|e| {
             let key = match e {
-                crate::tls::TlsError::NoKey { .. } => "server.tls_key_file",
+                crate::tls::TlsError::NoKey { .. } | crate::tls::TlsError::KeyMismatch { .. } => {
+                    "server.tls_key_file"
+                }
                 crate::tls::TlsError::Unusable { ref path, .. } if *path == key_file.display().to_string() => "server.tls_key_file",
                 crate::tls::TlsError::Read { ref path, .. } if *path == key_file.display().to_string() => "server.tls_key_file",
                 _ => "server.tls_cert_file",

@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod chaos;
+pub mod connect;
 pub mod harness;
 pub mod inproc;
+pub mod pki;
 pub mod standin;
