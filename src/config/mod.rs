@@ -1442,6 +1442,116 @@ methods = ["get"]
         }
     }
 
+    /// A CA and a server certificate for `api.meraki.com` signed by it, written to `dir`.
+    fn write_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf, String) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = p.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["api.meraki.com".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let (c, k, a) = (dir.join("proxy.pem"), dir.join("proxy.key"), dir.join("ca.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        std::fs::write(&a, ca.pem()).unwrap();
+        (c, k, a, key.serialize_pem())
+    }
+
+    #[test]
+    fn tls_settings_load_their_files_and_errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, ca, key_pem) = write_pki(dir.path());
+        let server = format!(
+            "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\ntls_client_ca_file = \"{}\"\npublic_base_url = [\"https://api.meraki.com/api/v1\", \"https://api.meraki.ca:8443/api/v1/\"]\nadmin_listen",
+            cert.display(),
+            key.display(),
+            ca.display()
+        );
+        let upstream = format!(
+            "[upstream]\nca_file = \"{}\"\nresolve = {{ \"API.meraki.com\" = \"192.0.2.10\" }}\n",
+            ca.display()
+        );
+        let bound = "\n[[clients]]\nname = \"appliance\"\ncert_subject = \"CN=backup-script,O=netops\"\nintegration = \"netops\"\norganizations = [\"123\"]\n";
+        let text = format!("{GOOD}{bound}")
+            .replace("admin_listen", &server)
+            .replace("[upstream]\n", &upstream);
+        let c = parse(&text).unwrap();
+        let tls = c.tls.as_ref().unwrap();
+        assert_eq!(tls.cert.names, ["api.meraki.com"]);
+        assert!(tls.client_cert_required);
+        assert_eq!(
+            c.public_origins
+                .iter()
+                .map(|o| (o.origin.as_str(), o.authority.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                ("https://api.meraki.com", "api.meraki.com"),
+                ("https://api.meraki.ca:8443", "api.meraki.ca:8443")
+            ]
+        );
+        assert_eq!(c.upstream.ca.as_ref().unwrap().certs.len(), 1);
+        assert_eq!(
+            c.upstream.resolve.get("api.meraki.com"),
+            Some(&"192.0.2.10".parse().unwrap())
+        );
+        assert!(c.clients[1].cert.is_some() && c.clients[1].keys.is_empty());
+        let shown = format!("{c}\n{c:?}");
+        assert!(shown.contains("proxy listener: https://"), "{shown}");
+        let key_body = key_pem.lines().nth(1).unwrap();
+        assert!(!shown.contains(key_body) && !shown.contains("PRIVATE KEY"), "{shown}");
+
+        let missing = dir.path().join("missing.key");
+        for (from, to, key, problem) in [
+            (key.display().to_string(), missing.display().to_string(), "server.tls_key_file", "cannot read"),
+            (key.display().to_string(), cert.display().to_string(), "server.tls_key_file", "no PEM private key"),
+            (cert.display().to_string(), key.display().to_string(), "server.tls_cert_file", "no PEM certificate"),
+            ("tls_client_ca_file".into(), "tls_client_auth = \"maybe\"\ntls_client_ca_file".into(), "server.tls_client_auth", "\"required\" or \"optional\""),
+            ("https://api.meraki.ca:8443/api/v1/".into(), "https://api.meraki.ca/v2".into(), "server.public_base_url[1]", "ending in /api/v1"),
+            ("CN=backup-script,O=netops".into(), "CN=backup-script,XX=netops".into(), "clients[1].cert_subject", "unknown attribute"),
+            ("192.0.2.10".into(), "not-an-ip".into(), "upstream.resolve.API.meraki.com", "IP address"),
+        ] {
+            let e = parse(&text.replace(&from, &to)).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(problem), "{key}: {e}");
+            assert!(!e.contains(key_body), "{e}");
+        }
+        // A certificate binding without mutual TLS can never match: refused.
+        let e = parse(&text.replace(&format!("tls_client_ca_file = \"{}\"\n", ca.display()), ""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("clients[1].cert_subject") && e.contains("mutual TLS"), "{e}");
+    }
+
+    #[test]
+    fn the_egress_proxy_comes_from_the_file_or_https_proxy() {
+        let with_env = |text: &str, https_proxy: Option<&str>| {
+            Config::parse(text, Path::new("/etc/proxy.toml"), &|v| match v {
+                "SECRET_VAR" => Some("s".into()),
+                "STORE_KEY" => Some("11".repeat(32)),
+                "HTTPS_PROXY" => https_proxy.map(str::to_owned),
+                "NO_PROXY" => Some("internal.example".into()),
+                _ => None,
+            })
+        };
+        let c = with_env(GOOD, None).unwrap();
+        assert!(c.upstream.egress.is_none());
+        let c = with_env(GOOD, Some("http://user:pa55word@proxy.corp:3128")).unwrap();
+        let e = c.upstream.egress.as_ref().unwrap();
+        assert_eq!(e.authority(), "proxy.corp:3128");
+        assert!(e.bypasses("a.internal.example"));
+        let shown = format!("{c}\n{c:?}");
+        assert!(!shown.contains("pa55word") && !shown.contains("user:"), "{shown}");
+        let file = GOOD.replace("[upstream]\n", "[upstream]\negress_proxy = \"none\"\n");
+        assert!(with_env(&file, Some("http://proxy.corp:3128")).unwrap().upstream.egress.is_none());
+        let file = GOOD.replace("[upstream]\n", "[upstream]\negress_proxy = \"http://u:p@proxy:1\"\n");
+        let e = with_env(&file, None).unwrap_err().to_string();
+        assert!(e.contains("upstream.egress_proxy") && e.contains("credentials"), "{e}");
+        assert!(!e.contains("u:p@"), "{e}");
+    }
+
     #[test]
     fn scopes_follow_meraki() {
         assert!(scope_is_known("dashboard:iam:config:write"));
