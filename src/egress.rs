@@ -118,11 +118,7 @@ impl Egress {
                 Some((h, p)) if !h.contains(':') && p.bytes().all(|b| b.is_ascii_digit()) => h,
                 _ => e.as_str(),
             };
-            e == "*"
-                || host == e
-                || host
-                    .strip_suffix(e)
-                    .is_some_and(|rest| rest.ends_with('.'))
+            e == "*" || host == e || host.strip_suffix(e).is_some_and(|rest| rest.ends_with('.'))
         })
     }
 
@@ -182,12 +178,13 @@ impl Egress {
         host: &str,
         port: u16,
     ) -> Result<TcpStream, EgressError> {
-        let mut s = TcpStream::connect(proxy_addr)
-            .await
-            .map_err(|source| EgressError::Connect {
-                proxy: self.authority(),
-                source,
-            })?;
+        let mut s =
+            TcpStream::connect(proxy_addr)
+                .await
+                .map_err(|source| EgressError::Connect {
+                    proxy: self.authority(),
+                    source,
+                })?;
         let _ = s.set_nodelay(true);
         let target = if host.contains(':') {
             format!("[{host}]:{port}")
@@ -366,7 +363,10 @@ mod tests {
         );
         let e = Egress::parse("http://user:s3cr3t-pass@proxy:3128", &[], true).unwrap();
         let shown = format!("{e:?}");
-        assert!(!shown.contains("s3cr3t") && !shown.contains("user"), "{shown}");
+        assert!(
+            !shown.contains("s3cr3t") && !shown.contains("user"),
+            "{shown}"
+        );
         assert_eq!(
             Egress::parse("https://proxy:3128", &[], true),
             Err(EgressConfigError::NotHttp)
@@ -407,6 +407,7 @@ mod tests {
             .unwrap_err();
         assert!(matches!(refused, EgressError::Refused { status: 403, .. }));
         let seen = server.await.unwrap();
-        assert!(seen[0].starts_with("CONNECT api.meraki.com:443 HTTP/1.1\r\nHost: api.meraki.com:443\r\n"));
+        assert!(seen[0]
+            .starts_with("CONNECT api.meraki.com:443 HTTP/1.1\r\nHost: api.meraki.com:443\r\n"));
     }
 }

@@ -452,9 +452,18 @@ mod tests {
                 authority: "api.meraki.ca".into(),
             },
         ];
-        assert_eq!(public_origin(&origins, Some("API.meraki.ca:443")), Some("https://api.meraki.ca"));
-        assert_eq!(public_origin(&origins, Some("evil.example")), Some("https://api.meraki.com"));
-        assert_eq!(public_origin(&origins, None), Some("https://api.meraki.com"));
+        assert_eq!(
+            public_origin(&origins, Some("API.meraki.ca:443")),
+            Some("https://api.meraki.ca")
+        );
+        assert_eq!(
+            public_origin(&origins, Some("evil.example")),
+            Some("https://api.meraki.com")
+        );
+        assert_eq!(
+            public_origin(&origins, None),
+            Some("https://api.meraki.com")
+        );
         assert_eq!(public_origin(&[], Some("api.meraki.ca")), None);
     }
 

@@ -158,7 +158,11 @@ impl Identities {
                 .iter()
                 .flat_map(|c| c.keys.iter().map(|k| (k.digest, (c.clone(), k.expires_at))))
                 .collect(),
-            by_cert: clients.iter().filter(|c| c.cert.is_some()).cloned().collect(),
+            by_cert: clients
+                .iter()
+                .filter(|c| c.cert.is_some())
+                .cloned()
+                .collect(),
         }
     }
 
@@ -188,11 +192,10 @@ impl Identities {
             }
             (_, Some(cert)) => cert,
         };
-        let mut matching = self.by_cert.iter().filter(|c| {
-            c.cert
-                .as_ref()
-                .is_some_and(|binding| binding.matches(cert))
-        });
+        let mut matching = self
+            .by_cert
+            .iter()
+            .filter(|c| c.cert.as_ref().is_some_and(|binding| binding.matches(cert)));
         let client = matching.next().ok_or(IdentityError::UnknownCertificate)?;
         if matching.next().is_some() {
             return Err(IdentityError::AmbiguousCertificate);
@@ -431,11 +434,21 @@ mod tests {
         ]);
         let none = headers(&[]);
         let backup = cert("O=netops,CN=backup-script", &[]);
-        let by = |h: &HeaderMap, mode, c: Option<&crate::tls::PeerCert>| ids.identify_on(h, mode, c);
+        let by =
+            |h: &HeaderMap, mode, c: Option<&crate::tls::PeerCert>| ids.identify_on(h, mode, c);
         let c = by(&none, Mtls::Required, Some(&backup)).unwrap();
-        assert_eq!((c.client.name.as_str(), c.source), ("backup", IdentitySource::Certificate));
+        assert_eq!(
+            (c.client.name.as_str(), c.source),
+            ("backup", IdentitySource::Certificate)
+        );
         let monitor = cert("CN=whatever", &["monitor.netops.example"]);
-        assert_eq!(by(&none, Mtls::Required, Some(&monitor)).unwrap().client.name, "monitor");
+        assert_eq!(
+            by(&none, Mtls::Required, Some(&monitor))
+                .unwrap()
+                .client
+                .name,
+            "monitor"
+        );
         let own_key = headers(&[(API_KEY.as_str(), "key-b")]);
         let c = by(&own_key, Mtls::Required, Some(&backup)).unwrap();
         assert_eq!(c.source, IdentitySource::CertificateAndKey);
@@ -456,12 +469,18 @@ mod tests {
         );
         // Optional: keys for clients without a certificate; a bound client needs its own.
         let plain = headers(&[(API_KEY.as_str(), "key-p")]);
-        assert_eq!(by(&plain, Mtls::Optional, None).unwrap().client.name, "plain");
+        assert_eq!(
+            by(&plain, Mtls::Optional, None).unwrap().client.name,
+            "plain"
+        );
         assert_eq!(
             by(&own_key, Mtls::Optional, None).unwrap_err(),
             IdentityError::CertificateRequired
         );
-        assert_eq!(by(&own_key, Mtls::Off, None).unwrap().source, IdentitySource::Key);
+        assert_eq!(
+            by(&own_key, Mtls::Off, None).unwrap().source,
+            IdentitySource::Key
+        );
         let both = cert("CN=backup-script,O=netops", &["monitor.netops.example"]);
         assert_eq!(
             by(&none, Mtls::Required, Some(&both)).unwrap_err(),

@@ -291,7 +291,11 @@ fn inbound_tls(
             .map_err(StartError::InboundTls)?;
     let certs = live.clone();
     settings.set_cert_resolver(Arc::new(CertResolver::new(move || {
-        certs.config().tls.as_ref().map(|t| t.cert.certified.clone())
+        certs
+            .config()
+            .tls
+            .as_ref()
+            .map(|t| t.cert.certified.clone())
     })));
     let cas = live.clone();
     let audit = audit.clone();
@@ -317,7 +321,8 @@ fn refuse_loop(upstream: &Upstream, proxy: &TcpListener) -> Result<(), StartErro
     let (Some(up), Ok(listen)) = (upstream.direct_address(), proxy.local_addr()) else {
         return Ok(());
     };
-    let same_host = up.ip() == listen.ip() || (listen.ip().is_unspecified() && up.ip().is_loopback());
+    let same_host =
+        up.ip() == listen.ip() || (listen.ip().is_unspecified() && up.ip().is_loopback());
     if up.port() == listen.port() && same_host {
         return Err(StartError::Loop {
             upstream: up.to_string(),

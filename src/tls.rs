@@ -63,11 +63,27 @@ pub fn provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
+/// PEM files larger than this are refused (a certificate bundle is kilobytes; a path to a
+/// device or a huge file must not hang or exhaust the proxy).
+const MAX_PEM_FILE: u64 = 4 << 20;
+
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    use std::io::Read;
+    let failed = |source| TlsError::Read {
         path: path.display().to_string(),
         source,
-    })
+    };
+    let mut out = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_PEM_FILE + 1).read_to_end(&mut out))
+        .map_err(failed)?;
+    if out.len() as u64 > MAX_PEM_FILE {
+        return Err(TlsError::Unusable {
+            path: path.display().to_string(),
+            reason: format!("larger than {} MiB: not a PEM file", MAX_PEM_FILE >> 20),
+        });
+    }
+    Ok(out)
 }
 
 /// The certificates of a PEM file, in order (a chain: leaf first).
@@ -210,7 +226,8 @@ impl Outbound {
         for c in platform {
             // Pingora parses every per-peer root with x509-parser and adds it strictly: keep
             // only certificates both accept, so both sides trust the same set.
-            if x509_parser::parse_x509_certificate(c.as_ref()).is_ok() && roots.add(c.clone()).is_ok()
+            if x509_parser::parse_x509_certificate(c.as_ref()).is_ok()
+                && roots.add(c.clone()).is_ok()
             {
                 usable.push(c);
             }
@@ -330,37 +347,41 @@ impl TlsFailure {
     pub fn classify(text: &str) -> Option<TlsFailure> {
         let t = text;
         let has = |s: &str| t.contains(s);
-        Some(if has("UnknownIssuer") || has("unknown issuer") || has("UnknownCA") {
-            TlsFailure::UnknownIssuer
-        } else if has("not valid for name") || has("NotValidForName") {
-            TlsFailure::NameMismatch
-        } else if has("ExpiredRevocationList") || has("revocation list expired") {
-            TlsFailure::BadCertificate
-        } else if has("certificate expired") || has("Expired") || has("CertificateExpired") {
-            TlsFailure::Expired
-        } else if has("not valid yet") || has("NotValidYet") {
-            TlsFailure::NotYetValid
-        } else if has("Revoked") {
-            TlsFailure::Revoked
-        } else if has("peer sent no certificates") || has("CertificateRequired") {
-            TlsFailure::NoCertificate
-        } else if has("invalid peer certificate") || has("BadCertificate") || has("BadSignature")
-        {
-            TlsFailure::BadCertificate
-        } else if has("TLS") || has("tls") || has("handshake") || has("received fatal alert") {
-            TlsFailure::Handshake
-        } else {
-            return None;
-        })
+        Some(
+            if has("UnknownIssuer") || has("unknown issuer") || has("UnknownCA") {
+                TlsFailure::UnknownIssuer
+            } else if has("not valid for name") || has("NotValidForName") {
+                TlsFailure::NameMismatch
+            } else if has("ExpiredRevocationList") || has("revocation list expired") {
+                TlsFailure::BadCertificate
+            } else if has("certificate expired") || has("Expired") || has("CertificateExpired") {
+                TlsFailure::Expired
+            } else if has("not valid yet") || has("NotValidYet") {
+                TlsFailure::NotYetValid
+            } else if has("Revoked") {
+                TlsFailure::Revoked
+            } else if has("peer sent no certificates") || has("CertificateRequired") {
+                TlsFailure::NoCertificate
+            } else if has("invalid peer certificate")
+                || has("BadCertificate")
+                || has("BadSignature")
+            {
+                TlsFailure::BadCertificate
+            } else if has("TLS") || has("tls") || has("handshake") || has("received fatal alert") {
+                TlsFailure::Handshake
+            } else {
+                return None;
+            },
+        )
     }
 
     /// Classifies a Pingora connect error: `None` unless it is a TLS one.
     pub fn of_pingora(e: &pingora::Error) -> Option<TlsFailure> {
         use pingora::ErrorType as E;
         match e.etype() {
-            E::TLSHandshakeFailure | E::TLSHandshakeTimedout | E::InvalidCert => Some(
-                TlsFailure::classify(&e.to_string()).unwrap_or(TlsFailure::Handshake),
-            ),
+            E::TLSHandshakeFailure | E::TLSHandshakeTimedout | E::InvalidCert => {
+                Some(TlsFailure::classify(&e.to_string()).unwrap_or(TlsFailure::Handshake))
+            }
             _ => None,
         }
     }
@@ -453,13 +474,12 @@ impl ServerCert {
     pub fn load(cert: &Path, key: &Path) -> Result<ServerCert, TlsError> {
         let chain = load_certs(cert)?;
         let der = load_key(key)?;
-        let (_, leaf) =
-            x509_parser::parse_x509_certificate(chain[0].as_ref()).map_err(|_| {
-                TlsError::Unusable {
-                    path: cert.display().to_string(),
-                    reason: "the first certificate cannot be parsed".into(),
-                }
-            })?;
+        let (_, leaf) = x509_parser::parse_x509_certificate(chain[0].as_ref()).map_err(|_| {
+            TlsError::Unusable {
+                path: cert.display().to_string(),
+                reason: "the first certificate cannot be parsed".into(),
+            }
+        })?;
         let subject = Subject::of(leaf.subject()).display;
         let names = dns_names(&leaf);
         let not_after = leaf.validity().not_after.timestamp();
@@ -934,9 +954,14 @@ mod tests {
         assert_ne!(a.key, Subject::parse("CN=backup-script").unwrap().key);
         assert_ne!(
             a.key,
-            Subject::parse("CN=backup-script,O=netops,OU=x").unwrap().key
+            Subject::parse("CN=backup-script,O=netops,OU=x")
+                .unwrap()
+                .key
         );
-        assert_ne!(a.key, Subject::parse("CN=Backup-script,O=netops").unwrap().key);
+        assert_ne!(
+            a.key,
+            Subject::parse("CN=Backup-script,O=netops").unwrap().key
+        );
         for bad in ["", "CN", "XX=1", "CN=", "CN=a\\"] {
             assert!(Subject::parse(bad).is_err(), "{bad:?}");
         }
@@ -1002,7 +1027,10 @@ mod tests {
             let pingora = format!("TLS connect() failed: {text}, SNI: api.meraki.com");
             assert_eq!(TlsFailure::classify(&pingora), Some(want), "{pingora}");
         }
-        assert_eq!(TlsFailure::classify("Connection refused (os error 111)"), None);
+        assert_eq!(
+            TlsFailure::classify("Connection refused (os error 111)"),
+            None
+        );
     }
 
     #[test]

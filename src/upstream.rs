@@ -81,7 +81,8 @@ impl Upstream {
             timeout,
             outbound,
         };
-        me.addr.store(Arc::new(me.address_of(&me.host, me.port, me.tls)?));
+        me.addr
+            .store(Arc::new(me.address_of(&me.host, me.port, me.tls)?));
         Ok(me)
     }
 

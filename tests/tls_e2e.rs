@@ -93,7 +93,11 @@ async fn https_scenario(upstream: String) -> (Scenario, Ca) {
 /// Replaces or adds a line of `[upstream]`.
 fn set_upstream_line(s: &Scenario, line: &str) {
     let text = std::fs::read_to_string(&s.config).unwrap();
-    std::fs::write(&s.config, text.replace("[upstream]\n", &format!("[upstream]\n{line}\n"))).unwrap();
+    std::fs::write(
+        &s.config,
+        text.replace("[upstream]\n", &format!("[upstream]\n{line}\n")),
+    )
+    .unwrap();
 }
 
 /// Follows `rel=next` links (path-absolute, resolved against the proxy) from `first`; the ids
@@ -147,7 +151,11 @@ async fn the_production_path_over_tls_import_refresh_redirect_paginate_revoke() 
     let p = s.start().await;
 
     let r = s
-        .script(reqwest::Method::GET, "/organizations/111/networks", ALICE_KEY)
+        .script(
+            reqwest::Method::GET,
+            "/organizations/111/networks",
+            ALICE_KEY,
+        )
         .send()
         .await
         .unwrap();
@@ -167,13 +175,20 @@ async fn the_production_path_over_tls_import_refresh_redirect_paginate_revoke() 
     assert_eq!(r.status(), 200);
     let last = s.standin.requests().pop().unwrap();
     assert_eq!(last.listener, "shard");
-    assert_eq!(last.header("host"), Some(format!("{SHARD_HOST}:{}", s.standin.shard_addr().port()).as_str()));
+    assert_eq!(
+        last.header("host"),
+        Some(format!("{SHARD_HOST}:{}", s.standin.shard_addr().port()).as_str())
+    );
 
     // A refresh after Meraki refuses the token, over TLS.
     let calls = s.standin.token_calls();
     s.standin.expire_all_access_tokens();
     let r = s
-        .script(reqwest::Method::GET, "/organizations/111/networks", ALICE_KEY)
+        .script(
+            reqwest::Method::GET,
+            "/organizations/111/networks",
+            ALICE_KEY,
+        )
         .send()
         .await
         .unwrap();
@@ -183,16 +198,30 @@ async fn the_production_path_over_tls_import_refresh_redirect_paginate_revoke() 
 
     // Revocation (RFC 7009) over TLS.
     let out = s
-        .run(&["grants", "revoke", "--integration", "netops", "--org", "222"])
+        .run(&[
+            "grants",
+            "revoke",
+            "--integration",
+            "netops",
+            "--org",
+            "222",
+        ])
         .await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(s.standin.revocations(), 1);
 
     // Every connection the stand-in accepted was TLS (it has no plain listener), and each
     // handshake verified against the test CA named only by ca_file.
     assert!(!s.standin.connections().is_empty());
     let logs = s.logs();
-    assert!(!logs.contains("TLS handshake with the upstream failed"), "{logs}");
+    assert!(
+        !logs.contains("TLS handshake with the upstream failed"),
+        "{logs}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,7 +257,11 @@ async fn refused_upstream_certificates_name_their_cause_everywhere() {
         let p = s.start().await;
         let before = s.standin.requests().len();
         let r = s
-            .script(reqwest::Method::GET, "/organizations/111/networks", ALICE_KEY)
+            .script(
+                reqwest::Method::GET,
+                "/organizations/111/networks",
+                ALICE_KEY,
+            )
             .send()
             .await
             .unwrap();
@@ -240,7 +273,11 @@ async fn refused_upstream_certificates_name_their_cause_everywhere() {
             message.contains(words) && message.contains(API_HOST),
             "{what}: {message}"
         );
-        assert_eq!(s.standin.requests().len(), before, "{what}: nothing reached the API");
+        assert_eq!(
+            s.standin.requests().len(),
+            before,
+            "{what}: nothing reached the API"
+        );
         let reason = format!("upstream_tls_{label}");
         eventually(&format!("{what}: audit record"), || {
             request_records(&s)
@@ -256,7 +293,9 @@ async fn refused_upstream_certificates_name_their_cause_everywhere() {
         );
 
         // The CLI's token call names the cause too (the issue: "error sending request" alone).
-        let token = s.standin.issue_grant(CLIENT_ID, &["111"], &["dashboard:general:config:read"]);
+        let token = s
+            .standin
+            .issue_grant(CLIENT_ID, &["111"], &["dashboard:general:config:read"]);
         let file = s.dir.path().join("rt-bad");
         std::fs::write(&file, token).unwrap();
         let out = s
@@ -274,7 +313,9 @@ async fn refused_upstream_certificates_name_their_cause_everywhere() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{what}");
         assert!(
-            stderr.contains("authorization server TLS") && stderr.contains(words) && stderr.contains(detail),
+            stderr.contains("authorization server TLS")
+                && stderr.contains(words)
+                && stderr.contains(detail),
             "{what}: {stderr}"
         );
     }
@@ -289,7 +330,10 @@ async fn an_egress_proxy_carries_api_and_token_traffic_and_nothing_goes_direct()
 
     // The import takes its egress proxy from HTTPS_PROXY, with credentials.
     let creds_url = format!("http://tester:s3cret-egress-pass@{}", egress.addr);
-    for (org, token) in [("111", &s.initial_refresh[0]), ("222", &s.initial_refresh[1])] {
+    for (org, token) in [
+        ("111", &s.initial_refresh[0]),
+        ("222", &s.initial_refresh[1]),
+    ] {
         let file = s.dir.path().join(format!("rt-{org}"));
         std::fs::write(&file, token).unwrap();
         let mut cmd = s.command(&[
@@ -306,13 +350,16 @@ async fn an_egress_proxy_carries_api_and_token_traffic_and_nothing_goes_direct()
         let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
             .await
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let through_env = egress.tunnels();
     assert_eq!(through_env.len(), 2, "{through_env:?}");
-    assert!(through_env
-        .iter()
-        .all(|t| t.target.starts_with(AS_HOST) && t.auth.as_deref().is_some_and(|a| a.starts_with("Basic "))));
+    assert!(through_env.iter().all(|t| t.target.starts_with(AS_HOST)
+        && t.auth.as_deref().is_some_and(|a| a.starts_with("Basic "))));
 
     // The proxy takes it from proxy.toml.
     set_upstream_line(&s, &format!("egress_proxy = \"{}\"", egress.url()));
@@ -357,9 +404,16 @@ async fn an_egress_proxy_carries_api_and_token_traffic_and_nothing_goes_direct()
         );
     }
     // The credentials never show.
-    let everything = format!("{}{}", s.logs(), std::fs::read_to_string(s.dir.path().join("audit.jsonl")).unwrap());
+    let everything = format!(
+        "{}{}",
+        s.logs(),
+        std::fs::read_to_string(s.dir.path().join("audit.jsonl")).unwrap()
+    );
     assert!(!everything.contains("s3cret-egress-pass"));
-    assert!(!everything.contains("dGVzdGVyOnMzY3JldC1lZ3Jlc3MtcGFzcw"), "base64 of the credentials");
+    assert!(
+        !everything.contains("dGVzdGVyOnMzY3JldC1lZ3Jlc3MtcGFzcw"),
+        "base64 of the credentials"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -418,8 +472,18 @@ methods = ["GET"]
     let p = s.start().await;
 
     let backup = clients_ca.client("backup-script", Some("netops"), &[], Validity::Current);
-    let monitor = clients_ca.client("monitor", Some("netops"), &["monitor.netops.test"], Validity::Current);
-    let stranger = clients_ca.client("stranger", Some("netops"), &["stranger.netops.test"], Validity::Current);
+    let monitor = clients_ca.client(
+        "monitor",
+        Some("netops"),
+        &["monitor.netops.test"],
+        Validity::Current,
+    );
+    let stranger = clients_ca.client(
+        "stranger",
+        Some("netops"),
+        &["stranger.netops.test"],
+        Validity::Current,
+    );
     let rogue = rogue_ca.client("backup-script", Some("netops"), &[], Validity::Current);
     let expired = clients_ca.client("backup-script", Some("netops"), &[], Validity::Expired);
 
@@ -431,41 +495,123 @@ methods = ["GET"]
         }
         r.send()
     };
-    // (certificate, key, path, status, audit reason, identity)
-    let cases: Vec<(&str, Option<&Identity>, Option<&str>, &str, u16, Option<&str>, Option<&str>)> = vec![
-        ("certificate alone", Some(&backup), None, "/organizations/111/networks", 200, None, Some("certificate")),
-        ("certificate and its client's key", Some(&monitor), Some(MONITOR_KEY), "/organizations/222/networks", 200, None, Some("certificate+key")),
-        ("another client's key", Some(&backup), Some(BOB_KEY), "/organizations/111/networks", 400, Some("certificate_key_mismatch"), None),
-        ("a certificate of no client", Some(&stranger), None, "/organizations/111/networks", 401, Some("unknown_certificate"), None),
-        ("a certificate of no client, with a key", Some(&stranger), Some(ALICE_KEY), "/organizations/111/networks", 401, Some("unknown_certificate"), None),
-        ("no certificate", None, Some(ALICE_KEY), "/organizations/111/networks", 401, Some("client_certificate_required"), None),
-        ("the certificate's client, another organization", Some(&backup), None, "/organizations/222/networks", 403, Some("forbidden_organization"), Some("certificate")),
+    /// One request: what the client presents, what it gets, what the audit record says.
+    struct Case<'a> {
+        what: &'a str,
+        cert: Option<&'a Identity>,
+        key: Option<&'a str>,
+        path: &'a str,
+        status: u16,
+        reason: Option<&'a str>,
+        identity: Option<&'a str>,
+    }
+    let case = |what, cert, key, path, status, reason, identity| Case {
+        what,
+        cert,
+        key,
+        path,
+        status,
+        reason,
+        identity,
+    };
+    const NETS_111: &str = "/organizations/111/networks";
+    let cases = [
+        case(
+            "certificate alone",
+            Some(&backup),
+            None,
+            NETS_111,
+            200,
+            None,
+            Some("certificate"),
+        ),
+        case(
+            "certificate and its client's key",
+            Some(&monitor),
+            Some(MONITOR_KEY),
+            "/organizations/222/networks",
+            200,
+            None,
+            Some("certificate+key"),
+        ),
+        case(
+            "another client's key",
+            Some(&backup),
+            Some(BOB_KEY),
+            NETS_111,
+            400,
+            Some("certificate_key_mismatch"),
+            None,
+        ),
+        case(
+            "a certificate of no client",
+            Some(&stranger),
+            None,
+            NETS_111,
+            401,
+            Some("unknown_certificate"),
+            None,
+        ),
+        case(
+            "a certificate of no client, with a key",
+            Some(&stranger),
+            Some(ALICE_KEY),
+            NETS_111,
+            401,
+            Some("unknown_certificate"),
+            None,
+        ),
+        case(
+            "no certificate",
+            None,
+            Some(ALICE_KEY),
+            NETS_111,
+            401,
+            Some("client_certificate_required"),
+            None,
+        ),
+        case(
+            "the certificate's client, another organization",
+            Some(&backup),
+            None,
+            "/organizations/222/networks",
+            403,
+            Some("forbidden_organization"),
+            Some("certificate"),
+        ),
     ];
-    for (what, cert, key, path, status, reason, identity) in &cases {
-        let r = get(*cert, *key, path).await.unwrap_or_else(|e| panic!("{what}: {e}"));
-        assert_eq!(r.status().as_u16(), *status, "{what}");
-        if *status != 200 {
+    for c in &cases {
+        let r = get(c.cert, c.key, c.path)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", c.what));
+        assert_eq!(r.status().as_u16(), c.status, "{}", c.what);
+        if c.status != 200 {
             let body: Value = r.json().await.unwrap();
-            assert!(body["errors"][0].is_string(), "{what}: {body}");
+            assert!(body["errors"][0].is_string(), "{}: {body}", c.what);
         }
-        let _ = (reason, identity);
     }
     // Refused in the handshake: a certificate of another CA, an expired one.
     for (what, cert) in [("another CA", &rogue), ("expired", &expired)] {
-        let e = get(Some(cert), None, "/organizations/111/networks")
-            .await
-            .expect_err(what);
-        let _ = e;
+        assert!(get(Some(cert), None, NETS_111).await.is_err(), "{what}");
     }
-    eventually("every request audited", || request_records(&s).len() >= cases.len()).await;
+    eventually("every request audited", || {
+        request_records(&s).len() >= cases.len()
+    })
+    .await;
     let records = request_records(&s);
-    for (what, _, _, path, status, reason, identity) in &cases {
+    for c in &cases {
         let r = records
             .iter()
-            .find(|r| r["status"] == *status && r["reason"].as_str() == *reason && r["path"].as_str().is_some_and(|p| p == *path || p == format!("/api/v1{path}")))
-            .unwrap_or_else(|| panic!("{what}: no audit record in {records:#?}"));
-        if let Some(id) = identity {
-            assert_eq!(r["identity"], *id, "{what}");
+            .find(|r| {
+                r["status"] == c.status
+                    && r["reason"].as_str() == c.reason
+                    && r["path"]
+                        .as_str()
+                        .is_some_and(|p| p == c.path || p == format!("/api/v1{}", c.path))
+            })
+            .unwrap_or_else(|| panic!("{}: no audit record in {records:#?}", c.what));
+        if let Some(id) = c.identity {
+            assert_eq!(r["identity"], id, "{}", c.what);
         }
     }
     let by_cert = records
@@ -474,18 +620,33 @@ methods = ["GET"]
         .unwrap();
     assert_eq!(by_cert["client"], "backup");
     assert!(
-        by_cert["client_certificate"].as_str().unwrap().contains("CN=backup-script"),
+        by_cert["client_certificate"]
+            .as_str()
+            .unwrap()
+            .contains("CN=backup-script"),
         "{by_cert}"
     );
     eventually("handshake refusals audited", || {
-        let tls: Vec<Value> = s.audit().into_iter().filter(|r| r["kind"] == "tls").collect();
+        let tls: Vec<Value> = s
+            .audit()
+            .into_iter()
+            .filter(|r| r["kind"] == "tls")
+            .collect();
         tls.iter().any(|r| r["cause"] == "unknown_issuer")
-            && tls.iter().any(|r| r["cause"] == "expired" && r["subject"].as_str().is_some_and(|s| s.contains("backup-script")))
+            && tls.iter().any(|r| {
+                r["cause"] == "expired"
+                    && r["subject"]
+                        .as_str()
+                        .is_some_and(|s| s.contains("backup-script"))
+            })
     })
     .await;
     drop(p);
     let logs = s.logs();
-    assert!(logs.contains("client certificate refused in the TLS handshake"), "{logs}");
+    assert!(
+        logs.contains("client certificate refused in the TLS handshake"),
+        "{logs}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,7 +661,10 @@ async fn the_listener_certificate_is_replaced_on_reload_without_a_failed_request
     s.import().await;
     let p = s.start().await;
     let addr = SocketAddr::from(([127, 0, 0, 1], s.port));
-    assert_eq!(pki::presented_fingerprint(addr, "localhost", &ca).await, pki::fingerprint(&first));
+    assert_eq!(
+        pki::presented_fingerprint(addr, "localhost", &ca).await,
+        pki::fingerprint(&first)
+    );
 
     // Requests on new connections (one handshake each) all along.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -514,7 +678,12 @@ async fn the_listener_certificate_is_replaced_on_reload_without_a_failed_request
                 if (stopped && ok >= 20) || failed.len() > 20 || ok > 5_000 {
                     break;
                 }
-                match client.get(&url).header("X-Cisco-Meraki-API-Key", ALICE_KEY).send().await {
+                match client
+                    .get(&url)
+                    .header("X-Cisco-Meraki-API-Key", ALICE_KEY)
+                    .send()
+                    .await
+                {
                     Ok(r) if r.status() == 200 => ok += 1,
                     Ok(r) => failed.push(format!("status {}", r.status())),
                     Err(e) => failed.push(e.to_string()),
@@ -529,7 +698,10 @@ async fn the_listener_certificate_is_replaced_on_reload_without_a_failed_request
     let want = pki::fingerprint(&second);
     let deadline = Instant::now() + Duration::from_secs(10);
     while pki::presented_fingerprint(addr, "localhost", &ca).await != want {
-        assert!(Instant::now() < deadline, "the new certificate was not picked up");
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was not picked up"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -544,17 +716,33 @@ async fn the_listener_certificate_is_replaced_on_reload_without_a_failed_request
         .unwrap();
     assert_eq!(r.status(), 422);
     let body = r.text().await.unwrap();
-    assert!(body.contains("server.tls_key_file") || body.contains("does not belong"), "{body}");
+    assert!(
+        body.contains("server.tls_key_file") || body.contains("does not belong"),
+        "{body}"
+    );
     assert!(!body.contains("PRIVATE KEY"), "{body}");
-    assert_eq!(pki::presented_fingerprint(addr, "localhost", &ca).await, want);
+    assert_eq!(
+        pki::presented_fingerprint(addr, "localhost", &ca).await,
+        want
+    );
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let (ok, failed) = load.await.unwrap();
-    assert!(failed.is_empty(), "{} failed of {}: {failed:?}", failed.len(), ok as usize + failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} failed of {}: {failed:?}",
+        failed.len(),
+        ok as usize + failed.len()
+    );
     assert!(ok >= 20, "{ok}");
     eventually("both reloads audited", || {
         s.audit()
             .iter()
-            .filter(|r| r["kind"] == "server" && r["event"].as_str().is_some_and(|e| e.starts_with("config_reload")))
+            .filter(|r| {
+                r["kind"] == "server"
+                    && r["event"]
+                        .as_str()
+                        .is_some_and(|e| e.starts_with("config_reload"))
+            })
             .count()
             == 2
     })
@@ -572,15 +760,31 @@ async fn the_listener_certificate_is_replaced_on_reload_without_a_failed_request
     // `check` names the mismatched key file, and with the right key summarizes the listener;
     // neither prints key material.
     let check = s.run(&["check"]).await;
-    let out = format!("{}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
-    assert!(!check.status.success() && out.contains("server.tls_key_file"), "{out}");
-    assert!(!out.contains("PRIVATE KEY") && !out.contains(third.key_pem.lines().nth(1).unwrap()), "{out}");
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(
+        !check.status.success() && out.contains("server.tls_key_file"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("PRIVATE KEY") && !out.contains(third.key_pem.lines().nth(1).unwrap()),
+        "{out}"
+    );
     std::fs::write(s.dir.path().join("proxy.key"), &second.key_pem).unwrap();
     let check = s.run(&["check"]).await;
     let out = String::from_utf8_lossy(&check.stdout);
     assert!(check.status.success(), "{out}");
-    assert!(out.contains("proxy listener: https://") && out.contains(&want[..16]), "{out}");
-    assert!(!out.contains("PRIVATE KEY") && !out.contains(&key_line), "{out}");
+    assert!(
+        out.contains("proxy listener: https://") && out.contains(&want[..16]),
+        "{out}"
+    );
+    assert!(
+        !out.contains("PRIVATE KEY") && !out.contains(&key_line),
+        "{out}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -605,7 +809,10 @@ fn python() -> PathBuf {
 /// Runs `tls_clients.py <scenario>` with `env`; its JSON output.
 async fn run_client(s: &Scenario, scenario: &str, env: Vec<(&str, String)>) -> Value {
     let py = python();
-    let stdout = s.dir.path().join(format!("{scenario}-{}.out", Instant::now().elapsed().as_nanos()));
+    let stdout = s.dir.path().join(format!(
+        "{scenario}-{}.out",
+        Instant::now().elapsed().as_nanos()
+    ));
     let stderr = stdout.with_extension("err");
     let mut cmd = Command::new(py);
     cmd.arg(repo().join("tests/sdk/tls_clients.py"))
@@ -620,7 +827,14 @@ async fn run_client(s: &Scenario, scenario: &str, env: Vec<(&str, String)>) -> V
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&stdout).unwrap())
         .stderr(std::fs::File::create(&stderr).unwrap());
-    for var in ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"] {
+    for var in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ] {
         cmd.env_remove(var);
     }
     for (k, v) in env {
@@ -637,7 +851,10 @@ async fn run_client(s: &Scenario, scenario: &str, env: Vec<(&str, String)>) -> V
             if started.elapsed() > SCRIPT_TIMEOUT {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("{scenario}: ran too long; stderr:\n{}", std::fs::read_to_string(&stderr).unwrap_or_default());
+                panic!(
+                    "{scenario}: ran too long; stderr:\n{}",
+                    std::fs::read_to_string(&stderr).unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -679,7 +896,12 @@ fn check_run(s: &Scenario, out: &Value, origin: &str, new_name: &str, absolute_l
     let seen = out["seen"].as_array().unwrap();
     let pages = seen
         .iter()
-        .filter(|e| e["url"].as_str().unwrap().contains("/organizations/111/networks?"))
+        .filter(|e| {
+            e["url"]
+                .as_str()
+                .unwrap()
+                .contains("/organizations/111/networks?")
+        })
         .count();
     assert!(pages >= 4, "{seen:#?}");
     for e in seen {
@@ -759,20 +981,43 @@ async fn split_horizon_meraki_client_and_the_sdk_default_base_url_go_through_the
 
     // The official SDK, base URL left at its default.
     let out = run_client(&s, "sdk", common("renamed by the sdk")).await;
-    check_run(&s, &out, "https://api.meraki.com", "renamed by the sdk", true);
+    check_run(
+        &s,
+        &out,
+        "https://api.meraki.com",
+        "renamed by the sdk",
+        true,
+    );
 
     // meraki-client, which accepts nothing but Meraki's hosts.
     let out = run_client(&s, "meraki_client", common("renamed by meraki-client")).await;
-    check_run(&s, &out, "https://api.meraki.com", "renamed by meraki-client", true);
+    check_run(
+        &s,
+        &out,
+        "https://api.meraki.com",
+        "renamed by meraki-client",
+        true,
+    );
 
     // The same through the Canadian cloud's name: links stay on the host the client used.
     let mut env = common("renamed via api.meraki.ca");
     env.push(("MERAKI_REGION", "CANADA".into()));
     let out = run_client(&s, "meraki_client", env).await;
-    check_run(&s, &out, "https://api.meraki.ca", "renamed via api.meraki.ca", true);
+    check_run(
+        &s,
+        &out,
+        "https://api.meraki.ca",
+        "renamed via api.meraki.ca",
+        true,
+    );
     drop(p);
 
     // Every request the clients made was audited as alice's, identified by her key.
     let records = request_records(&s);
-    assert!(records.iter().all(|r| r["client"] == "alice" && r["identity"] == "key"), "{records:#?}");
+    assert!(
+        records
+            .iter()
+            .all(|r| r["client"] == "alice" && r["identity"] == "key"),
+        "{records:#?}"
+    );
 }

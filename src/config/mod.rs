@@ -600,7 +600,11 @@ impl Validator<'_> {
 
     /// `[upstream] egress_proxy` and `no_proxy`, by default from `HTTPS_PROXY`/`NO_PROXY`.
     fn egress(&self, up: &file::Upstream) -> Result<Option<crate::egress::Egress>, ConfigError> {
-        let env = |a: &str, b: &str| (self.env)(a).or_else(|| (self.env)(b)).filter(|v| !v.trim().is_empty());
+        let env = |a: &str, b: &str| {
+            (self.env)(a)
+                .or_else(|| (self.env)(b))
+                .filter(|v| !v.trim().is_empty())
+        };
         let no_proxy: Vec<String> = match &up.no_proxy {
             Some(list) => list.clone(),
             None => env("NO_PROXY", "no_proxy").into_iter().collect(),
@@ -642,17 +646,33 @@ impl Validator<'_> {
         let (cert_file, key_file) = match (&server.tls_cert_file, &server.tls_key_file) {
             (None, None) => {
                 for (set, key) in [
-                    (server.tls_client_ca_file.is_some(), "server.tls_client_ca_file"),
+                    (
+                        server.tls_client_ca_file.is_some(),
+                        "server.tls_client_ca_file",
+                    ),
                     (server.tls_client_auth.is_some(), "server.tls_client_auth"),
                 ] {
                     if set {
-                        return Err(self.invalid(key, "mutual TLS needs server.tls_cert_file and tls_key_file"));
+                        return Err(self.invalid(
+                            key,
+                            "mutual TLS needs server.tls_cert_file and tls_key_file",
+                        ));
                     }
                 }
                 return Ok(None);
             }
-            (Some(_), None) => return Err(self.invalid("server.tls_key_file", "expected the PEM private key of server.tls_cert_file")),
-            (None, Some(_)) => return Err(self.invalid("server.tls_cert_file", "expected the PEM certificate chain of server.tls_key_file")),
+            (Some(_), None) => {
+                return Err(self.invalid(
+                    "server.tls_key_file",
+                    "expected the PEM private key of server.tls_cert_file",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(self.invalid(
+                    "server.tls_cert_file",
+                    "expected the PEM certificate chain of server.tls_key_file",
+                ))
+            }
             (Some(c), Some(k)) => (self.path(c), self.path(k)),
         };
         let cert = crate::tls::ServerCert::load(&cert_file, &key_file).map_err(|e| {
@@ -660,8 +680,16 @@ impl Validator<'_> {
                 crate::tls::TlsError::NoKey { .. } | crate::tls::TlsError::KeyMismatch { .. } => {
                     "server.tls_key_file"
                 }
-                crate::tls::TlsError::Unusable { ref path, .. } if *path == key_file.display().to_string() => "server.tls_key_file",
-                crate::tls::TlsError::Read { ref path, .. } if *path == key_file.display().to_string() => "server.tls_key_file",
+                crate::tls::TlsError::Unusable { ref path, .. }
+                    if *path == key_file.display().to_string() =>
+                {
+                    "server.tls_key_file"
+                }
+                crate::tls::TlsError::Read { ref path, .. }
+                    if *path == key_file.display().to_string() =>
+                {
+                    "server.tls_key_file"
+                }
                 _ => "server.tls_cert_file",
             };
             self.invalid(key, crate::report::chain(&e))
@@ -672,7 +700,9 @@ impl Validator<'_> {
             .map(|f| {
                 crate::tls::ClientCa::load(&self.path(f))
                     .map(Arc::new)
-                    .map_err(|e| self.invalid("server.tls_client_ca_file", crate::report::chain(&e)))
+                    .map_err(|e| {
+                        self.invalid("server.tls_client_ca_file", crate::report::chain(&e))
+                    })
             })
             .transpose()?;
         let client_cert_required = match server.tls_client_auth.as_deref() {
@@ -698,8 +728,13 @@ impl Validator<'_> {
     }
 
     /// `[server] public_base_url`: `scheme://host[:port]/api/v1`, one or several.
-    fn public_origins(&self, raw: Option<&file::OneOrMany>) -> Result<Vec<PublicOrigin>, ConfigError> {
-        let Some(raw) = raw else { return Ok(Vec::new()) };
+    fn public_origins(
+        &self,
+        raw: Option<&file::OneOrMany>,
+    ) -> Result<Vec<PublicOrigin>, ConfigError> {
+        let Some(raw) = raw else {
+            return Ok(Vec::new());
+        };
         let many = matches!(raw, file::OneOrMany::Many(_));
         let list = raw.list();
         if list.is_empty() {
@@ -707,9 +742,16 @@ impl Validator<'_> {
         }
         let mut out: Vec<PublicOrigin> = Vec::with_capacity(list.len());
         for (i, v) in list.iter().enumerate() {
-            let key = if many { format!("server.public_base_url[{i}]") } else { "server.public_base_url".to_owned() };
+            let key = if many {
+                format!("server.public_base_url[{i}]")
+            } else {
+                "server.public_base_url".to_owned()
+            };
             let url = self.url(&key, v)?;
-            if url.path().trim_end_matches('/') != "/api/v1" || url.query().is_some() || !url.username().is_empty() {
+            if url.path().trim_end_matches('/') != "/api/v1"
+                || url.query().is_some()
+                || !url.username().is_empty()
+            {
                 return Err(self.invalid(
                     key,
                     format!("expected a base URL ending in /api/v1, such as \"https://api.meraki.com/api/v1\", got {v:?}"),
@@ -904,10 +946,17 @@ impl Validator<'_> {
             None => None,
             Some(text) => {
                 let key = format!("clients[{i}].cert_subject");
-                let s = crate::tls::Subject::parse(text)
-                    .map_err(|p| self.invalid(key.clone(), format!("{p} (expected a subject such as \"CN=backup-script,O=netops\")")))?;
+                let s = crate::tls::Subject::parse(text).map_err(|p| {
+                    self.invalid(
+                        key.clone(),
+                        format!("{p} (expected a subject such as \"CN=backup-script,O=netops\")"),
+                    )
+                })?;
                 if let Some(other) = subjects.insert(s.key.clone(), c.name.clone()) {
-                    return Err(self.invalid(key, format!("the same certificate subject is used by client {other:?}")));
+                    return Err(self.invalid(
+                        key,
+                        format!("the same certificate subject is used by client {other:?}"),
+                    ));
                 }
                 Some(s)
             }
@@ -918,10 +967,18 @@ impl Validator<'_> {
                 let key = format!("clients[{i}].cert_san");
                 let n = name.trim().to_ascii_lowercase();
                 if n.is_empty() || n.contains(['/', ':', ' ', ',']) {
-                    return Err(self.invalid(key, format!("expected a DNS name such as \"backup.netops.example\", got {name:?}")));
+                    return Err(self.invalid(
+                        key,
+                        format!(
+                            "expected a DNS name such as \"backup.netops.example\", got {name:?}"
+                        ),
+                    ));
                 }
                 if let Some(other) = sans.insert(n.clone(), c.name.clone()) {
-                    return Err(self.invalid(key, format!("the same certificate name is used by client {other:?}")));
+                    return Err(self.invalid(
+                        key,
+                        format!("the same certificate name is used by client {other:?}"),
+                    ));
                 }
                 Some(n)
             }
@@ -1122,13 +1179,21 @@ impl fmt::Display for Config {
                         "mutual TLS: client certificates from {} ({} CA certificates), {}",
                         ca.path.display(),
                         ca.count,
-                        if t.client_cert_required { "required" } else { "optional" }
+                        if t.client_cert_required {
+                            "required"
+                        } else {
+                            "optional"
+                        }
                     )?;
                 }
             }
         }
         if !self.public_origins.is_empty() {
-            let list: Vec<&str> = self.public_origins.iter().map(|o| o.origin.as_str()).collect();
+            let list: Vec<&str> = self
+                .public_origins
+                .iter()
+                .map(|o| o.origin.as_str())
+                .collect();
             writeln!(f, "answers as (Link targets): {}", list.join(", "))?;
         }
         match self.admin_listen {
@@ -1454,7 +1519,11 @@ methods = ["get"]
             .unwrap()
             .signed_by(&key, &ca, &ca_key)
             .unwrap();
-        let (c, k, a) = (dir.join("proxy.pem"), dir.join("proxy.key"), dir.join("ca.pem"));
+        let (c, k, a) = (
+            dir.join("proxy.pem"),
+            dir.join("proxy.key"),
+            dir.join("ca.pem"),
+        );
         std::fs::write(&c, cert.pem()).unwrap();
         std::fs::write(&k, key.serialize_pem()).unwrap();
         std::fs::write(&a, ca.pem()).unwrap();
@@ -1502,17 +1571,55 @@ methods = ["get"]
         let shown = format!("{c}\n{c:?}");
         assert!(shown.contains("proxy listener: https://"), "{shown}");
         let key_body = key_pem.lines().nth(1).unwrap();
-        assert!(!shown.contains(key_body) && !shown.contains("PRIVATE KEY"), "{shown}");
+        assert!(
+            !shown.contains(key_body) && !shown.contains("PRIVATE KEY"),
+            "{shown}"
+        );
 
         let missing = dir.path().join("missing.key");
         for (from, to, key, problem) in [
-            (key.display().to_string(), missing.display().to_string(), "server.tls_key_file", "cannot read"),
-            (key.display().to_string(), cert.display().to_string(), "server.tls_key_file", "no PEM private key"),
-            (cert.display().to_string(), key.display().to_string(), "server.tls_cert_file", "no PEM certificate"),
-            ("tls_client_ca_file".into(), "tls_client_auth = \"maybe\"\ntls_client_ca_file".into(), "server.tls_client_auth", "\"required\" or \"optional\""),
-            ("https://api.meraki.ca:8443/api/v1/".into(), "https://api.meraki.ca/v2".into(), "server.public_base_url[1]", "ending in /api/v1"),
-            ("CN=backup-script,O=netops".into(), "CN=backup-script,XX=netops".into(), "clients[1].cert_subject", "unknown attribute"),
-            ("192.0.2.10".into(), "not-an-ip".into(), "upstream.resolve.API.meraki.com", "IP address"),
+            (
+                key.display().to_string(),
+                missing.display().to_string(),
+                "server.tls_key_file",
+                "cannot read",
+            ),
+            (
+                key.display().to_string(),
+                cert.display().to_string(),
+                "server.tls_key_file",
+                "no PEM private key",
+            ),
+            (
+                cert.display().to_string(),
+                key.display().to_string(),
+                "server.tls_cert_file",
+                "no PEM certificate",
+            ),
+            (
+                "tls_client_ca_file".into(),
+                "tls_client_auth = \"maybe\"\ntls_client_ca_file".into(),
+                "server.tls_client_auth",
+                "\"required\" or \"optional\"",
+            ),
+            (
+                "https://api.meraki.ca:8443/api/v1/".into(),
+                "https://api.meraki.ca/v2".into(),
+                "server.public_base_url[1]",
+                "ending in /api/v1",
+            ),
+            (
+                "CN=backup-script,O=netops".into(),
+                "CN=backup-script,XX=netops".into(),
+                "clients[1].cert_subject",
+                "unknown attribute",
+            ),
+            (
+                "192.0.2.10".into(),
+                "not-an-ip".into(),
+                "upstream.resolve.API.meraki.com",
+                "IP address",
+            ),
         ] {
             let e = parse(&text.replace(&from, &to)).unwrap_err().to_string();
             assert!(e.contains(key) && e.contains(problem), "{key}: {e}");
@@ -1522,7 +1629,10 @@ methods = ["get"]
         let e = parse(&text.replace(&format!("tls_client_ca_file = \"{}\"\n", ca.display()), ""))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("clients[1].cert_subject") && e.contains("mutual TLS"), "{e}");
+        assert!(
+            e.contains("clients[1].cert_subject") && e.contains("mutual TLS"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1543,12 +1653,25 @@ methods = ["get"]
         assert_eq!(e.authority(), "proxy.corp:3128");
         assert!(e.bypasses("a.internal.example"));
         let shown = format!("{c}\n{c:?}");
-        assert!(!shown.contains("pa55word") && !shown.contains("user:"), "{shown}");
+        assert!(
+            !shown.contains("pa55word") && !shown.contains("user:"),
+            "{shown}"
+        );
         let file = GOOD.replace("[upstream]\n", "[upstream]\negress_proxy = \"none\"\n");
-        assert!(with_env(&file, Some("http://proxy.corp:3128")).unwrap().upstream.egress.is_none());
-        let file = GOOD.replace("[upstream]\n", "[upstream]\negress_proxy = \"http://u:p@proxy:1\"\n");
+        assert!(with_env(&file, Some("http://proxy.corp:3128"))
+            .unwrap()
+            .upstream
+            .egress
+            .is_none());
+        let file = GOOD.replace(
+            "[upstream]\n",
+            "[upstream]\negress_proxy = \"http://u:p@proxy:1\"\n",
+        );
         let e = with_env(&file, None).unwrap_err().to_string();
-        assert!(e.contains("upstream.egress_proxy") && e.contains("credentials"), "{e}");
+        assert!(
+            e.contains("upstream.egress_proxy") && e.contains("credentials"),
+            "{e}"
+        );
         assert!(!e.contains("u:p@"), "{e}");
     }
 

@@ -31,7 +31,8 @@ impl Ca {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.distinguished_name = rcgen::DistinguishedName::new();
         p.distinguished_name.push(DnType::CommonName, name);
-        p.distinguished_name.push(DnType::OrganizationName, "meraki-oauth-proxy tests");
+        p.distinguished_name
+            .push(DnType::OrganizationName, "meraki-oauth-proxy tests");
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         p.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -66,9 +67,8 @@ impl Ca {
         validity: Validity,
     ) -> Identity {
         let key = KeyPair::generate().unwrap();
-        let mut p =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
+        let mut p = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
         p.distinguished_name = rcgen::DistinguishedName::new();
         p.distinguished_name.push(DnType::CommonName, cn);
         if let Some(o) = org {
@@ -91,12 +91,30 @@ impl Ca {
 
     /// A server certificate for `names` (DNS names or IP addresses).
     pub fn server(&self, names: &[&str], validity: Validity) -> Identity {
-        self.issue(names[0], None, names, ExtendedKeyUsagePurpose::ServerAuth, validity)
+        self.issue(
+            names[0],
+            None,
+            names,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            validity,
+        )
     }
 
     /// A client certificate with subject `CN=cn[,O=org]` and DNS names `names`.
-    pub fn client(&self, cn: &str, org: Option<&str>, names: &[&str], validity: Validity) -> Identity {
-        self.issue(cn, org, names, ExtendedKeyUsagePurpose::ClientAuth, validity)
+    pub fn client(
+        &self,
+        cn: &str,
+        org: Option<&str>,
+        names: &[&str],
+        validity: Validity,
+    ) -> Identity {
+        self.issue(
+            cn,
+            org,
+            names,
+            ExtendedKeyUsagePurpose::ClientAuth,
+            validity,
+        )
     }
 }
 

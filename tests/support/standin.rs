@@ -102,7 +102,12 @@ impl tokio_rustls::rustls::server::ResolvesServerCert for Certs {
         &self,
         _hello: tokio_rustls::rustls::server::ClientHello<'_>,
     ) -> Option<Arc<tokio_rustls::rustls::sign::CertifiedKey>> {
-        Some(self.0.lock().unwrap_or_else(PoisonError::into_inner).clone())
+        Some(
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        )
     }
 }
 
@@ -204,7 +209,10 @@ impl Standin {
         };
         let acceptors = match &tls {
             None => None,
-            Some(t) => Some((tls_acceptor(t.main.clone())?, tls_acceptor(t.shard.clone())?)),
+            Some(t) => Some((
+                tls_acceptor(t.main.clone())?,
+                tls_acceptor(t.shard.clone())?,
+            )),
         };
         let connections = Arc::new(Mutex::new(Vec::new()));
         let base = |addr: SocketAddr, which: fn(&TlsState) -> &str| match &tls {
@@ -340,8 +348,15 @@ impl Standin {
     /// HTTPS mode: replaces the certificate a listener (`"main"` or `"shard"`) presents from
     /// the next handshake on.
     pub fn set_certificate(&self, listener: &str, id: &Identity) {
-        let t = self.tls.as_ref().expect("set_certificate: the stand-in serves plain HTTP");
-        let certs = if listener == "main" { &t.main } else { &t.shard };
+        let t = self
+            .tls
+            .as_ref()
+            .expect("set_certificate: the stand-in serves plain HTTP");
+        let certs = if listener == "main" {
+            &t.main
+        } else {
+            &t.shard
+        };
         *certs.0.lock().unwrap_or_else(PoisonError::into_inner) =
             certified_key(id).expect("set_certificate: unusable certificate or key");
     }
