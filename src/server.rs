@@ -599,3 +599,34 @@ impl BackgroundService for Drain {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upstream_that_is_the_proxy_itself_is_refused() {
+        let outbound = Arc::new(
+            crate::tls::Outbound::new(None, None, std::collections::BTreeMap::new()).unwrap(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let upstream = |base: String| {
+            Upstream::new(
+                &url::Url::parse(&base).unwrap(),
+                Duration::from_secs(1),
+                Duration::from_secs(1),
+                outbound.clone(),
+            )
+            .unwrap()
+        };
+        let own = upstream(format!("http://127.0.0.1:{port}/api/v1"));
+        let e = refuse_loop(&own, &listener).unwrap_err().to_string();
+        assert!(e.contains("would loop"), "{e}");
+        let other = upstream(format!(
+            "http://127.0.0.1:{}/api/v1",
+            port.wrapping_add(1).max(1)
+        ));
+        assert!(refuse_loop(&other, &listener).is_ok());
+    }
+}

@@ -33,6 +33,7 @@ const API_HOST: &str = "api.standin.test";
 const AS_HOST: &str = "as.standin.test";
 const SHARD_HOST: &str = "n1.standin.test";
 const MONITOR_KEY: &str = "monitor-proxy-key-61be02f4";
+const CAROL_KEY: &str = "carol-proxy-key-0c9d2a11";
 /// Hard limit on one run of the Python clients.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -381,6 +382,8 @@ async fn an_egress_proxy_carries_api_and_token_traffic_and_nothing_goes_direct()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    let (_, metrics) = p.admin("/metrics").await;
+    assert!(metrics.contains("meraki_proxy_requests_total"));
     drop(p);
 
     let tunnels = egress.tunnels();
@@ -405,7 +408,7 @@ async fn an_egress_proxy_carries_api_and_token_traffic_and_nothing_goes_direct()
     }
     // The credentials never show.
     let everything = format!(
-        "{}{}",
+        "{}{}{metrics}",
         s.logs(),
         std::fs::read_to_string(s.dir.path().join("audit.jsonl")).unwrap()
     );
@@ -725,6 +728,10 @@ async fn the_listener_certificate_is_replaced_on_reload_without_a_failed_request
         pki::presented_fingerprint(addr, "localhost", &ca).await,
         want
     );
+    let (_, metrics) = p.admin("/metrics").await;
+    for key in [&first, &second, &third] {
+        assert!(!metrics.contains(key.key_pem.lines().nth(1).unwrap()));
+    }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let (ok, failed) = load.await.unwrap();
     assert!(
@@ -967,7 +974,42 @@ async fn split_horizon_meraki_client_and_the_sdk_default_base_url_go_through_the
     }
     listener_tls(&s, &ca, &["api.meraki.com", "api.meraki.ca"]);
     let bundle = ca.write(s.dir.path(), "private-ca.pem");
+    // A third organization with more networks than one page of 1,000 holds, for the SDK's
+    // smart-flow page walk; carol may write there.
+    s.standin.add_org("333", "Carol Org");
+    for i in 0..1005 {
+        s.standin
+            .add_network("333", &format!("N_333_{i:04}"), &format!("carol site {i}"));
+    }
+    let carol = s
+        .standin
+        .issue_grant(CLIENT_ID, &["333"], &["dashboard:general:config:write"]);
+    let mut text = std::fs::read_to_string(&s.config).unwrap();
+    text.push_str(&format!(
+        "\n[[clients]]\nname = \"carol\"\nkey_sha256 = \"{}\"\nintegration = \"netops\"\norganizations = [\"333\"]\n",
+        sha256_hex(CAROL_KEY)
+    ));
+    std::fs::write(&s.config, text).unwrap();
     s.import().await;
+    let file = s.dir.path().join("rt-333");
+    std::fs::write(&file, carol).unwrap();
+    let out = s
+        .run(&[
+            "grants",
+            "import",
+            "--integration",
+            "netops",
+            "--org",
+            "333",
+            "--refresh-token-file",
+            file.to_str().unwrap(),
+        ])
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let p = s.start().await;
     let split = format!("api.meraki.com,api.meraki.ca=127.0.0.1:{}", s.port);
     let common = |name: &str| {
@@ -1010,14 +1052,38 @@ async fn split_horizon_meraki_client_and_the_sdk_default_base_url_go_through_the
         "renamed via api.meraki.ca",
         true,
     );
+
+    // The SDK's smart flow meets an unknown network: it resolves its organization and walks
+    // that organization's networks, requesting each `Link` target as it is; a path-absolute
+    // link could not be requested at all.
+    let env = vec![
+        ("PROXY_KEY", CAROL_KEY.to_owned()),
+        ("CA_BUNDLE", bundle.display().to_string()),
+        ("SPLIT_HORIZON", split.clone()),
+        ("NETWORK_ID", "N_333_0004".to_owned()),
+        ("NEW_NAME", "renamed after a page walk".to_owned()),
+    ];
+    let out = run_client(&s, "sdk_update", env).await;
+    assert_eq!(out["updated"]["name"], "renamed after a page walk");
+    let seen = out["seen"].as_array().unwrap();
+    let walked = seen.iter().any(|e| {
+        e["url"].as_str().unwrap().starts_with(
+            "https://api.meraki.com/api/v1/organizations/333/networks?perPage=1000&startingAfter=",
+        ) && e["status"] == 200
+    });
+    assert!(walked, "no second page walked: {seen:#?}");
+    assert!(seen.iter().all(|e| e["url"]
+        .as_str()
+        .unwrap()
+        .starts_with("https://api.meraki.com/")));
     drop(p);
 
-    // Every request the clients made was audited as alice's, identified by her key.
+    // Every request the clients made was audited under their client, identified by key.
     let records = request_records(&s);
     assert!(
         records
             .iter()
-            .all(|r| r["client"] == "alice" && r["identity"] == "key"),
+            .all(|r| (r["client"] == "alice" || r["client"] == "carol") && r["identity"] == "key"),
         "{records:#?}"
     );
 }

@@ -8,9 +8,12 @@ Scenarios:
                  https://api.meraki.com/api/v1), certificate_path=CA_BUNDLE
   meraki_client  `meraki-client` (PyPI), which accepts only Meraki's cloud hosts as base URL:
                  BaseURL.DEFAULT, or the one named by MERAKI_REGION (e.g. CANADA)
+  sdk_update     the official SDK renames NETWORK_ID first thing: its smart flow resolves the
+                 unknown network's organization and walks that organization's networks
+                 (perPage=1000, following each `Link` target as it is) before the update
 
-Each walks every page of getOrganizationNetworks (perPage=PER_PAGE) and renames NETWORK_ID to
-NEW_NAME, the way an unmodified script would.
+sdk and meraki_client walk every page of getOrganizationNetworks (perPage=PER_PAGE) and rename
+NETWORK_ID to NEW_NAME, the way an unmodified script would.
 
 Environment:
   PROXY_KEY        the proxy client key (required)
@@ -82,7 +85,7 @@ def per_page():
     return int(os.environ.get("PER_PAGE", "3"))
 
 
-def sdk():
+def dashboard():
     import meraki
 
     kwargs = dict(
@@ -100,6 +103,11 @@ def sdk():
         kwargs["base_url"] = os.environ["PROXY_BASE"]
     d = meraki.DashboardAPI(**kwargs)
     d._session._client.event_hooks["response"].append(record)
+    return d
+
+
+def sdk():
+    d = dashboard()
     nets = d.organizations.getOrganizationNetworks(org(), total_pages="all", perPage=per_page())
     updated = d.networks.updateNetwork(network(), name=os.environ["NEW_NAME"])
     return [n["id"] for n in nets], updated
@@ -124,7 +132,13 @@ def meraki_client():
     return [n.id for n in nets], updated.model_dump(mode="json", by_alias=True)
 
 
-SCENARIOS = {"sdk": sdk, "meraki_client": meraki_client}
+def sdk_update():
+    d = dashboard()
+    updated = d.networks.updateNetwork(network(), name=os.environ["NEW_NAME"])
+    return [], updated
+
+
+SCENARIOS = {"sdk": sdk, "meraki_client": meraki_client, "sdk_update": sdk_update}
 
 
 def main():
