@@ -1012,6 +1012,16 @@ async fn split_horizon_meraki_client_and_the_sdk_default_base_url_go_through_the
     );
     let p = s.start().await;
     let split = format!("api.meraki.com,api.meraki.ca=127.0.0.1:{}", s.port);
+    let py = python();
+    let has_client = Command::new(&py)
+        .args(["-c", "import meraki_client"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        has_client,
+        "{} cannot import meraki_client (it needs Python >= 3.11): run `PYTHON=python3.11 bash scripts/python-env.sh`",
+        py.display()
+    );
     let common = |name: &str| {
         vec![
             ("PROXY_KEY", ALICE_KEY.to_owned()),
