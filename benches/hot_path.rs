@@ -35,6 +35,7 @@ fn client(i: usize, key: &str) -> Arc<Client> {
             digest: Sha256::digest(key.as_bytes()).into(),
             expires_at: None,
         }],
+        cert: None,
         integration: "netops".into(),
         organizations: vec![ORG.into()],
         methods: None,
@@ -291,6 +292,8 @@ fn entry(who: &Arc<Client>, org: &Arc<str>) -> RequestEntry {
         user_agent: Some(HeaderValue::from_static(
             "python-meraki/1.53.0 MyInventoryScript/2.1 Acme",
         )),
+        identity: Some("key"),
+        client_certificate: None,
     }
 }
 

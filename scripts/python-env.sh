@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates (if missing) the Python virtualenv used by tests/sdk_interop.rs at <repo>/.venv and
-# installs the pinned official Meraki SDK and `requests` from tests/sdk/requirements.txt.
+# installs the pinned official Meraki SDK and `requests` from tests/sdk/requirements.txt (and, on
+# Python >= 3.11, `meraki-client` for the split-horizon tests of tests/tls_e2e.rs).
 # Idempotent: does nothing when the environment already matches the requirements.
 # Prints the interpreter's path, for MERAKI_SDK_PYTHON.
 #
@@ -44,8 +45,12 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ] \
     --requirement "$req"
   "$venv/bin/python" -m pip check >/dev/null || die "pip check failed in $venv"
   "$venv/bin/python" - <<'PY' || die "the installed SDK is not meraki 4.7.0"
+import sys
 import meraki, requests
 assert meraki.__version__ == "4.7.0", meraki.__version__
+if sys.version_info >= (3, 11):
+    import meraki_client  # split-horizon tests (tests/tls_e2e.rs)
+    assert meraki_client.__version__ == "0.22.0", meraki_client.__version__
 PY
   echo "$want" >"$stamp"
 fi

@@ -99,19 +99,16 @@ fn error_page(status: u16, title: &str, detail: &str) -> Response<Vec<u8>> {
 }
 
 impl Admin {
-    /// The admin app over the proxy's shared state.
+    /// The admin app over the proxy's shared state; its own calls (the consent flow's
+    /// organization list) follow the outbound TLS policy.
     pub fn new(
         live: Arc<Live>,
         grants: Arc<Grants>,
         metrics: Arc<Metrics>,
+        outbound: &crate::tls::Outbound,
     ) -> Result<Self, reqwest::Error> {
         let config = live.config();
-        let http = reqwest::Client::builder()
-            .timeout(config.token_timeout)
-            .connect_timeout(config.token_timeout.min(Duration::from_secs(10)))
-            .user_agent(crate::PRODUCT)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
+        let http = outbound.http_client(config.token_timeout)?;
         Ok(Admin {
             live,
             grants,

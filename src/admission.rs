@@ -38,6 +38,8 @@ pub struct Admitted {
     pub operation: Option<&'static Operation>,
     /// The expiry of the key used, when it has one (a key being rotated out).
     pub key_expires_at: Option<i64>,
+    /// What identified the client: its key, its TLS certificate, or both.
+    pub identity: crate::identity::IdentitySource,
     pub action: Action,
 }
 
@@ -83,6 +85,8 @@ pub struct Rejection {
     pub operation: Option<&'static Operation>,
     /// The expiry of the key used, when it has one.
     pub key_expires_at: Option<i64>,
+    /// What identified the client, when it was identified.
+    pub identity: Option<crate::identity::IdentitySource>,
 }
 
 /// A request that is no operation of Meraki's API.
@@ -157,8 +161,18 @@ impl Refuse for MethodNotAllowed {
     }
 }
 
-/// Identify → route → authorize → token.
+/// Identify → route → authorize → token, on a connection without a client certificate.
 pub async fn admit(state: &State, req: &RequestHeader) -> Result<Admitted, Rejection> {
+    admit_on(state, req, None).await
+}
+
+/// Identify → route → authorize → token, on a connection that presented `cert` (mutual TLS:
+/// verified by the handshake against the client CA), if any.
+pub async fn admit_on(
+    state: &State,
+    req: &RequestHeader,
+    cert: Option<&crate::tls::PeerCert>,
+) -> Result<Admitted, Rejection> {
     let mut seen = Rejection {
         refusal: Refusal::new(500, "internal_error", ""),
         client: None,
@@ -166,6 +180,7 @@ pub async fn admit(state: &State, req: &RequestHeader) -> Result<Admitted, Rejec
         path: None,
         operation: None,
         key_expires_at: None,
+        identity: None,
     };
     let refuse = |mut seen: Rejection, r: Refusal| {
         seen.refusal = r;
@@ -178,11 +193,14 @@ pub async fn admit(state: &State, req: &RequestHeader) -> Result<Admitted, Rejec
         ));
     }
     let snapshot = state.live.snapshot();
-    let caller = match snapshot.identities.identify(&req.headers) {
+    let mtls = crate::identity::Mtls::of(&snapshot.config);
+    let caller = match snapshot.identities.identify_on(&req.headers, mtls, cert) {
         Ok(c) => c,
         Err(e) => return Err(refuse(seen, Refusal::from(&e))),
     };
     let (client, key_expires_at) = (caller.client.clone(), caller.key_expires_at);
+    let identity = caller.source;
+    seen.identity = Some(identity);
     seen.key_expires_at = key_expires_at;
     seen.client = Some(client.clone());
     if key_expires_at.is_some() && caller.expired(crate::clock::now_unix()) {
@@ -243,6 +261,7 @@ pub async fn admit(state: &State, req: &RequestHeader) -> Result<Admitted, Rejec
             path,
             operation,
             key_expires_at,
+            identity,
             action: Action::ListOrganizations,
         });
     }
@@ -290,6 +309,7 @@ pub async fn admit(state: &State, req: &RequestHeader) -> Result<Admitted, Rejec
         path,
         operation,
         key_expires_at,
+        identity,
         action: Action::Forward(Forward {
             org,
             grant,

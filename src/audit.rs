@@ -77,6 +77,10 @@ pub struct RequestEntry {
     pub bytes_out: u64,
     pub source: Option<SocketAddr>,
     pub user_agent: Option<HeaderValue>,
+    /// What identified the client: `key`, `certificate`, `certificate+key`.
+    pub identity: Option<&'static str>,
+    /// The subject of the connection's TLS client certificate (mutual TLS), if it sent one.
+    pub client_certificate: Option<Arc<str>>,
 }
 
 impl RequestEntry {
@@ -111,6 +115,8 @@ impl RequestEntry {
             bytes_out: self.bytes_out,
             source: self.source.map(|a| a.to_string()),
             user_agent: self.user_agent.as_ref().and_then(|v| v.to_str().ok()),
+            identity: self.identity,
+            client_certificate: self.client_certificate.as_deref(),
         };
         serde_json::to_writer(&mut *out, &record)
     }
@@ -144,6 +150,39 @@ struct RequestRecord<'a> {
     bytes_out: u64,
     source: Option<String>,
     user_agent: Option<&'a str>,
+    identity: Option<&'static str>,
+    client_certificate: Option<&'a str>,
+}
+
+/// A TLS event on the proxy listener: a client certificate refused in the handshake.
+#[derive(Debug, Serialize)]
+pub struct TlsRecord<'a> {
+    pub time: String,
+    pub kind: &'static str,
+    /// `client_certificate_refused`.
+    pub event: &'static str,
+    /// `unknown_issuer`, `expired`, `not_yet_valid`, `bad_certificate`, ...
+    pub cause: &'static str,
+    /// The presented certificate's subject, RFC 4514.
+    pub subject: Option<&'a str>,
+    /// SHA-256 of the presented certificate, hex.
+    pub fingerprint: &'a str,
+    pub detail: &'a str,
+}
+
+impl<'a> TlsRecord<'a> {
+    /// The record of a client certificate refused in the handshake.
+    pub fn refused(r: &'a crate::tls::RefusedClientCert) -> Self {
+        TlsRecord {
+            time: now_rfc3339(),
+            kind: "tls",
+            event: "client_certificate_refused",
+            cause: r.cause.label(),
+            subject: r.subject.as_deref(),
+            fingerprint: &r.fingerprint,
+            detail: &r.detail,
+        }
+    }
 }
 
 /// A grant or token event, as the audit log records it.
@@ -290,6 +329,11 @@ impl Audit {
 
     /// Queues a record about the proxy itself.
     pub fn server_event(&self, record: &ServerRecord<'_>) {
+        self.send(serde_json::to_string(record));
+    }
+
+    /// Queues a TLS event's record.
+    pub fn tls_event(&self, record: &TlsRecord<'_>) {
         self.send(serde_json::to_string(record));
     }
 
@@ -466,6 +510,8 @@ mod tests {
             bytes_out: 2,
             source: Some(([127, 0, 0, 1], 50000).into()),
             user_agent: Some(HeaderValue::from_static("curl/8")),
+            identity: Some("key"),
+            client_certificate: None,
         };
         audit.request(entry());
         wait_for(|| audit.written() == 1);
@@ -517,6 +563,8 @@ mod tests {
             bytes_out: 20,
             source: None,
             user_agent: None,
+            identity: None,
+            client_certificate: None,
         };
         let mut json = Vec::new();
         entry.write_json(&mut json).unwrap();

@@ -119,11 +119,22 @@ pub fn prepare_response(
     resp: &mut ResponseHeader,
     upstream_base_path: &str,
 ) -> pingora::Result<()> {
+    prepare_response_for(resp, upstream_base_path, None)
+}
+
+/// [`prepare_response`] for a client that reached the proxy at `public_origin`
+/// (split-horizon, e.g. `https://api.meraki.com`): `Link` targets become absolute URLs of it
+/// (see [`rewrite_link_to`]).
+pub fn prepare_response_for(
+    resp: &mut ResponseHeader,
+    upstream_base_path: &str,
+    public_origin: Option<&str>,
+) -> pingora::Result<()> {
     for h in HOP_BY_HOP.iter().chain([&TRAILER]) {
         resp.remove_header(h);
     }
     if let Some(link) = resp.headers.get(LINK).and_then(|v| v.to_str().ok()) {
-        match rewrite_link(link, upstream_base_path) {
+        match rewrite_link_to(link, upstream_base_path, public_origin) {
             Some(rewritten) => resp.insert_header(LINK, rewritten)?,
             None => {
                 resp.remove_header(&LINK);
@@ -152,6 +163,18 @@ pub fn user_agent(inbound: Option<&str>) -> String {
 /// folds back. Links elsewhere are dropped rather than handed to the client. Returns `None`
 /// when no link is left.
 pub fn rewrite_link(value: &str, upstream_base_path: &str) -> Option<String> {
+    rewrite_link_to(value, upstream_base_path, None)
+}
+
+/// [`rewrite_link`], with targets made absolute under `public_origin` when one is given: in
+/// split-horizon mode the proxy answers as `https://api.meraki.com`, and clients that follow a
+/// Meraki-host link as it is (the official SDK's page walks, `meraki-client`) get
+/// `https://api.meraki.com/api/v1/<rest>?<query>`, which leads back to the proxy.
+pub fn rewrite_link_to(
+    value: &str,
+    upstream_base_path: &str,
+    public_origin: Option<&str>,
+) -> Option<String> {
     let mut out = String::with_capacity(value.len());
     let mut rest = value;
     while let Some(open) = rest.find('<') {
@@ -185,6 +208,9 @@ pub fn rewrite_link(value: &str, upstream_base_path: &str) -> Option<String> {
                 out.push_str(", ");
             }
             out.push('<');
+            if let Some(origin) = public_origin {
+                out.push_str(origin);
+            }
             out.push_str(&rewritten);
             out.push('>');
             out.push_str(params);
@@ -212,6 +238,26 @@ fn rewrite_target(target: &str, base_path: &str) -> Option<String> {
         return None;
     }
     Some(format!("/api/v1{below}"))
+}
+
+/// The public origin a client used: the one whose authority is the request's `Host` (the
+/// scheme's default port ignored), else the first configured; `None` when none is configured.
+pub fn public_origin<'a>(
+    origins: &'a [crate::config::PublicOrigin],
+    host: Option<&str>,
+) -> Option<&'a str> {
+    let first = origins.first()?;
+    let host = host.map(|h| {
+        let h = h.trim().to_ascii_lowercase();
+        match h.strip_suffix(":443").or_else(|| h.strip_suffix(":80")) {
+            Some(bare) => bare.to_owned(),
+            None => h,
+        }
+    });
+    let chosen = host
+        .and_then(|h| origins.iter().find(|o| o.authority == h))
+        .unwrap_or(first);
+    Some(&chosen.origin)
 }
 
 /// Where an upstream redirect leads.
@@ -387,6 +433,38 @@ mod tests {
             req.headers["user-agent"],
             format!("script/1.0 Acme {}", crate::PRODUCT)
         );
+    }
+
+    #[test]
+    fn split_horizon_links_are_absolute_under_the_origin_the_client_used() {
+        let up = "<https://n123.meraki.com/api/v1/organizations/1/networks?perPage=5&startingAfter=N_9&t0=2026-11-23T00%3A00%3A00Z>; rel=next, <https://elsewhere.example/x>; rel=help";
+        assert_eq!(
+            rewrite_link_to(up, "/api/v1", Some("https://api.meraki.com")).unwrap(),
+            "<https://api.meraki.com/api/v1/organizations/1/networks?perPage=5&startingAfter=N_9&t0=2026-11-23T00%3A00%3A00Z>; rel=next"
+        );
+        let origins = [
+            crate::config::PublicOrigin {
+                origin: "https://api.meraki.com".into(),
+                authority: "api.meraki.com".into(),
+            },
+            crate::config::PublicOrigin {
+                origin: "https://api.meraki.ca".into(),
+                authority: "api.meraki.ca".into(),
+            },
+        ];
+        assert_eq!(
+            public_origin(&origins, Some("API.meraki.ca:443")),
+            Some("https://api.meraki.ca")
+        );
+        assert_eq!(
+            public_origin(&origins, Some("evil.example")),
+            Some("https://api.meraki.com")
+        );
+        assert_eq!(
+            public_origin(&origins, None),
+            Some("https://api.meraki.com")
+        );
+        assert_eq!(public_origin(&[], Some("api.meraki.ca")), None);
     }
 
     #[test]

@@ -29,14 +29,83 @@ pub enum IdentityError {
     /// A key past the expiry its operator set while rotating it.
     #[error("API key expired: ask the proxy's operator for this client's new key")]
     Expired,
+    /// Mutual TLS: no client certificate, where one is required (always, or for this client).
+    #[error("a client certificate is required: connect with the certificate the proxy's operator issued for this client")]
+    CertificateRequired,
+    /// Mutual TLS: a valid client certificate that no client is configured with.
+    #[error("the client certificate identifies no client of this proxy")]
+    UnknownCertificate,
+    /// Mutual TLS: a certificate whose subject and DNS names name different clients.
+    #[error("the client certificate matches more than one client")]
+    AmbiguousCertificate,
+    /// Mutual TLS: the key belongs to another client than the certificate.
+    #[error("conflicting credentials: the API key belongs to another client than the client certificate")]
+    CertificateKeyMismatch,
+}
+
+/// How a caller was identified, for the audit record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// Its key alone.
+    Key,
+    /// Its TLS client certificate alone.
+    Certificate,
+    /// Its certificate, and a key of the same client.
+    CertificateAndKey,
+}
+
+impl IdentitySource {
+    /// The audit log's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentitySource::Key => "key",
+            IdentitySource::Certificate => "certificate",
+            IdentitySource::CertificateAndKey => "certificate+key",
+        }
+    }
+}
+
+/// Mutual TLS on the connection's listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mtls {
+    /// No client CA: callers are identified by key.
+    Off,
+    /// A certificate identifies its client; without one, a key does (for clients that have
+    /// no certificate configured).
+    Optional,
+    /// Every request needs a client certificate.
+    Required,
+}
+
+impl Mtls {
+    /// The mode of a configuration.
+    pub fn of(config: &crate::config::Config) -> Mtls {
+        match &config.tls {
+            Some(t) if t.client_ca.is_some() => {
+                if t.client_cert_required {
+                    Mtls::Required
+                } else {
+                    Mtls::Optional
+                }
+            }
+            _ => Mtls::Off,
+        }
+    }
 }
 
 impl IdentityError {
     /// The HTTP status this error is answered with.
     pub fn status(self) -> u16 {
         match self {
-            IdentityError::Missing | IdentityError::Unknown | IdentityError::Expired => 401,
-            IdentityError::Conflicting | IdentityError::Malformed => 400,
+            IdentityError::Missing
+            | IdentityError::Unknown
+            | IdentityError::Expired
+            | IdentityError::CertificateRequired
+            | IdentityError::UnknownCertificate
+            | IdentityError::AmbiguousCertificate => 401,
+            IdentityError::Conflicting
+            | IdentityError::Malformed
+            | IdentityError::CertificateKeyMismatch => 400,
         }
     }
 
@@ -48,6 +117,10 @@ impl IdentityError {
             IdentityError::Conflicting => "conflicting_keys",
             IdentityError::Malformed => "malformed_key",
             IdentityError::Expired => "expired_key",
+            IdentityError::CertificateRequired => "client_certificate_required",
+            IdentityError::UnknownCertificate => "unknown_certificate",
+            IdentityError::AmbiguousCertificate => "ambiguous_certificate",
+            IdentityError::CertificateKeyMismatch => "certificate_key_mismatch",
         }
     }
 }
@@ -55,6 +128,8 @@ impl IdentityError {
 /// The clients, indexed for lookup by key digest.
 pub struct Identities {
     clients: HashMap<[u8; 32], (Arc<Client>, Option<i64>)>,
+    /// Clients with a certificate binding (mutual TLS): few, searched in order.
+    by_cert: Vec<Arc<Client>>,
 }
 
 /// A caller, identified.
@@ -64,6 +139,8 @@ pub struct Caller {
     /// When the key used expires (unix seconds), if its operator set an expiry: a key being
     /// rotated out, whose uses are counted.
     pub key_expires_at: Option<i64>,
+    /// What identified it.
+    pub source: IdentitySource,
 }
 
 impl Caller {
@@ -81,6 +158,65 @@ impl Identities {
                 .iter()
                 .flat_map(|c| c.keys.iter().map(|k| (k.digest, (c.clone(), k.expires_at))))
                 .collect(),
+            by_cert: clients
+                .iter()
+                .filter(|c| c.cert.is_some())
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Identifies a caller on a listener with mutual TLS `mtls`, which presented `cert` (a
+    /// certificate the handshake verified against the client CA):
+    ///
+    /// - with a certificate, it must be a client's (else 401), and a key, if sent too, must be
+    ///   the same client's (else 400);
+    /// - without one, `Required` refuses (401), `Optional` identifies by key, except a client
+    ///   configured with a certificate, which must present it;
+    /// - `Off`: by key, as [`Identities::identify`].
+    pub fn identify_on(
+        &self,
+        headers: &http::HeaderMap,
+        mtls: Mtls,
+        cert: Option<&crate::tls::PeerCert>,
+    ) -> Result<Caller, IdentityError> {
+        let cert = match (mtls, cert) {
+            (Mtls::Off, _) => return self.identify(headers),
+            (Mtls::Required, None) => return Err(IdentityError::CertificateRequired),
+            (Mtls::Optional, None) => {
+                let caller = self.identify(headers)?;
+                if caller.client.cert.is_some() {
+                    return Err(IdentityError::CertificateRequired);
+                }
+                return Ok(caller);
+            }
+            (_, Some(cert)) => cert,
+        };
+        let mut matching = self
+            .by_cert
+            .iter()
+            .filter(|c| c.cert.as_ref().is_some_and(|binding| binding.matches(cert)));
+        let client = matching.next().ok_or(IdentityError::UnknownCertificate)?;
+        if matching.next().is_some() {
+            return Err(IdentityError::AmbiguousCertificate);
+        }
+        match extract_key(headers) {
+            Err(IdentityError::Missing) => Ok(Caller {
+                client: client.clone(),
+                key_expires_at: None,
+                source: IdentitySource::Certificate,
+            }),
+            Err(e) => Err(e),
+            Ok(key) => {
+                let by_key = self.by_key(key).ok_or(IdentityError::Unknown)?;
+                if !Arc::ptr_eq(&by_key.client, client) {
+                    return Err(IdentityError::CertificateKeyMismatch);
+                }
+                Ok(Caller {
+                    source: IdentitySource::CertificateAndKey,
+                    ..by_key
+                })
+            }
         }
     }
 
@@ -101,6 +237,7 @@ impl Identities {
         bool::from(stored.ct_eq(&digest)).then(|| Caller {
             client: client.clone(),
             key_expires_at: *expires,
+            source: IdentitySource::Key,
         })
     }
 }
@@ -183,6 +320,7 @@ mod tests {
                     expires_at: *expires_at,
                 })
                 .collect(),
+            cert: None,
             integration: "i".into(),
             organizations: vec!["1".into()],
             methods: None,
@@ -266,6 +404,88 @@ mod tests {
         assert_eq!(e(&[(API_KEY.as_str(), "")]), IdentityError::Missing);
         assert_eq!(IdentityError::Unknown.status(), 401);
         assert_eq!(IdentityError::Conflicting.status(), 400);
+    }
+
+    fn cert(subject: &str, names: &[&str]) -> crate::tls::PeerCert {
+        let s = crate::tls::Subject::parse(subject).unwrap();
+        crate::tls::PeerCert {
+            subject: s.display.into(),
+            subject_key: s.key,
+            dns_names: names.iter().map(|n| n.to_string()).collect(),
+            fingerprint: "00".into(),
+        }
+    }
+
+    fn bound(name: &str, key: &str, subject: Option<&str>, san: Option<&str>) -> Arc<Client> {
+        let mut c = Arc::try_unwrap(client(name, key)).unwrap();
+        c.cert = Some(crate::config::CertBinding {
+            subject: subject.map(|s| crate::tls::Subject::parse(s).unwrap()),
+            san: san.map(str::to_owned),
+        });
+        Arc::new(c)
+    }
+
+    #[test]
+    fn client_certificates_identify_and_keys_must_agree() {
+        let ids = Identities::new(&[
+            bound("backup", "key-b", Some("CN=backup-script,O=netops"), None),
+            bound("monitor", "key-m", None, Some("monitor.netops.example")),
+            client("plain", "key-p"),
+        ]);
+        let none = headers(&[]);
+        let backup = cert("O=netops,CN=backup-script", &[]);
+        let by =
+            |h: &HeaderMap, mode, c: Option<&crate::tls::PeerCert>| ids.identify_on(h, mode, c);
+        let c = by(&none, Mtls::Required, Some(&backup)).unwrap();
+        assert_eq!(
+            (c.client.name.as_str(), c.source),
+            ("backup", IdentitySource::Certificate)
+        );
+        let monitor = cert("CN=whatever", &["monitor.netops.example"]);
+        assert_eq!(
+            by(&none, Mtls::Required, Some(&monitor))
+                .unwrap()
+                .client
+                .name,
+            "monitor"
+        );
+        let own_key = headers(&[(API_KEY.as_str(), "key-b")]);
+        let c = by(&own_key, Mtls::Required, Some(&backup)).unwrap();
+        assert_eq!(c.source, IdentitySource::CertificateAndKey);
+        let other_key = headers(&[(API_KEY.as_str(), "key-p")]);
+        assert_eq!(
+            by(&other_key, Mtls::Required, Some(&backup)).unwrap_err(),
+            IdentityError::CertificateKeyMismatch
+        );
+        assert_eq!(IdentityError::CertificateKeyMismatch.status(), 400);
+        let stranger = cert("CN=stranger", &["stranger.example"]);
+        assert_eq!(
+            by(&own_key, Mtls::Required, Some(&stranger)).unwrap_err(),
+            IdentityError::UnknownCertificate
+        );
+        assert_eq!(
+            by(&own_key, Mtls::Required, None).unwrap_err(),
+            IdentityError::CertificateRequired
+        );
+        // Optional: keys for clients without a certificate; a bound client needs its own.
+        let plain = headers(&[(API_KEY.as_str(), "key-p")]);
+        assert_eq!(
+            by(&plain, Mtls::Optional, None).unwrap().client.name,
+            "plain"
+        );
+        assert_eq!(
+            by(&own_key, Mtls::Optional, None).unwrap_err(),
+            IdentityError::CertificateRequired
+        );
+        assert_eq!(
+            by(&own_key, Mtls::Off, None).unwrap().source,
+            IdentitySource::Key
+        );
+        let both = cert("CN=backup-script,O=netops", &["monitor.netops.example"]);
+        assert_eq!(
+            by(&none, Mtls::Required, Some(&both)).unwrap_err(),
+            IdentityError::AmbiguousCertificate
+        );
     }
 
     #[test]

@@ -28,6 +28,9 @@
 //! - [`cli`]: the command line.
 //! - [`endpoints`]: Meraki's API operations (method, path template, operationId, tags),
 //!   generated from the official SDK by `scripts/gen-endpoint-table.py`.
+//! - [`tls`]: TLS both ways: one trust policy for every outbound connection (and every HTTP
+//!   client of the proxy's own), the listener's certificate (reloadable) and mutual TLS;
+//!   [`egress`]: outbound HTTPS through an HTTP `CONNECT` proxy.
 //! - [`clock`], [`report`], [`seal`], [`secret`], [`upstream`]: time and its formatting, error
 //!   chains for logs, sealing tokens at rest, secrets that never print, the upstream peer.
 //!
@@ -41,6 +44,7 @@ pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod egress;
 pub mod endpoints;
 pub mod forward;
 pub mod identity;
@@ -55,6 +59,7 @@ pub mod route;
 pub mod seal;
 pub mod secret;
 pub mod server;
+pub mod tls;
 pub mod token;
 pub mod upstream;
 

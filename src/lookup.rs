@@ -16,15 +16,16 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
-    /// A client for `api_base`: no redirects, connect and total timeouts.
-    pub fn new(api_base: &Url, grants: Arc<Grants>, timeout: Duration) -> reqwest::Result<Self> {
+    /// A client for `api_base` under the outbound TLS policy: no redirects, connect and total
+    /// timeouts.
+    pub fn new(
+        api_base: &Url,
+        grants: Arc<Grants>,
+        timeout: Duration,
+        outbound: &crate::tls::Outbound,
+    ) -> reqwest::Result<Self> {
         Ok(ApiClient {
-            http: reqwest::Client::builder()
-                .timeout(timeout)
-                .connect_timeout(timeout.min(Duration::from_secs(10)))
-                .user_agent(crate::PRODUCT)
-                .redirect(reqwest::redirect::Policy::none())
-                .build()?,
+            http: outbound.http_client(timeout)?,
             base: api_base.as_str().trim_end_matches('/').to_owned(),
             grants,
         })
@@ -65,8 +66,15 @@ impl ApiClient {
                 .await
                 .map_err(|e| {
                     let status = if e.is_timeout() { 504 } else { 502 };
-                    tracing::warn!(error = %crate::report::chain(&e.without_url()), "lookup request failed");
-                    LookupError::upstream(status, "Meraki did not answer")
+                    let tls = crate::tls::TlsFailure::of_chain(&e);
+                    tracing::warn!(error = %crate::report::chain(&e.without_url()), tls = tls.map(|t| t.label()), "lookup request failed");
+                    match tls {
+                        Some(t) => LookupError::upstream(
+                            502,
+                            &format!("could not connect to the Meraki API: TLS {}", t.describe()),
+                        ),
+                        None => LookupError::upstream(status, "Meraki did not answer"),
+                    }
                 })?;
             match resp.status().as_u16() {
                 200 => {

@@ -36,7 +36,14 @@ pub struct Metrics {
 }
 
 /// Results of a token endpoint call (see `OAuthError::label`).
-pub const REFRESH_RESULTS: &[&str] = &["ok", "invalid_grant", "as_error", "timeout", "unreachable"];
+pub const REFRESH_RESULTS: &[&str] = &[
+    "ok",
+    "invalid_grant",
+    "as_error",
+    "timeout",
+    "unreachable",
+    "tls_error",
+];
 /// Outcomes of a retry after an upstream 401.
 pub const RETRY_OUTCOMES: &[&str] = &[
     "succeeded",

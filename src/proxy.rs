@@ -64,6 +64,10 @@ pub struct Ctx {
     counted_in_flight: bool,
     /// Attempts repeated after an upstream connection fault (at most one).
     fault_retries: u8,
+    /// What identified the client (`key`, `certificate`, `certificate+key`).
+    identity: Option<&'static str>,
+    /// The subject of the connection's client certificate (mutual TLS).
+    client_cert: Option<Arc<str>>,
 }
 
 impl Ctx {
@@ -91,6 +95,8 @@ impl Ctx {
             upstream_elapsed: None,
             counted_in_flight: false,
             fault_retries: 0,
+            identity: None,
+            client_cert: None,
         }
     }
 
@@ -342,8 +348,11 @@ impl ProxyHttp for MerakiProxy {
         session.as_mut().set_pipelining_enabled(true);
         self.metrics.in_flight().inc();
         ctx.counted_in_flight = true;
-        match admission::admit(&self.state, session.req_header()).await {
+        let cert = crate::tls::peer_cert(session.digest());
+        ctx.client_cert = cert.map(|c| c.subject.clone());
+        match admission::admit_on(&self.state, session.req_header(), cert).await {
             Err(rejection) => {
+                ctx.identity = rejection.identity.map(|i| i.as_str());
                 ctx.client = rejection.client;
                 ctx.org = rejection.org;
                 ctx.path = rejection.path;
@@ -352,6 +361,7 @@ impl ProxyHttp for MerakiProxy {
                 self.refuse(session, ctx, rejection.refusal).await
             }
             Ok(admitted) => {
+                ctx.identity = Some(admitted.identity.as_str());
                 ctx.client = Some(admitted.client);
                 ctx.path = Some(admitted.path);
                 ctx.operation = admitted.operation.map(|o| o.operation_id.as_str());
@@ -378,17 +388,10 @@ impl ProxyHttp for MerakiProxy {
         let Some(t) = &ctx.redirect else {
             return Ok(self.state.upstream.peer());
         };
-        let addr = tokio::net::lookup_host((t.host.as_str(), t.port))
+        self.state
+            .upstream
+            .redirect_peer(&t.host, t.port, t.tls)
             .await
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| {
-                Error::explain(
-                    ErrorType::ConnectNoRoute,
-                    "cannot resolve the redirect target",
-                )
-            })?;
-        Ok(self.state.upstream.peer_at(addr, t.tls, &t.host))
     }
 
     async fn upstream_request_filter(
@@ -450,7 +453,24 @@ impl ProxyHttp for MerakiProxy {
         } else if status == 401 {
             self.after_401(session, resp, ctx).await?;
         }
-        crate::forward::prepare_response(resp, &self.state.upstream.base_path)?;
+        // Split-horizon: links lead back to the origin the client used (one of the proxy's
+        // public origins); otherwise they stay path-absolute.
+        let public = if resp.headers.contains_key(http::header::LINK) {
+            let config = self.state.live.config();
+            let host = session
+                .req_header()
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok());
+            crate::forward::public_origin(&config.public_origins, host).map(str::to_owned)
+        } else {
+            None
+        };
+        crate::forward::prepare_response_for(
+            resp,
+            &self.state.upstream.base_path,
+            public.as_deref(),
+        )?;
         resp.insert_header(REQUEST_ID_HEADER, ctx.request_id.hex().as_str())?;
         Ok(())
     }
@@ -458,12 +478,23 @@ impl ProxyHttp for MerakiProxy {
     fn fail_to_connect(
         &self,
         _session: &mut Session,
-        _peer: &HttpPeer,
+        peer: &HttpPeer,
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        // Nothing was sent: one more attempt is safe for every method.
-        let again = ctx.fault_retries == 0;
+        let tls = crate::tls::TlsFailure::of_pingora(&e);
+        if let Some(failure) = tls {
+            tracing::warn!(
+                host = %peer.sni,
+                cause = failure.label(),
+                error = %e,
+                "TLS handshake with the upstream failed"
+            );
+        }
+        // Nothing was sent: one more attempt is safe for every method; a certificate verdict
+        // would be the same again.
+        let certificate = tls.is_some_and(|f| f != crate::tls::TlsFailure::Handshake);
+        let again = ctx.fault_retries == 0 && !certificate;
         if again {
             ctx.fault_retries += 1;
         }
@@ -601,6 +632,8 @@ impl ProxyHttp for MerakiProxy {
             bytes_out: session.body_bytes_sent() as u64,
             source: session.client_addr().and_then(|a| a.as_inet()).copied(),
             user_agent: req.headers.get(USER_AGENT).cloned(),
+            identity: ctx.identity,
+            client_certificate: ctx.client_cert.take(),
         });
         // Last: a draining server waits for this count, then flushes the audit log, so the
         // record is queued before the request stops counting.

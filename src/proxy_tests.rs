@@ -94,11 +94,13 @@ operations = ["getOrganization", "wireless:read"]
         .import("netops", &["111".into()], Secret::new(authority.issue()))
         .await
         .unwrap();
+    let outbound = Arc::new(crate::tls::Outbound::from_config(&config.upstream).unwrap());
     let upstream = Arc::new(
         Upstream::new(
             &config.upstream.api_base,
             Duration::from_secs(5),
             Duration::from_secs(5),
+            outbound.clone(),
         )
         .unwrap(),
     );
@@ -126,6 +128,7 @@ operations = ["getOrganization", "wireless:read"]
             &config.upstream.api_base,
             grants.clone(),
             Duration::from_secs(5),
+            &outbound,
         )
         .unwrap(),
         grants,

@@ -225,6 +225,11 @@ pub fn from_pingora(e: &pingora::Error) -> Refusal {
         );
     }
     use crate::forward::{fault_phase, FaultPhase};
+    if matches!(e.esource(), pingora::ErrorSource::Upstream) {
+        if let Some(r) = upstream_connect_refusal(e) {
+            return r;
+        }
+    }
     match e.esource() {
         pingora::ErrorSource::Upstream if never_sent(etype) => Refusal::new(
             502,
@@ -259,6 +264,41 @@ pub fn from_pingora(e: &pingora::Error) -> Refusal {
     }
 }
 
+/// A failed TLS handshake or egress tunnel, with its cause named: nothing was sent.
+fn upstream_connect_refusal(e: &pingora::Error) -> Option<Refusal> {
+    use pingora::ErrorType as E;
+    let text = e.to_string();
+    match e.etype() {
+        E::TLSHandshakeFailure | E::TLSHandshakeTimedout | E::InvalidCert => {
+            let failure = crate::tls::TlsFailure::of_pingora(e)?;
+            let host = text
+                .rsplit_once("SNI: ")
+                .map(|(_, sni)| sni.split([',', ' ']).next().unwrap_or(sni).to_owned());
+            Some(
+                Refusal::new(
+                    502,
+                    failure.upstream_reason(),
+                    format!(
+                        "could not connect to the Meraki API{}: TLS {}; the request was not sent",
+                        host.map(|h| format!(" ({h})")).unwrap_or_default(),
+                        failure.describe()
+                    ),
+                )
+                .upstream(upstream::NOT_SENT),
+            )
+        }
+        E::ConnectProxyFailure => Some(
+            Refusal::new(
+                502,
+                "egress_proxy_refused",
+                "the egress proxy did not open a tunnel to the Meraki API; the request was not sent",
+            )
+            .upstream(upstream::NOT_SENT),
+        ),
+        _ => None,
+    }
+}
+
 /// Connection-level failures happen before anything is sent upstream.
 fn never_sent(e: &pingora::ErrorType) -> bool {
     use pingora::ErrorType as E;
@@ -282,6 +322,25 @@ fn never_sent(e: &pingora::ErrorType) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upstream_handshake_failure_names_its_cause() {
+        let mut e = pingora::Error::explain(
+            pingora::ErrorType::TLSHandshakeFailure,
+            "TLS connect() failed: invalid peer certificate: UnknownIssuer, SNI: api.meraki.com",
+        );
+        e.as_up();
+        let r = from_pingora(&e);
+        assert_eq!(
+            (r.status, r.reason, r.upstream),
+            (502, "upstream_tls_unknown_issuer", Some("not-sent"))
+        );
+        assert!(
+            r.message.contains("(api.meraki.com)") && r.message.contains("issuer unknown"),
+            "{}",
+            r.message
+        );
+    }
 
     #[test]
     fn body_is_meraki_shaped_and_escaped() {

@@ -206,9 +206,18 @@ pub fn carry_over(new: &mut Config, running: &Config) -> Vec<&'static str> {
         || n.redirect_hosts != r.redirect_hosts
         || n.lookup_cache_ttl != r.lookup_cache_ttl
         || n.lookup_cache_capacity != r.lookup_cache_capacity
+        || n.ca != r.ca
+        || n.egress != r.egress
+        || n.resolve != r.resolve
     {
         changed.push("upstream");
         new.upstream = running.upstream.clone();
+    }
+    // The certificate, key and client CA are re-read on every reload; whether the listener
+    // speaks TLS at all is fixed when it starts.
+    if new.tls.is_some() != running.tls.is_some() {
+        changed.push("server.tls_cert_file");
+        new.tls = running.tls.clone();
     }
     changed
 }

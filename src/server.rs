@@ -59,6 +59,12 @@ pub enum StartError {
     },
     #[error("start-up runtime")]
     Runtime(#[source] std::io::Error),
+    #[error("outbound TLS")]
+    Tls(#[source] crate::tls::TlsError),
+    #[error("the upstream {upstream} is this proxy's own listener {listen}: requests would loop (in split-horizon DNS, the proxy host must resolve Meraki's names to Meraki: see [upstream] resolve or egress_proxy)")]
+    Loop { upstream: String, listen: String },
+    #[error("inbound TLS")]
+    InboundTls(#[source] pingora::BError),
 }
 
 /// The shared state, built from the configuration (also used by the `grants` commands).
@@ -68,6 +74,8 @@ pub struct Parts {
     pub grants: Arc<Grants>,
     /// Token events and reloads → audit records and metrics.
     pub observer: Arc<Observer>,
+    /// The outbound TLS policy every connection and HTTP client follows.
+    pub outbound: Arc<crate::tls::Outbound>,
 }
 
 /// Opens the audit log, metrics, store and grants, and wires token events to the audit log
@@ -92,10 +100,13 @@ pub async fn parts(config: &Config) -> Result<Parts, StartError> {
             config.store_key.clone(),
         )?),
     };
+    let outbound =
+        Arc::new(crate::tls::Outbound::from_config(&config.upstream).map_err(StartError::Tls)?);
     let oauth = OAuthClient::new(
         config.upstream.token_url.clone(),
         config.upstream.revoke_url.clone(),
         config.token_timeout,
+        &outbound,
     )
     .map_err(StartError::OAuth)?;
     let observer = Arc::new(Observer {
@@ -115,6 +126,7 @@ pub async fn parts(config: &Config) -> Result<Parts, StartError> {
         metrics,
         grants: Arc::new(grants),
         observer,
+        outbound,
     })
 }
 
@@ -167,6 +179,7 @@ pub fn build(launch: Launch) -> Result<(Server, ShutdownBox), StartError> {
         metrics,
         grants,
         observer,
+        outbound,
     } = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -177,11 +190,14 @@ pub fn build(launch: Launch) -> Result<(Server, ShutdownBox), StartError> {
         &config.upstream.api_base,
         config.upstream_connect_timeout,
         config.upstream_timeout,
+        outbound.clone(),
     )?);
+    refuse_loop(&upstream, &listeners.proxy)?;
     let api = ApiClient::new(
         &config.upstream.api_base,
         grants.clone(),
         config.upstream_timeout,
+        &outbound,
     )
     .map_err(StartError::Http)?;
     let live = Arc::new(Live::new(config.clone(), loader, grants.clone(), observer));
@@ -222,7 +238,10 @@ pub fn build(launch: Launch) -> Result<(Server, ShutdownBox), StartError> {
         },
         "meraki-oauth-proxy",
     );
-    proxy.add_tcp(&listen);
+    match &config.tls {
+        None => proxy.add_tcp(&listen),
+        Some(_) => proxy.add_tls_with_settings(&listen, None, inbound_tls(&live, &audit)?),
+    }
     server.add_service(Prebound::new(
         proxy,
         vec![(listen.clone(), listeners.proxy)],
@@ -232,7 +251,8 @@ pub fn build(launch: Launch) -> Result<(Server, ShutdownBox), StartError> {
         let addr = local_addr(&admin_listener)?;
         let mut admin = ListeningService::new(
             "admin".to_string(),
-            Admin::new(live.clone(), grants.clone(), metrics.clone()).map_err(StartError::Http)?,
+            Admin::new(live.clone(), grants.clone(), metrics.clone(), &outbound)
+                .map_err(StartError::Http)?,
         );
         admin.add_tcp(&addr);
         server.add_service(Prebound::new(admin, vec![(addr, admin_listener)])?);
@@ -279,6 +299,61 @@ pub fn build(launch: Launch) -> Result<(Server, ShutdownBox), StartError> {
 }
 
 type ShutdownBox = Box<dyn ShutdownSignalWatch + Send + Sync>;
+
+/// The proxy listener's TLS: the certificate and the client CA are read from the live
+/// configuration at each handshake (a reload that re-read the files is in force for the next
+/// connection); client certificates refused in the handshake are logged and audited; the
+/// certificate a client presented is read once per connection for identification.
+fn inbound_tls(
+    live: &Arc<Live>,
+    audit: &Arc<Audit>,
+) -> Result<pingora::listeners::tls::TlsSettings, StartError> {
+    use crate::tls::{CertResolver, ClientVerifier, HandshakeCallbacks};
+    let mut settings =
+        pingora::listeners::tls::TlsSettings::with_callbacks(Box::new(HandshakeCallbacks))
+            .map_err(StartError::InboundTls)?;
+    let certs = live.clone();
+    settings.set_cert_resolver(Arc::new(CertResolver::new(move || {
+        certs
+            .config()
+            .tls
+            .as_ref()
+            .map(|t| t.cert.certified.clone())
+    })));
+    let cas = live.clone();
+    let audit = audit.clone();
+    settings.set_client_cert_verifier(Arc::new(ClientVerifier::new(
+        move || cas.config().tls.as_ref().and_then(|t| t.client_ca.clone()),
+        move |refused| {
+            tracing::warn!(
+                cause = refused.cause.label(),
+                subject = refused.subject.as_deref().unwrap_or("-"),
+                fingerprint = %refused.fingerprint,
+                detail = %refused.detail,
+                "client certificate refused in the TLS handshake"
+            );
+            audit.tls_event(&crate::audit::TlsRecord::refused(refused));
+        },
+    )));
+    Ok(settings)
+}
+
+/// Refuses to start when the upstream resolves to the proxy's own listener (split-horizon DNS
+/// answering Meraki's names with the proxy's address on the proxy's host too).
+fn refuse_loop(upstream: &Upstream, proxy: &TcpListener) -> Result<(), StartError> {
+    let (Some(up), Ok(listen)) = (upstream.direct_address(), proxy.local_addr()) else {
+        return Ok(());
+    };
+    let same_host =
+        up.ip() == listen.ip() || (listen.ip().is_unspecified() && up.ip().is_loopback());
+    if up.port() == listen.port() && same_host {
+        return Err(StartError::Loop {
+            upstream: up.to_string(),
+            listen: listen.to_string(),
+        });
+    }
+    Ok(())
+}
 
 /// Runs the server until its shutdown signal, then drains (see [`Drain`]).
 pub fn run(launch: Launch) -> Result<(), StartError> {
@@ -586,5 +661,36 @@ impl BackgroundService for Drain {
         if self.exit_when_drained {
             std::process::exit(0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upstream_that_is_the_proxy_itself_is_refused() {
+        let outbound = Arc::new(
+            crate::tls::Outbound::new(None, None, std::collections::BTreeMap::new()).unwrap(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let upstream = |base: String| {
+            Upstream::new(
+                &url::Url::parse(&base).unwrap(),
+                Duration::from_secs(1),
+                Duration::from_secs(1),
+                outbound.clone(),
+            )
+            .unwrap()
+        };
+        let own = upstream(format!("http://127.0.0.1:{port}/api/v1"));
+        let e = refuse_loop(&own, &listener).unwrap_err().to_string();
+        assert!(e.contains("would loop"), "{e}");
+        let other = upstream(format!(
+            "http://127.0.0.1:{}/api/v1",
+            port.wrapping_add(1).max(1)
+        ));
+        assert!(refuse_loop(&other, &listener).is_ok());
     }
 }

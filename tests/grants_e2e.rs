@@ -415,6 +415,7 @@ async fn an_admin_token_protects_the_admin_listener_but_not_probes_or_the_callba
         port: s.port,
         admin_port: s.admin_port,
         log: s.dir.path().join("admin.log"),
+        tls: false,
     };
     eventually_async(|| async { reqwest::get(admin_url(&s, "/healthz")).await.is_ok() }).await;
     enum Auth {

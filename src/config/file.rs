@@ -40,6 +40,17 @@ pub struct Server {
     pub reauth_fails_readiness: Option<bool>,
     /// `"deny"` (default) or `"allow"`: requests matching no operation of Meraki's API table.
     pub unknown_endpoints: Option<String>,
+    /// PEM certificate chain of the proxy listener (TLS when set, with `tls_key_file`).
+    pub tls_cert_file: Option<String>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<String>,
+    /// PEM CAs that client certificates must chain to (mutual TLS).
+    pub tls_client_ca_file: Option<String>,
+    /// `"required"` (default with `tls_client_ca_file`) or `"optional"`.
+    pub tls_client_auth: Option<String>,
+    /// The URL(s) clients reach the proxy by, e.g. `"https://api.meraki.com/api/v1"`
+    /// (split-horizon): `Link` targets become absolute URLs of it.
+    pub public_base_url: Option<OneOrMany>,
 }
 
 /// `[upstream]`
@@ -56,6 +67,15 @@ pub struct Upstream {
     pub lookup_cache_ttl_secs: Option<u64>,
     /// How many lookups the cache holds.
     pub lookup_cache_capacity: Option<u64>,
+    /// PEM CAs trusted for outbound TLS in addition to the platform store.
+    pub ca_file: Option<String>,
+    /// `http://host:port` of an HTTP proxy for outbound HTTPS (CONNECT); default `HTTPS_PROXY`;
+    /// `"none"` to ignore the environment.
+    pub egress_proxy: Option<String>,
+    /// Hosts reached without the egress proxy; default `NO_PROXY`.
+    pub no_proxy: Option<Vec<String>>,
+    /// Host name → IP address, used instead of DNS (like curl's `--resolve`).
+    pub resolve: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// `[store]`
@@ -123,7 +143,11 @@ pub struct Integration {
 pub struct Client {
     pub name: String,
     /// One digest, or several while a key is being rotated.
-    pub key_sha256: Digests,
+    pub key_sha256: Option<Digests>,
+    /// The subject of the client's TLS certificate (mutual TLS), e.g. `"CN=backup-script,O=netops"`.
+    pub cert_subject: Option<String>,
+    /// A DNS name of the client's TLS certificate (subjectAltName).
+    pub cert_san: Option<String>,
     /// Digest → RFC 3339 time after which that key is refused.
     pub key_expires: Option<std::collections::BTreeMap<String, String>>,
     pub integration: String,
@@ -131,6 +155,24 @@ pub struct Client {
     pub methods: Option<Vec<String>>,
     /// operationIds and `family:read|write|*` (family `*` for every family).
     pub operations: Option<Vec<String>>,
+}
+
+/// One string or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// The values as a list.
+    pub fn list(&self) -> Vec<&str> {
+        match self {
+            OneOrMany::One(d) => vec![d.as_str()],
+            OneOrMany::Many(ds) => ds.iter().map(String::as_str).collect(),
+        }
+    }
 }
 
 /// `key_sha256`: one digest or a list.

@@ -97,6 +97,11 @@ pub struct Config {
     pub reauth_fails_readiness: bool,
     /// Requests matching no operation of Meraki's API table: refused or forwarded.
     pub unknown_endpoints: UnknownEndpoints,
+    /// The proxy listener's TLS (`[server] tls_*`); `None`: plain HTTP.
+    pub tls: Option<InboundTls>,
+    /// The origins clients know the proxy by (`[server] public_base_url`), the first the
+    /// default; empty: `Link` targets stay path-absolute.
+    pub public_origins: Vec<PublicOrigin>,
     pub integrations: Vec<Arc<Integration>>,
     pub clients: Vec<Arc<Client>>,
 }
@@ -111,6 +116,34 @@ pub struct UpstreamConfig {
     pub redirect_hosts: Vec<String>,
     pub lookup_cache_ttl: Duration,
     pub lookup_cache_capacity: u64,
+    /// Roots trusted for outbound TLS besides the platform store (`ca_file`).
+    pub ca: Option<crate::tls::CaBundle>,
+    /// The egress HTTP proxy for outbound HTTPS, if any.
+    pub egress: Option<crate::egress::Egress>,
+    /// Host names pinned to addresses instead of DNS (lowercase).
+    pub resolve: std::collections::BTreeMap<String, std::net::IpAddr>,
+}
+
+/// The proxy listener's TLS: its certificate, and mutual TLS when a client CA is set. The
+/// certificate files are read with the rest of the configuration, so a reload re-reads them.
+#[derive(Debug, Clone)]
+pub struct InboundTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub cert: Arc<crate::tls::ServerCert>,
+    /// Mutual TLS: the CAs client certificates must chain to.
+    pub client_ca: Option<Arc<crate::tls::ClientCa>>,
+    /// Whether every request needs a client certificate (`tls_client_auth = "required"`).
+    pub client_cert_required: bool,
+}
+
+/// An origin the proxy answers as (split-horizon), e.g. `https://api.meraki.com`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicOrigin {
+    /// `scheme://host[:port]`, as absolute `Link` targets start.
+    pub origin: String,
+    /// `host[:port]` as a `Host` header names it (lowercase; the scheme's default port omitted).
+    pub authority: String,
 }
 
 /// An OAuth integration registered in the Meraki Dashboard.
@@ -129,12 +162,35 @@ pub struct Client {
     pub name: String,
     /// The SHA-256 digests of the client's keys (several while a key is rotated).
     pub keys: Vec<ClientKey>,
+    /// The client's TLS certificate, by subject or DNS name (mutual TLS).
+    pub cert: Option<CertBinding>,
     pub integration: String,
     pub organizations: Vec<String>,
     /// `None`: every method.
     pub methods: Option<Vec<http::Method>>,
     /// `None`: every operation.
     pub operations: Option<Operations>,
+}
+
+/// How a client's certificate is recognized: its subject, or one of its DNS names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertBinding {
+    pub subject: Option<crate::tls::Subject>,
+    /// Lowercase.
+    pub san: Option<String>,
+}
+
+impl CertBinding {
+    /// Whether `cert` is this client's.
+    pub fn matches(&self, cert: &crate::tls::PeerCert) -> bool {
+        self.subject
+            .as_ref()
+            .is_some_and(|s| s.key == cert.subject_key)
+            || self
+                .san
+                .as_ref()
+                .is_some_and(|n| cert.dns_names.iter().any(|d| d == n))
+    }
 }
 
 /// One of a client's keys, by digest, with the time after which it is refused.
@@ -363,7 +419,7 @@ impl Validator<'_> {
         }
     }
 
-    fn validate(&self, raw: file::File, source: &Path) -> Result<Config, ConfigError> {
+    fn validate(&self, mut raw: file::File, source: &Path) -> Result<Config, ConfigError> {
         let listen = self.addr("server.listen", &raw.server.listen)?;
         let admin_listen = raw
             .server
@@ -415,7 +471,8 @@ impl Validator<'_> {
             .as_deref()
             .map(|u| self.url("upstream.revoke_url", u))
             .transpose()?;
-        let redirect_hosts = match raw.upstream.redirect_hosts {
+        let egress = self.egress(&raw.upstream)?;
+        let redirect_hosts = match raw.upstream.redirect_hosts.take() {
             Some(hosts) => {
                 for (i, h) in hosts.iter().enumerate() {
                     if h.is_empty() || h.contains(['/', ':', ' ']) {
@@ -439,7 +496,20 @@ impl Validator<'_> {
             redirect_hosts,
             lookup_cache_ttl: secs(raw.upstream.lookup_cache_ttl_secs.unwrap_or(600)),
             lookup_cache_capacity: raw.upstream.lookup_cache_capacity.unwrap_or(100_000),
+            ca: raw
+                .upstream
+                .ca_file
+                .as_deref()
+                .map(|f| {
+                    crate::tls::CaBundle::load(&self.path(f))
+                        .map_err(|e| self.invalid("upstream.ca_file", crate::report::chain(&e)))
+                })
+                .transpose()?,
+            egress,
+            resolve: self.resolve(raw.upstream.resolve.as_ref())?,
         };
+        let tls = self.inbound_tls(&raw.server)?;
+        let public_origins = self.public_origins(raw.server.public_base_url.as_ref())?;
 
         let refresh_ahead = secs(raw.tokens.refresh_ahead_secs.unwrap_or(300));
         if refresh_ahead >= Duration::from_secs(3000) {
@@ -525,6 +595,14 @@ impl Validator<'_> {
         }
         let integrations = self.integrations(raw.integrations)?;
         let clients = self.clients(raw.clients, &integrations)?;
+        if let Some(i) = clients.iter().position(|c| c.cert.is_some()) {
+            if tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+                return Err(self.invalid(
+                    format!("clients[{i}].cert_subject"),
+                    "a client certificate is only checked with mutual TLS: set server.tls_cert_file, tls_key_file and tls_client_ca_file",
+                ));
+            }
+        }
 
         Ok(Config {
             source: source.to_path_buf(),
@@ -553,9 +631,184 @@ impl Validator<'_> {
             admin_token,
             reauth_fails_readiness: raw.server.reauth_fails_readiness.unwrap_or(true),
             unknown_endpoints,
+            tls,
+            public_origins,
             integrations,
             clients,
         })
+    }
+
+    /// `[upstream] egress_proxy` and `no_proxy`, by default from `HTTPS_PROXY`/`NO_PROXY`.
+    fn egress(&self, up: &file::Upstream) -> Result<Option<crate::egress::Egress>, ConfigError> {
+        let env = |a: &str, b: &str| {
+            (self.env)(a)
+                .or_else(|| (self.env)(b))
+                .filter(|v| !v.trim().is_empty())
+        };
+        let no_proxy: Vec<String> = match &up.no_proxy {
+            Some(list) => list.clone(),
+            None => env("NO_PROXY", "no_proxy").into_iter().collect(),
+        };
+        let (value, key, from_env) = match up.egress_proxy.as_deref().map(str::trim) {
+            Some("" | "none") => return Ok(None),
+            Some(v) => (v.to_owned(), "upstream.egress_proxy", false),
+            None => match env("HTTPS_PROXY", "https_proxy") {
+                Some(v) => (v, "upstream.egress_proxy (from HTTPS_PROXY)", true),
+                None => return Ok(None),
+            },
+        };
+        crate::egress::Egress::parse(&value, &no_proxy, from_env)
+            .map(Some)
+            .map_err(|e| self.invalid(key, e.to_string()))
+    }
+
+    /// `[upstream] resolve`: host name → IP address.
+    fn resolve(
+        &self,
+        raw: Option<&std::collections::BTreeMap<String, String>>,
+    ) -> Result<std::collections::BTreeMap<String, std::net::IpAddr>, ConfigError> {
+        let mut out = std::collections::BTreeMap::new();
+        for (host, ip) in raw.into_iter().flatten() {
+            let key = format!("upstream.resolve.{host}");
+            if host.is_empty() || host.contains(['/', ':', ' ']) {
+                return Err(self.invalid(key, "expected a host name such as \"api.meraki.com\""));
+            }
+            let ip: std::net::IpAddr = ip.trim().parse().map_err(|_| {
+                self.invalid(key.clone(), format!("expected an IP address, got {ip:?}"))
+            })?;
+            out.insert(host.to_ascii_lowercase(), ip);
+        }
+        Ok(out)
+    }
+
+    /// `[server] tls_cert_file`, `tls_key_file`, `tls_client_ca_file`, `tls_client_auth`.
+    fn inbound_tls(&self, server: &file::Server) -> Result<Option<InboundTls>, ConfigError> {
+        let (cert_file, key_file) = match (&server.tls_cert_file, &server.tls_key_file) {
+            (None, None) => {
+                for (set, key) in [
+                    (
+                        server.tls_client_ca_file.is_some(),
+                        "server.tls_client_ca_file",
+                    ),
+                    (server.tls_client_auth.is_some(), "server.tls_client_auth"),
+                ] {
+                    if set {
+                        return Err(self.invalid(
+                            key,
+                            "mutual TLS needs server.tls_cert_file and tls_key_file",
+                        ));
+                    }
+                }
+                return Ok(None);
+            }
+            (Some(_), None) => {
+                return Err(self.invalid(
+                    "server.tls_key_file",
+                    "expected the PEM private key of server.tls_cert_file",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(self.invalid(
+                    "server.tls_cert_file",
+                    "expected the PEM certificate chain of server.tls_key_file",
+                ))
+            }
+            (Some(c), Some(k)) => (self.path(c), self.path(k)),
+        };
+        let cert = crate::tls::ServerCert::load(&cert_file, &key_file).map_err(|e| {
+            let key = match e {
+                crate::tls::TlsError::NoKey { .. } | crate::tls::TlsError::KeyMismatch { .. } => {
+                    "server.tls_key_file"
+                }
+                crate::tls::TlsError::Unusable { ref path, .. }
+                    if *path == key_file.display().to_string() =>
+                {
+                    "server.tls_key_file"
+                }
+                crate::tls::TlsError::Read { ref path, .. }
+                    if *path == key_file.display().to_string() =>
+                {
+                    "server.tls_key_file"
+                }
+                _ => "server.tls_cert_file",
+            };
+            self.invalid(key, crate::report::chain(&e))
+        })?;
+        let client_ca = server
+            .tls_client_ca_file
+            .as_deref()
+            .map(|f| {
+                crate::tls::ClientCa::load(&self.path(f))
+                    .map(Arc::new)
+                    .map_err(|e| {
+                        self.invalid("server.tls_client_ca_file", crate::report::chain(&e))
+                    })
+            })
+            .transpose()?;
+        let client_cert_required = match server.tls_client_auth.as_deref() {
+            None | Some("required") => true,
+            Some("optional") => false,
+            Some(other) => {
+                return Err(self.invalid(
+                    "server.tls_client_auth",
+                    format!("expected \"required\" or \"optional\", got {other:?}"),
+                ))
+            }
+        };
+        if server.tls_client_auth.is_some() && client_ca.is_none() {
+            return Err(self.invalid("server.tls_client_auth", "needs server.tls_client_ca_file"));
+        }
+        Ok(Some(InboundTls {
+            cert_file,
+            key_file,
+            cert: Arc::new(cert),
+            client_ca,
+            client_cert_required,
+        }))
+    }
+
+    /// `[server] public_base_url`: `scheme://host[:port]/api/v1`, one or several.
+    fn public_origins(
+        &self,
+        raw: Option<&file::OneOrMany>,
+    ) -> Result<Vec<PublicOrigin>, ConfigError> {
+        let Some(raw) = raw else {
+            return Ok(Vec::new());
+        };
+        let many = matches!(raw, file::OneOrMany::Many(_));
+        let list = raw.list();
+        if list.is_empty() {
+            return Err(self.invalid("server.public_base_url", "expected at least one URL"));
+        }
+        let mut out: Vec<PublicOrigin> = Vec::with_capacity(list.len());
+        for (i, v) in list.iter().enumerate() {
+            let key = if many {
+                format!("server.public_base_url[{i}]")
+            } else {
+                "server.public_base_url".to_owned()
+            };
+            let url = self.url(&key, v)?;
+            if url.path().trim_end_matches('/') != "/api/v1"
+                || url.query().is_some()
+                || !url.username().is_empty()
+            {
+                return Err(self.invalid(
+                    key,
+                    format!("expected a base URL ending in /api/v1, such as \"https://api.meraki.com/api/v1\", got {v:?}"),
+                ));
+            }
+            let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+            let authority = match url.port() {
+                Some(p) => format!("{host}:{p}"),
+                None => host,
+            };
+            let origin = format!("{}://{authority}", url.scheme());
+            if out.iter().any(|o| o.authority == authority) {
+                return Err(self.invalid(key, format!("{authority} is listed twice")));
+            }
+            out.push(PublicOrigin { origin, authority });
+        }
+        Ok(out)
     }
 
     fn store_key(&self, store: &file::Store) -> Result<crate::seal::StoreKey, ConfigError> {
@@ -773,6 +1026,58 @@ impl Validator<'_> {
         Ok(Operations { rules })
     }
 
+    /// `clients[i].cert_subject` and `cert_san`, each naming one client only.
+    fn cert_binding(
+        &self,
+        i: usize,
+        c: &file::Client,
+        subjects: &mut HashMap<String, String>,
+        sans: &mut HashMap<String, String>,
+    ) -> Result<Option<CertBinding>, ConfigError> {
+        let subject = match &c.cert_subject {
+            None => None,
+            Some(text) => {
+                let key = format!("clients[{i}].cert_subject");
+                let s = crate::tls::Subject::parse(text).map_err(|p| {
+                    self.invalid(
+                        key.clone(),
+                        format!("{p} (expected a subject such as \"CN=backup-script,O=netops\")"),
+                    )
+                })?;
+                if let Some(other) = subjects.insert(s.key.clone(), c.name.clone()) {
+                    return Err(self.invalid(
+                        key,
+                        format!("the same certificate subject is used by client {other:?}"),
+                    ));
+                }
+                Some(s)
+            }
+        };
+        let san = match &c.cert_san {
+            None => None,
+            Some(name) => {
+                let key = format!("clients[{i}].cert_san");
+                let n = name.trim().to_ascii_lowercase();
+                if n.is_empty() || n.contains(['/', ':', ' ', ',']) {
+                    return Err(self.invalid(
+                        key,
+                        format!(
+                            "expected a DNS name such as \"backup.netops.example\", got {name:?}"
+                        ),
+                    ));
+                }
+                if let Some(other) = sans.insert(n.clone(), c.name.clone()) {
+                    return Err(self.invalid(
+                        key,
+                        format!("the same certificate name is used by client {other:?}"),
+                    ));
+                }
+                Some(n)
+            }
+        };
+        Ok((subject.is_some() || san.is_some()).then_some(CertBinding { subject, san }))
+    }
+
     fn clients(
         &self,
         raw: Vec<file::Client>,
@@ -780,6 +1085,8 @@ impl Validator<'_> {
     ) -> Result<Vec<Arc<Client>>, ConfigError> {
         let mut names = HashSet::new();
         let mut digests: HashMap<[u8; 32], String> = HashMap::new();
+        let mut subjects: HashMap<String, String> = HashMap::new();
+        let mut sans: HashMap<String, String> = HashMap::new();
         let mut out = Vec::with_capacity(raw.len());
         for (i, c) in raw.into_iter().enumerate() {
             let key = |k: &str| format!("clients[{i}].{k}");
@@ -794,13 +1101,21 @@ impl Validator<'_> {
                     self.invalid(key("name"), format!("client {:?} is defined twice", c.name))
                 );
             }
-            let listed = c.key_sha256.list();
-            if listed.is_empty() {
-                return Err(self.invalid(key("key_sha256"), "expected at least one digest"));
+            let cert = self.cert_binding(i, &c, &mut subjects, &mut sans)?;
+            let listed = c.key_sha256.as_ref().map(|d| d.list()).unwrap_or_default();
+            if listed.is_empty() && (c.key_sha256.is_some() || cert.is_none()) {
+                return Err(self.invalid(
+                    key("key_sha256"),
+                    if c.key_sha256.is_some() {
+                        "expected at least one digest"
+                    } else {
+                        "expected the digest of the client's key (or, with mutual TLS, cert_subject or cert_san)"
+                    },
+                ));
             }
             let mut keys = Vec::with_capacity(listed.len());
             for (j, d) in listed.iter().enumerate() {
-                let at = if matches!(c.key_sha256, file::Digests::One(_)) {
+                let at = if matches!(c.key_sha256, Some(file::Digests::One(_))) {
                     key("key_sha256")
                 } else {
                     format!("clients[{i}].key_sha256[{j}]")
@@ -901,6 +1216,7 @@ impl Validator<'_> {
             out.push(Arc::new(Client {
                 name: c.name,
                 keys,
+                cert,
                 integration: c.integration,
                 organizations: c.organizations,
                 methods,
@@ -937,7 +1253,41 @@ impl fmt::Display for Config {
     /// A summary without secrets, printed by `check`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "config: {}", self.source.display())?;
-        writeln!(f, "proxy listener: http://{}/api/v1", self.listen)?;
+        match &self.tls {
+            None => writeln!(f, "proxy listener: http://{}/api/v1", self.listen)?,
+            Some(t) => {
+                writeln!(
+                    f,
+                    "proxy listener: https://{}/api/v1 (certificate {} for {}, expires {}, sha256 {})",
+                    self.listen,
+                    t.cert.subject,
+                    t.cert.names.join(", "),
+                    crate::clock::rfc3339(t.cert.not_after),
+                    &t.cert.fingerprint[..16]
+                )?;
+                if let Some(ca) = &t.client_ca {
+                    writeln!(
+                        f,
+                        "mutual TLS: client certificates from {} ({} CA certificates), {}",
+                        ca.path.display(),
+                        ca.count,
+                        if t.client_cert_required {
+                            "required"
+                        } else {
+                            "optional"
+                        }
+                    )?;
+                }
+            }
+        }
+        if !self.public_origins.is_empty() {
+            let list: Vec<&str> = self
+                .public_origins
+                .iter()
+                .map(|o| o.origin.as_str())
+                .collect();
+            writeln!(f, "answers as (Link targets): {}", list.join(", "))?;
+        }
         match self.admin_listen {
             Some(a) => writeln!(
                 f,
@@ -948,6 +1298,21 @@ impl fmt::Display for Config {
         writeln!(f, "worker threads: {}", self.threads)?;
         writeln!(f, "upstream: {}", self.upstream.api_base)?;
         writeln!(f, "token endpoint: {}", self.upstream.token_url)?;
+        if let Some(ca) = &self.upstream.ca {
+            writeln!(
+                f,
+                "outbound TLS trusts: the platform store and {} ({} certificates)",
+                ca.path.display(),
+                ca.certs.len()
+            )?;
+        }
+        match &self.upstream.egress {
+            Some(e) => writeln!(f, "egress proxy (HTTPS, CONNECT): {}", e.url)?,
+            None => writeln!(f, "egress proxy: none (direct connections)")?,
+        }
+        for (host, ip) in &self.upstream.resolve {
+            writeln!(f, "resolves {host} to {ip}")?;
+        }
         writeln!(
             f,
             "redirects allowed to: {}",
@@ -1078,8 +1443,9 @@ methods = ["get"]
     #[test]
     fn the_example_proxy_toml_is_valid() {
         let text = include_str!("../../proxy.toml");
-        let c = Config::parse(text, Path::new("/etc/proxy.toml"), &|_| {
-            Some("11".repeat(32))
+        // Every variable the file names is set; the proxy variables of the environment are not.
+        let c = Config::parse(text, Path::new("/etc/proxy.toml"), &|v| {
+            (!v.to_ascii_lowercase().ends_with("_proxy")).then(|| "11".repeat(32))
         })
         .unwrap();
         assert!(!c.clients.is_empty() && !c.integrations.is_empty());
@@ -1241,6 +1607,174 @@ methods = ["get"]
             assert!(e.contains(key), "expected {key} in: {e}");
             assert!(e.starts_with("/etc/proxy.toml: "), "{e}");
         }
+    }
+
+    /// A CA and a server certificate for `api.meraki.com` signed by it, written to `dir`.
+    fn write_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf, String) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = p.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["api.meraki.com".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let (c, k, a) = (
+            dir.join("proxy.pem"),
+            dir.join("proxy.key"),
+            dir.join("ca.pem"),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        std::fs::write(&a, ca.pem()).unwrap();
+        (c, k, a, key.serialize_pem())
+    }
+
+    #[test]
+    fn tls_settings_load_their_files_and_errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, ca, key_pem) = write_pki(dir.path());
+        let server = format!(
+            "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\ntls_client_ca_file = \"{}\"\npublic_base_url = [\"https://api.meraki.com/api/v1\", \"https://api.meraki.ca:8443/api/v1/\"]\nadmin_listen",
+            cert.display(),
+            key.display(),
+            ca.display()
+        );
+        let upstream = format!(
+            "[upstream]\nca_file = \"{}\"\nresolve = {{ \"API.meraki.com\" = \"192.0.2.10\" }}\n",
+            ca.display()
+        );
+        let bound = "\n[[clients]]\nname = \"appliance\"\ncert_subject = \"CN=backup-script,O=netops\"\nintegration = \"netops\"\norganizations = [\"123\"]\n";
+        let text = format!("{GOOD}{bound}")
+            .replace("admin_listen", &server)
+            .replace("[upstream]\n", &upstream);
+        let c = parse(&text).unwrap();
+        let tls = c.tls.as_ref().unwrap();
+        assert_eq!(tls.cert.names, ["api.meraki.com"]);
+        assert!(tls.client_cert_required);
+        assert_eq!(
+            c.public_origins
+                .iter()
+                .map(|o| (o.origin.as_str(), o.authority.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                ("https://api.meraki.com", "api.meraki.com"),
+                ("https://api.meraki.ca:8443", "api.meraki.ca:8443")
+            ]
+        );
+        assert_eq!(c.upstream.ca.as_ref().unwrap().certs.len(), 1);
+        assert_eq!(
+            c.upstream.resolve.get("api.meraki.com"),
+            Some(&"192.0.2.10".parse().unwrap())
+        );
+        assert!(c.clients[1].cert.is_some() && c.clients[1].keys.is_empty());
+        let shown = format!("{c}\n{c:?}");
+        assert!(shown.contains("proxy listener: https://"), "{shown}");
+        let key_body = key_pem.lines().nth(1).unwrap();
+        assert!(
+            !shown.contains(key_body) && !shown.contains("PRIVATE KEY"),
+            "{shown}"
+        );
+
+        let missing = dir.path().join("missing.key");
+        for (from, to, key, problem) in [
+            (
+                key.display().to_string(),
+                missing.display().to_string(),
+                "server.tls_key_file",
+                "cannot read",
+            ),
+            (
+                key.display().to_string(),
+                cert.display().to_string(),
+                "server.tls_key_file",
+                "no PEM private key",
+            ),
+            (
+                cert.display().to_string(),
+                key.display().to_string(),
+                "server.tls_cert_file",
+                "no PEM certificate",
+            ),
+            (
+                "tls_client_ca_file".into(),
+                "tls_client_auth = \"maybe\"\ntls_client_ca_file".into(),
+                "server.tls_client_auth",
+                "\"required\" or \"optional\"",
+            ),
+            (
+                "https://api.meraki.ca:8443/api/v1/".into(),
+                "https://api.meraki.ca/v2".into(),
+                "server.public_base_url[1]",
+                "ending in /api/v1",
+            ),
+            (
+                "CN=backup-script,O=netops".into(),
+                "CN=backup-script,XX=netops".into(),
+                "clients[1].cert_subject",
+                "unknown attribute",
+            ),
+            (
+                "192.0.2.10".into(),
+                "not-an-ip".into(),
+                "upstream.resolve.API.meraki.com",
+                "IP address",
+            ),
+        ] {
+            let e = parse(&text.replace(&from, &to)).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(problem), "{key}: {e}");
+            assert!(!e.contains(key_body), "{e}");
+        }
+        // A certificate binding without mutual TLS can never match: refused.
+        let e = parse(&text.replace(&format!("tls_client_ca_file = \"{}\"\n", ca.display()), ""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("clients[1].cert_subject") && e.contains("mutual TLS"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_egress_proxy_comes_from_the_file_or_https_proxy() {
+        let with_env = |text: &str, https_proxy: Option<&str>| {
+            Config::parse(text, Path::new("/etc/proxy.toml"), &|v| match v {
+                "SECRET_VAR" => Some("s".into()),
+                "STORE_KEY" => Some("11".repeat(32)),
+                "HTTPS_PROXY" => https_proxy.map(str::to_owned),
+                "NO_PROXY" => Some("internal.example".into()),
+                _ => None,
+            })
+        };
+        let c = with_env(GOOD, None).unwrap();
+        assert!(c.upstream.egress.is_none());
+        let c = with_env(GOOD, Some("http://user:pa55word@proxy.corp:3128")).unwrap();
+        let e = c.upstream.egress.as_ref().unwrap();
+        assert_eq!(e.authority(), "proxy.corp:3128");
+        assert!(e.bypasses("a.internal.example"));
+        let shown = format!("{c}\n{c:?}");
+        assert!(
+            !shown.contains("pa55word") && !shown.contains("user:"),
+            "{shown}"
+        );
+        let file = GOOD.replace("[upstream]\n", "[upstream]\negress_proxy = \"none\"\n");
+        assert!(with_env(&file, Some("http://proxy.corp:3128"))
+            .unwrap()
+            .upstream
+            .egress
+            .is_none());
+        let file = GOOD.replace(
+            "[upstream]\n",
+            "[upstream]\negress_proxy = \"http://u:p@proxy:1\"\n",
+        );
+        let e = with_env(&file, None).unwrap_err().to_string();
+        assert!(
+            e.contains("upstream.egress_proxy") && e.contains("credentials"),
+            "{e}"
+        );
+        assert!(!e.contains("u:p@"), "{e}");
     }
 
     #[test]

@@ -23,6 +23,14 @@ pub enum OAuthError {
     /// Could not reach it (the cause, without URL, as the source).
     #[error("authorization server unreachable")]
     Transport(#[source] Arc<reqwest::Error>),
+    /// Reached, but its TLS certificate was refused (or the handshake failed): the cause is
+    /// named, the detail is the TLS library's.
+    #[error("authorization server TLS: {failure}")]
+    Tls {
+        failure: crate::tls::TlsFailure,
+        #[source]
+        source: Arc<reqwest::Error>,
+    },
     /// Not configured for this call.
     #[error("{0} is not configured")]
     NotConfigured(&'static str),
@@ -39,6 +47,7 @@ impl OAuthError {
             OAuthError::Refused { .. } | OAuthError::BadResponse(_) => "as_error",
             OAuthError::Timeout => "timeout",
             OAuthError::Transport(_) | OAuthError::NotConfigured(_) => "unreachable",
+            OAuthError::Tls { .. } => "tls_error",
         }
     }
 }
@@ -100,19 +109,14 @@ pub struct OAuthClient {
 }
 
 impl OAuthClient {
-    /// A client for these endpoints with this per-call timeout.
+    /// A client for these endpoints with this per-call timeout, under the outbound TLS policy.
     pub fn new(
         token_url: Url,
         revoke_url: Option<Url>,
         timeout: Duration,
+        outbound: &crate::tls::Outbound,
     ) -> Result<Self, OAuthError> {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .user_agent(crate::PRODUCT)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(transport)?;
+        let http = outbound.http_client(timeout).map_err(transport)?;
         Ok(OAuthClient {
             http,
             token_url,
@@ -239,6 +243,11 @@ impl Classify for serde_json::Error {
 fn transport(e: reqwest::Error) -> OAuthError {
     if e.is_timeout() {
         OAuthError::Timeout
+    } else if let Some(failure) = crate::tls::TlsFailure::of_chain(&e) {
+        OAuthError::Tls {
+            failure,
+            source: Arc::new(e.without_url()),
+        }
     } else {
         // Without the URL, and reqwest never includes the form body.
         OAuthError::Transport(Arc::new(e.without_url()))

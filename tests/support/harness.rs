@@ -71,12 +71,17 @@ pub struct Options {
     pub store_url: Option<String>,
     /// Lines for `[store]`.
     pub store: String,
+    /// The stand-in serves HTTPS with these host names and certificates.
+    pub https: Option<super::standin::Https>,
 }
 
 impl Scenario {
     /// Seeds the stand-in and writes the configuration; grants are imported with [`import`].
     pub async fn new(opts: Options) -> Scenario {
-        let standin = Standin::start().await;
+        let standin = match opts.https.clone() {
+            None => Standin::start().await,
+            Some(https) => Standin::start_https(https).await,
+        };
         standin.add_client(CLIENT_ID, CLIENT_SECRET);
         standin.add_org("111", "Alice Org");
         standin.add_org("222", "Bob Org");
@@ -198,7 +203,13 @@ methods = ["GET"]
             .args(args)
             .env("NETOPS_CLIENT_SECRET", CLIENT_SECRET)
             .env("MERAKI_PROXY_STORE_KEY", STORE_KEY)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            // The proxy takes its egress proxy from these: the tests' traffic stays on loopback
+            // unless a test sets them.
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy");
         c
     }
 
@@ -272,6 +283,7 @@ methods = ["GET"]
             port,
             admin_port,
             log,
+            tls: false,
         };
         p.wait_ready().await;
         p
@@ -296,11 +308,13 @@ methods = ["GET"]
             .stderr(stderr)
             .spawn()
             .unwrap();
+        let text = std::fs::read_to_string(&self.config).unwrap_or_default();
         let p = ProxyProcess {
             child,
             port: self.port,
             admin_port: self.admin_port,
             log,
+            tls: text.contains("\ntls_cert_file"),
         };
         p.wait_ready().await;
         p
@@ -408,6 +422,8 @@ pub struct ProxyProcess {
     pub port: u16,
     pub admin_port: u16,
     pub log: PathBuf,
+    /// The proxy listener speaks TLS.
+    pub tls: bool,
 }
 
 impl ProxyProcess {
@@ -424,14 +440,22 @@ impl ProxyProcess {
                 .get(format!("http://127.0.0.1:{}/healthz", self.admin_port))
                 .send()
                 .await;
-            let proxy = http
-                .get(format!(
+            // A TLS listener accepting connections is enough: the admin listener answering
+            // means the server's services run.
+            let proxy = if self.tls {
+                tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                    .await
+                    .is_ok()
+            } else {
+                http.get(format!(
                     "http://127.0.0.1:{}/api/v1/organizations",
                     self.port
                 ))
                 .send()
-                .await;
-            if admin.is_ok() && proxy.is_ok() {
+                .await
+                .is_ok()
+            };
+            if admin.is_ok() && proxy {
                 return;
             }
             assert!(

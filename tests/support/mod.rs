@@ -2,7 +2,9 @@
 #![allow(dead_code)]
 
 pub mod chaos;
+pub mod connect;
 pub mod harness;
 pub mod inproc;
 pub mod pg;
+pub mod pki;
 pub mod standin;

@@ -8,6 +8,10 @@
 //! answering whatever the test's runtime does (a `current_thread` test that blocks, a paused
 //! clock, a proxy running on its own threads).
 //!
+//! HTTPS is opt-in ([`Standin::start_https`]): each listener then serves TLS with a certificate
+//! of its own host name (which the caller makes and can replace while it runs), its URLs name
+//! those hosts, and every accepted connection is recorded with its peer address.
+//!
 //! This file is compiled both as `tests/support/standin.rs` and, through `#[path]`, by
 //! `examples/meraki_standin.rs`, so it refers to nothing outside itself.
 
@@ -72,12 +76,82 @@ impl Recorded {
     }
 }
 
+/// A certificate chain and its private key, PEM.
+#[derive(Clone)]
+pub struct Identity {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// The stand-in's HTTPS: each listener's host name (in its URLs, `Link`s and redirects) and
+/// certificate.
+#[derive(Clone)]
+pub struct Https {
+    pub main_host: String,
+    pub main: Identity,
+    pub shard_host: String,
+    pub shard: Identity,
+}
+
+/// A listener's current certificate, replaceable while it runs.
+#[derive(Debug)]
+struct Certs(Mutex<Arc<tokio_rustls::rustls::sign::CertifiedKey>>);
+
+impl tokio_rustls::rustls::server::ResolvesServerCert for Certs {
+    fn resolve(
+        &self,
+        _hello: tokio_rustls::rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<tokio_rustls::rustls::sign::CertifiedKey>> {
+        Some(
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        )
+    }
+}
+
+fn certified_key(id: &Identity) -> io::Result<Arc<tokio_rustls::rustls::sign::CertifiedKey>> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(id.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| io::Error::other(format!("certificate PEM: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())
+        .map_err(|e| io::Error::other(format!("key PEM: {e}")))?;
+    let provider = tokio_rustls::rustls::crypto::ring::default_provider();
+    tokio_rustls::rustls::sign::CertifiedKey::from_der(certs, key, &provider)
+        .map(Arc::new)
+        .map_err(|e| io::Error::other(format!("certificate and key: {e}")))
+}
+
+fn tls_acceptor(certs: Arc<Certs>) -> io::Result<tokio_rustls::TlsAcceptor> {
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| io::Error::other(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(certs);
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The HTTPS side of a running stand-in.
+struct TlsState {
+    main: Arc<Certs>,
+    shard: Arc<Certs>,
+    main_host: String,
+    shard_host: String,
+}
+
 /// A running stand-in. Dropping it stops its servers (without waiting); keep it alive for as long
 /// as the test talks to it.
 pub struct Standin {
     state: Arc<Mutex<Inner>>,
     addr: SocketAddr,
     shard_addr: SocketAddr,
+    tls: Option<TlsState>,
+    /// Every connection accepted (HTTPS mode): the listener and the peer's address.
+    connections: Arc<Mutex<Vec<(&'static str, SocketAddr)>>>,
     stop: watch::Sender<bool>,
     /// Disconnected once the server thread has closed its listeners and connections.
     stopped: Mutex<Option<mpsc::Receiver<()>>>,
@@ -100,6 +174,21 @@ impl Standin {
 
     /// Like [`Standin::start_on`], but reports a failure to bind instead of panicking.
     pub async fn try_start_on(addr: SocketAddr) -> io::Result<Standin> {
+        Standin::try_start_with(addr, None).await
+    }
+
+    /// Starts on 127.0.0.1 serving HTTPS: `https://MAIN_HOST:PORT` and
+    /// `https://SHARD_HOST:SHARDPORT`, each with its certificate. The host names are the
+    /// caller's to resolve to 127.0.0.1 for its clients.
+    pub async fn start_https(https: Https) -> Standin {
+        match Standin::try_start_with(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), Some(https)).await
+        {
+            Ok(standin) => standin,
+            Err(e) => panic!("meraki stand-in: cannot start HTTPS: {e}"),
+        }
+    }
+
+    async fn try_start_with(addr: SocketAddr, https: Option<Https>) -> io::Result<Standin> {
         // Bind here, before returning, so that the ports accept connections from the start.
         let main = std::net::TcpListener::bind(addr)?;
         let shard = std::net::TcpListener::bind(SocketAddr::new(addr.ip(), 0))?;
@@ -109,11 +198,32 @@ impl Standin {
         let shard_addr = shard.local_addr()?;
 
         let state = Arc::new(Mutex::new(Inner::new()));
-        let shard_base: Arc<str> = base_url_of(shard_addr).into();
+        let tls = match &https {
+            None => None,
+            Some(h) => Some(TlsState {
+                main: Arc::new(Certs(Mutex::new(certified_key(&h.main)?))),
+                shard: Arc::new(Certs(Mutex::new(certified_key(&h.shard)?))),
+                main_host: h.main_host.clone(),
+                shard_host: h.shard_host.clone(),
+            }),
+        };
+        let acceptors = match &tls {
+            None => None,
+            Some(t) => Some((
+                tls_acceptor(t.main.clone())?,
+                tls_acceptor(t.shard.clone())?,
+            )),
+        };
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let base = |addr: SocketAddr, which: fn(&TlsState) -> &str| match &tls {
+            None => base_url_of(addr),
+            Some(t) => format!("https://{}:{}", which(t), addr.port()),
+        };
+        let shard_base: Arc<str> = base(shard_addr, |t| &t.shard_host).into();
         let main_ctx = Ctx {
             state: state.clone(),
             listener: "main",
-            base_url: base_url_of(main_addr).into(),
+            base_url: base(main_addr, |t| &t.main_host).into(),
             shard_base: shard_base.clone(),
         };
         let shard_ctx = Ctx {
@@ -125,6 +235,7 @@ impl Standin {
         let (stop, stop_rx) = watch::channel(false);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<io::Result<()>>();
         let (stopped_tx, stopped_rx) = mpsc::channel::<()>();
+        let conns = connections.clone();
         std::thread::Builder::new()
             .name("meraki-standin".into())
             .spawn(move || {
@@ -153,10 +264,34 @@ impl Standin {
                         }
                     };
                     let _ = ready_tx.send(Ok(()));
-                    tokio::join!(
-                        serve_until_stopped(main, router(main_ctx), stop_rx.clone()),
-                        serve_until_stopped(shard, router(shard_ctx), stop_rx),
-                    );
+                    match acceptors {
+                        None => {
+                            tokio::join!(
+                                serve_until_stopped(main, router(main_ctx), stop_rx.clone()),
+                                serve_until_stopped(shard, router(shard_ctx), stop_rx),
+                            );
+                        }
+                        Some((main_tls, shard_tls)) => {
+                            tokio::join!(
+                                serve_tls_until_stopped(
+                                    main,
+                                    "main",
+                                    router(main_ctx),
+                                    main_tls,
+                                    conns.clone(),
+                                    stop_rx.clone()
+                                ),
+                                serve_tls_until_stopped(
+                                    shard,
+                                    "shard",
+                                    router(shard_ctx),
+                                    shard_tls,
+                                    conns,
+                                    stop_rx
+                                ),
+                            );
+                        }
+                    }
                 });
                 // Dropping the runtime cancels the connection tasks, so the stop is a hard one,
                 // like a server going away.
@@ -170,6 +305,8 @@ impl Standin {
             state,
             addr: main_addr,
             shard_addr,
+            tls,
+            connections,
             stop,
             stopped: Mutex::new(Some(stopped_rx)),
         })
@@ -195,9 +332,42 @@ impl Standin {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (HTTPS mode: `https://MAIN_HOST:PORT`)
     pub fn base_url(&self) -> String {
-        base_url_of(self.addr)
+        match &self.tls {
+            None => base_url_of(self.addr),
+            Some(t) => format!("https://{}:{}", t.main_host, self.addr.port()),
+        }
+    }
+
+    /// The shard listener's address.
+    pub fn shard_addr(&self) -> SocketAddr {
+        self.shard_addr
+    }
+
+    /// HTTPS mode: replaces the certificate a listener (`"main"` or `"shard"`) presents from
+    /// the next handshake on.
+    pub fn set_certificate(&self, listener: &str, id: &Identity) {
+        let t = self
+            .tls
+            .as_ref()
+            .expect("set_certificate: the stand-in serves plain HTTP");
+        let certs = if listener == "main" {
+            &t.main
+        } else {
+            &t.shard
+        };
+        *certs.0.lock().unwrap_or_else(PoisonError::into_inner) =
+            certified_key(id).expect("set_certificate: unusable certificate or key");
+    }
+
+    /// HTTPS mode: every connection accepted so far (listener, peer address), whether or not
+    /// its handshake succeeded.
+    pub fn connections(&self) -> Vec<(&'static str, SocketAddr)> {
+        self.connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// `http://127.0.0.1:PORT/api/v1`
@@ -207,7 +377,10 @@ impl Standin {
 
     /// `http://127.0.0.1:SHARDPORT/api/v1`: where [`Standin::redirect_next_to_shard`] points.
     pub fn shard_api_base(&self) -> String {
-        format!("{}/api/v1", base_url_of(self.shard_addr))
+        match &self.tls {
+            None => format!("{}/api/v1", base_url_of(self.shard_addr)),
+            Some(t) => format!("https://{}:{}/api/v1", t.shard_host, self.shard_addr.port()),
+        }
     }
 
     /// The token endpoint, `/oauth/token`.
@@ -455,6 +628,11 @@ impl Network {
             "productTypes": ["appliance", "switch", "wireless"],
             "timeZone": self.time_zone,
             "tags": self.tags,
+            // As Meraki lists them (typed clients such as meraki-client require `url`).
+            "enrollmentString": null,
+            "url": format!("https://n1.meraki.com/{}/n/{id}/manage/usage/list", self.name.replace(' ', "-")),
+            "notes": "",
+            "isBoundToConfigTemplate": false,
         })
     }
 }
@@ -731,6 +909,38 @@ async fn serve_until_stopped(
     tokio::select! {
         _ = server => {}
         _ = stop.wait_for(|stopped| *stopped) => {}
+    }
+}
+
+/// Serves `app` over TLS on `listener` until `stop`; records each accepted connection.
+async fn serve_tls_until_stopped(
+    listener: tokio::net::TcpListener,
+    name: &'static str,
+    app: Router,
+    acceptor: tokio_rustls::TlsAcceptor,
+    connections: Arc<Mutex<Vec<(&'static str, SocketAddr)>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|stopped| *stopped) => return,
+            accepted = listener.accept() => {
+                let Ok((tcp, peer)) = accepted else { continue };
+                connections
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push((name, peer));
+                let (acceptor, app) = (acceptor.clone(), app.clone());
+                tokio::spawn(async move {
+                    // A client that refuses the certificate ends here.
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let service = hyper_util::service::TowerToHyperService::new(app);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        }
     }
 }
 
