@@ -220,6 +220,11 @@ fn segment(raw: &str) -> Result<String, RouteError> {
     if decoded.chars().any(char::is_control) {
         return Err(RouteError::Malformed("control character in path"));
     }
+    if decoded.chars().any(char::is_whitespace) {
+        // No Meraki id holds a space, and URL parsers trim or fold them (the same rule as for
+        // action-batch resources; a property test found a case).
+        return Err(RouteError::Malformed("whitespace in path"));
+    }
     if !decoded.is_ascii() {
         // Unicode look-alikes (a fullwidth dot) normalize to ASCII in some servers.
         return Err(RouteError::Malformed("non-ASCII character in path"));
