@@ -39,6 +39,7 @@ fn client(i: usize, key: &str) -> Arc<Client> {
         organizations: vec![ORG.into()],
         methods: None,
         operations: None,
+        weight: 1,
     })
 }
 

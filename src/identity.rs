@@ -187,6 +187,7 @@ mod tests {
             organizations: vec!["1".into()],
             methods: None,
             operations: None,
+            weight: 1,
         })
     }
 

@@ -53,6 +53,7 @@ pub mod route;
 pub mod seal;
 pub mod secret;
 pub mod server;
+pub mod shaping;
 pub mod token;
 pub mod upstream;
 
