@@ -286,6 +286,7 @@ fn entry(who: &Arc<Client>, org: &Arc<str>) -> RequestEntry {
         token_fingerprint: None,
         duration: Duration::from_micros(853),
         upstream_duration: Some(Duration::from_micros(412)),
+        queue_wait: Some(Duration::ZERO),
         bytes_in: 0,
         bytes_out: 1536,
         source: Some(([127, 0, 0, 1], 51234).into()),

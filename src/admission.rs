@@ -246,7 +246,7 @@ pub async fn admit(state: &State, req: &RequestHeader) -> Result<Admitted, Rejec
     }
     let lookup = LookupWith {
         api: &state.api,
-        integration: &client.integration,
+        client: &client,
         user_agent: user_agent(req),
     };
     let org = match state
@@ -311,7 +311,7 @@ pub async fn list_organizations(
         match state
             .api
             .get_json(
-                &client.integration,
+                client,
                 org,
                 &format!("/organizations/{org}"),
                 user_agent,
@@ -348,7 +348,7 @@ pub async fn check_batch(
 ) -> Result<(), Refusal> {
     let lookup = LookupWith {
         api: &state.api,
-        integration: &client.integration,
+        client,
         user_agent,
     };
     state

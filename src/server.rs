@@ -15,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::observe::Observer;
 use crate::proxy::MerakiProxy;
 use crate::route::Resolver;
+use crate::shaping::Shaper;
 use crate::token::{Grants, OAuthClient, Settings, SqliteStore};
 use crate::upstream::Upstream;
 use async_trait::async_trait;
@@ -130,12 +131,15 @@ pub fn build(config: Config, listeners: Listeners) -> Result<Server, StartError>
         &config.upstream.api_base,
         config.upstream_timeout,
     )?);
+    let shaper = Shaper::new(config.rate_limits);
+    metrics.watch_shaper(shaper.clone());
     let api = ApiClient::new(
         &config.upstream.api_base,
         grants.clone(),
         config.upstream_timeout,
     )
-    .map_err(StartError::Http)?;
+    .map_err(StartError::Http)?
+    .shaped(shaper.clone());
     let state = Arc::new(State {
         identities: Identities::new(&config.clients),
         resolver: Resolver::new(
@@ -167,6 +171,7 @@ pub fn build(config: Config, listeners: Listeners) -> Result<Server, StartError>
             state,
             audit: audit.clone(),
             metrics: metrics.clone(),
+            shaper: shaper.clone(),
         },
         "meraki-oauth-proxy",
     );
@@ -181,7 +186,8 @@ pub fn build(config: Config, listeners: Listeners) -> Result<Server, StartError>
         let mut admin = ListeningService::new(
             "admin".to_string(),
             Admin::new(config.clone(), grants.clone(), metrics.clone())
-                .map_err(StartError::Http)?,
+                .map_err(StartError::Http)?
+                .with_shaper(shaper),
         );
         admin.add_tcp(&addr);
         server.add_service(Prebound::new(admin, vec![(addr, admin_listener)])?);
