@@ -310,12 +310,7 @@ pub async fn list_organizations(
     for org in &client.organizations {
         match state
             .api
-            .get_json(
-                client,
-                org,
-                &format!("/organizations/{org}"),
-                user_agent,
-            )
+            .get_json(client, org, &format!("/organizations/{org}"), user_agent)
             .await
         {
             Ok(Some(v)) => orgs.push(v),

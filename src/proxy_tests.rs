@@ -463,7 +463,11 @@ async fn requests_wait_their_turn_or_get_an_honest_local_429() {
     let audit = rig.audit();
     let last = audit.last().unwrap();
     assert_eq!(
-        (last["status"].as_u64(), last["reason"].as_str(), last["decision"].as_str()),
+        (
+            last["status"].as_u64(),
+            last["reason"].as_str(),
+            last["decision"].as_str()
+        ),
         (Some(429), Some("rate_limited"), Some("denied"))
     );
     assert_eq!(audit[9]["queue_wait_ms"].as_f64(), Some(100.0));
@@ -487,7 +491,11 @@ async fn a_client_that_leaves_while_waiting_gives_its_place_up() {
     let (mut s, client) = session(&get(path, ALICE)).await;
     let mut ctx = rig.proxy.new_ctx();
     drop(client);
-    let e = rig.proxy.request_filter(&mut s, &mut ctx).await.unwrap_err();
+    let e = rig
+        .proxy
+        .request_filter(&mut s, &mut ctx)
+        .await
+        .unwrap_err();
     assert_eq!(e.esource(), &pingora::ErrorSource::Downstream);
     assert_eq!(rig.proxy.shaper.organizations()[0].queued, 0);
     assert_eq!(ctx.refusal().unwrap().reason, "client_closed");

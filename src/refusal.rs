@@ -167,7 +167,9 @@ impl Refuse for crate::route::RouteError {
     fn upstream(&self) -> Option<&'static str> {
         match self {
             // A lookup refused for want of rate budget was not sent either.
-            crate::route::RouteError::LookupFailed { cause, .. } if cause.reason == RATE_LIMITED => {
+            crate::route::RouteError::LookupFailed { cause, .. }
+                if cause.reason == RATE_LIMITED =>
+            {
                 Some(upstream::NOT_SENT)
             }
             e => (e.status() >= 500).then_some(upstream::NOT_SENT),

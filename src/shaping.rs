@@ -136,10 +136,7 @@ impl Throttled {
                 "this client already has {} requests waiting for it",
                 self.limit
             ),
-            Cause::TimedOut => format!(
-                "it waited {} ms without its turn coming",
-                self.limit * 2
-            ),
+            Cause::TimedOut => format!("it waited {} ms without its turn coming", self.limit * 2),
         };
         format!(
             "API rate limit exceeded for organization {} at the proxy, which shares Meraki's rate limit among its clients: {why}; retry after the time in Retry-After",
@@ -576,14 +573,8 @@ impl Waiting {
                         if let Some(lane) = lane {
                             lane.throttled.add(slot);
                         }
-                        let expected = expected_wait(
-                            org,
-                            &inner.source,
-                            &others,
-                            &self.client,
-                            start,
-                            now,
-                        );
+                        let expected =
+                            expected_wait(org, &inner.source, &others, &self.client, start, now);
                         return Err(Throttled {
                             org: self.org.clone(),
                             cause: Cause::TimedOut,

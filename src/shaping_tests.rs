@@ -199,7 +199,10 @@ async fn a_heavy_client_cannot_take_what_light_clients_ask_within_their_share() 
         assert!(
             ok.get(light).copied().unwrap_or(0) as f64 >= 0.9 * asked as f64,
             "{light}: {ok:?}, refusals: {:?}",
-            refusals.iter().filter(|(n, _)| *n == light).collect::<Vec<_>>()
+            refusals
+                .iter()
+                .filter(|(n, _)| *n == light)
+                .collect::<Vec<_>>()
         );
     }
     let total: u64 = ok.values().sum();
@@ -445,4 +448,3 @@ async fn activity_is_recorded_per_client() {
     tokio::time::advance(Duration::from_secs(301)).await;
     assert_eq!(s.clients()[0].requests_5m, 0);
 }
-

@@ -122,9 +122,33 @@ async fn a_client_ten_times_as_fast_cannot_crowd_out_the_others_and_meraki_serve
         .map(|n| (*n, Arc::default()))
         .collect();
     let mut tasks = Vec::new();
-    tasks.extend(open_loop(&s, ALICE_KEY, "/networks/L_111_1", 2, secs, start, tallies[0].1.clone()));
-    tasks.extend(open_loop(&s, CAROL_KEY, "/devices/Q111-AAAA-0001", 2, secs, start, tallies[1].1.clone()));
-    tasks.extend(open_loop(&s, DAVE_KEY, "/organizations/111", 20, secs, start, tallies[2].1.clone()));
+    tasks.extend(open_loop(
+        &s,
+        ALICE_KEY,
+        "/networks/L_111_1",
+        2,
+        secs,
+        start,
+        tallies[0].1.clone(),
+    ));
+    tasks.extend(open_loop(
+        &s,
+        CAROL_KEY,
+        "/devices/Q111-AAAA-0001",
+        2,
+        secs,
+        start,
+        tallies[1].1.clone(),
+    ));
+    tasks.extend(open_loop(
+        &s,
+        DAVE_KEY,
+        "/organizations/111",
+        20,
+        secs,
+        start,
+        tallies[2].1.clone(),
+    ));
     for t in tasks {
         t.await.unwrap();
     }
@@ -160,7 +184,10 @@ async fn a_client_ten_times_as_fast_cannot_crowd_out_the_others_and_meraki_serve
         late_429s,
         100.0 * use_of_budget
     );
-    assert_eq!(late_429s, 0, "the stand-in answered 429 after the first second");
+    assert_eq!(
+        late_429s, 0,
+        "the stand-in answered 429 after the first second"
+    );
     for light in ["alice", "carol"] {
         let t = &got[light];
         assert!(
@@ -188,14 +215,20 @@ async fn a_client_ten_times_as_fast_cannot_crowd_out_the_others_and_meraki_serve
     // The status page shows the organization, the heavy client's local 429s, the shares.
     let (status, page) = p.admin("/").await;
     assert_eq!(status, 200);
-    assert!(page.contains("id=\"rate-organizations\"") && page.contains("data-org=\"111\""), "{page}");
+    assert!(
+        page.contains("id=\"rate-organizations\"") && page.contains("data-org=\"111\""),
+        "{page}"
+    );
     assert!(page.contains("<span data-client=\"dave\">dave: "), "{page}");
     let (_, metrics) = p.admin("/metrics").await;
     let local_429s = format!(
         "meraki_proxy_rate_limited_total{{client=\"dave\",organization=\"111\"}} {}",
         got["dave"].refused.len()
     );
-    assert!(metrics.contains(&local_429s), "{local_429s} not in:\n{metrics}");
+    assert!(
+        metrics.contains(&local_429s),
+        "{local_429s} not in:\n{metrics}"
+    );
     assert!(metrics.contains("meraki_proxy_rate_queue_wait_seconds_bucket{organization=\"111\""));
     assert!(metrics.contains("meraki_proxy_rate_bucket_tokens{organization=\"111\"}"));
     assert!(metrics.contains("meraki_proxy_upstream_429_total{organization=\"111\"} 0"));
@@ -303,7 +336,10 @@ async fn a_burst_larger_than_the_queue_gets_immediate_local_429s_with_a_correct_
     println!(
         "40 at once: {ok} served, {} local 429s (Retry-After {:?}), in {:?}",
         refused.len(),
-        refused.iter().map(|a| a.1.clone()).collect::<std::collections::BTreeSet<_>>(),
+        refused
+            .iter()
+            .map(|a| a.1.clone())
+            .collect::<std::collections::BTreeSet<_>>(),
         started.elapsed()
     );
     assert_eq!(ok + refused.len(), 40, "{answers:?}");
@@ -325,7 +361,11 @@ async fn a_burst_larger_than_the_queue_gets_immediate_local_429s_with_a_correct_
         );
     }
     assert_eq!(s.standin.rate_limited(), 0, "Meraki saw no excess");
-    assert_eq!(s.standin.requests().len(), ok, "the refused requests were not sent");
+    assert_eq!(
+        s.standin.requests().len(),
+        ok,
+        "the refused requests were not sent"
+    );
     // Retry-After was right: retried after it, the client is served without a queue.
     tokio::time::sleep(Duration::from_secs(max_retry_after)).await;
     for _ in 0..5 {
@@ -351,7 +391,9 @@ async fn a_burst_larger_than_the_queue_gets_immediate_local_429s_with_a_correct_
         .collect();
     let denied = audit
         .iter()
-        .filter(|r| r["reason"] == "rate_limited" && r["decision"] == "denied" && r["status"] == 429)
+        .filter(|r| {
+            r["reason"] == "rate_limited" && r["decision"] == "denied" && r["status"] == 429
+        })
         .count();
     assert_eq!(denied, refused.len());
     let waited = audit

@@ -1234,7 +1234,11 @@ methods = ["get"]
         let c = parse(GOOD).unwrap();
         assert_eq!(c.rate_limits, RateLimits::default());
         assert_eq!(c.clients[0].weight, 1);
-        assert!(c.to_string().contains("rate limits: 10 requests/s per organization (burst 10)"), "{c}");
+        assert!(
+            c.to_string()
+                .contains("rate limits: 10 requests/s per organization (burst 10)"),
+            "{c}"
+        );
         let with = |section: &str| format!("{GOOD}weight = 3\n[rate_limits]\n{section}\n");
         let c = parse(&with(
             "enabled = false\norganization_rps = 4.5\norganization_burst = 2\nsource_rps = 50\nmax_wait_ms = 500\nqueue_per_client = 8",
@@ -1242,28 +1246,59 @@ methods = ["get"]
         .unwrap();
         let r = c.rate_limits;
         assert_eq!(
-            (r.enabled, r.organization_rps, r.organization_burst, r.source_rps),
+            (
+                r.enabled,
+                r.organization_rps,
+                r.organization_burst,
+                r.source_rps
+            ),
             (false, 4.5, 2.0, 50.0)
         );
-        assert_eq!((r.max_wait, r.queue_per_client), (Duration::from_millis(500), 8));
+        assert_eq!(
+            (r.max_wait, r.queue_per_client),
+            (Duration::from_millis(500), 8)
+        );
         assert_eq!(c.clients[0].weight, 3);
         assert!(c.to_string().contains("rate limits: off"), "{c}");
         for (section, key, problem) in [
-            ("organization_rps = 0", "rate_limits.organization_rps", "above 0"),
-            ("organization_rps = -3", "rate_limits.organization_rps", "above 0"),
+            (
+                "organization_rps = 0",
+                "rate_limits.organization_rps",
+                "above 0",
+            ),
+            (
+                "organization_rps = -3",
+                "rate_limits.organization_rps",
+                "above 0",
+            ),
             ("source_rps = 0.0", "rate_limits.source_rps", "above 0"),
-            ("organization_burst = 0.5", "rate_limits.organization_burst", "1 to 1000000"),
+            (
+                "organization_burst = 0.5",
+                "rate_limits.organization_burst",
+                "1 to 1000000",
+            ),
             ("max_wait_ms = 0", "rate_limits.max_wait_ms", "1 to 60000"),
-            ("queue_per_client = 0", "rate_limits.queue_per_client", "1 to 100000"),
+            (
+                "queue_per_client = 0",
+                "rate_limits.queue_per_client",
+                "1 to 100000",
+            ),
             ("queue = 3", "queue", "unknown field"),
             ("enabled = \"yes\"", "enabled", "bool"),
         ] {
             let e = parse(&with(section)).unwrap_err().to_string();
             assert!(e.contains(key) && e.contains(problem), "{section}: {e}");
         }
-        let e = parse(&format!("{GOOD}weight = 0\n")).unwrap_err().to_string();
-        assert!(e.contains("clients[0].weight") && e.contains("1 to 1000"), "{e}");
-        let e = parse(&format!("{GOOD}weight = 1.5\n")).unwrap_err().to_string();
+        let e = parse(&format!("{GOOD}weight = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("clients[0].weight") && e.contains("1 to 1000"),
+            "{e}"
+        );
+        let e = parse(&format!("{GOOD}weight = 1.5\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("weight"), "{e}");
     }
 

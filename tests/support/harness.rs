@@ -162,7 +162,8 @@ methods = ["GET"]
                 format!("rejected_grace_secs = 0\n{}", opts.tokens)
             },
             rate_extra = if opts.rate_limits.is_empty() {
-                "organization_rps = 100000\norganization_burst = 100000\nsource_rps = 1000000".to_string()
+                "organization_rps = 100000\norganization_burst = 100000\nsource_rps = 1000000"
+                    .to_string()
             } else {
                 opts.rate_limits.clone()
             },
