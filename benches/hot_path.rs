@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the work the proxy does for every request, through the library's public
 //! API: key lookup, routing, the cached organization lookup, upstream header rewriting, `Link`
-//! rewriting, metrics and the audit record.
+//! rewriting, metrics, the audit record, and shaping's turn when the budget is not contended.
 //!
 //! ```text
 //! cargo bench --bench hot_path              # measure
@@ -40,6 +40,7 @@ fn client(i: usize, key: &str) -> Arc<Client> {
         organizations: vec![ORG.into()],
         methods: None,
         operations: None,
+        weight: 1,
     })
 }
 
@@ -286,6 +287,7 @@ fn entry(who: &Arc<Client>, org: &Arc<str>) -> RequestEntry {
         token_fingerprint: None,
         duration: Duration::from_micros(853),
         upstream_duration: Some(Duration::from_micros(412)),
+        queue_wait: Some(Duration::ZERO),
         bytes_in: 0,
         bytes_out: 1536,
         source: Some(([127, 0, 0, 1], 51234).into()),
@@ -321,6 +323,49 @@ fn audit(c: &mut Criterion) {
     drop(audit);
 }
 
+/// What shaping costs a request that does not wait (the budget is not contended): the turn,
+/// Meraki's answer fed back, the status page's activity. Shaping on with limits this loop
+/// never reaches, as in `load.sh`'s (d).
+fn shaping(c: &mut Criterion) {
+    use meraki_oauth_proxy::config::RateLimits;
+    use meraki_oauth_proxy::shaping::{Outcome, Shaper, Ticket};
+    let mut g = c.benchmark_group("shaping");
+    for (name, orgs) in [("1_org", 1usize), ("1000_orgs", 1000)] {
+        let shaper = Shaper::new(RateLimits {
+            // Beyond anything this loop (millions a second) reaches.
+            organization_rps: 1e12,
+            organization_burst: 1e12,
+            source_rps: 1e13,
+            ..RateLimits::default()
+        });
+        let ids: Vec<String> = (0..orgs).map(|i| (111_111 + i).to_string()).collect();
+        for id in &ids {
+            assert!(matches!(shaper.request(id, "client-0", 1), Ticket::Go(_)));
+        }
+        let mut i = 0usize;
+        g.bench_function(BenchmarkId::new("per_request_total", name), |b| {
+            b.iter(|| {
+                i = (i + 1) % ids.len();
+                let org = &ids[i];
+                match shaper.request(black_box(org), "inventory-script", 1) {
+                    Ticket::Go(t) => black_box(t),
+                    _ => panic!("the budget is never taken here"),
+                };
+                shaper.upstream_answered(org, 200);
+                shaper.record("inventory-script", Outcome::Served);
+            })
+        });
+    }
+    let off = Shaper::new(RateLimits {
+        enabled: false,
+        ..RateLimits::default()
+    });
+    g.bench_function("off", |b| {
+        b.iter(|| black_box(off.request(black_box(ORG), "inventory-script", 1)))
+    });
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(500))
@@ -330,6 +375,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = hot_path;
     config = config();
-    targets = identity, routing, endpoints, resolver, headers, metrics, audit
+    targets = identity, routing, endpoints, resolver, headers, metrics, audit, shaping
 }
 criterion_main!(hot_path);

@@ -287,6 +287,12 @@ KEY_SHA256=$(printf %s "$KEY" | "$PROXY_BIN" hash-key)
 # ---------------------------------------------------------------------------------------------
 # The proxy (d): one configuration directory per variant.
 
+# [rate_limits] of the proxies: shaping on (as shipped) with limits no load here reaches, so the
+# runs measure what shaping costs on the hot path, not Meraki's 10 requests/s. (e) turns it off.
+RATE_LIMITS='organization_rps = 1000000
+organization_burst = 1000000
+source_rps = 10000000'
+
 # proxy_config DIR CLIENTS ORGS_TOML: writes DIR/proxy.toml. CLIENTS-1 decoy clients (digests
 # nobody's key has) and the benchmark client, last.
 proxy_config() {
@@ -313,6 +319,9 @@ key_env = "BENCH_STORE_KEY"
 
 [audit]
 path = "$dir/audit.jsonl"
+
+[rate_limits]
+$RATE_LIMITS
 
 [[integrations]]
 name = "bench"
@@ -470,7 +479,7 @@ mkdir -p "$WORK/results"
 
 # =============================================================================================
 compare() {
-  echo "== starting (b) nginx proxy, (c) Pingora pass-through, (d) meraki-oauth-proxy; $WORKERS worker(s) each"
+  echo "== starting (b) nginx proxy, (c) Pingora pass-through, (d) meraki-oauth-proxy, (e) the same with shaping off; $WORKERS worker(s) each"
   start_nginx nginx-proxy "$NGINX_PORT"
   local nginx_pid=$SPAWNED
   pick_port
@@ -482,6 +491,15 @@ compare() {
   local dir="$WORK/proxy-main"
   proxy_config "$dir" 1 "\"$ORG\""
   printf %s "$DEMO_REFRESH" | import_grant "$dir" "$ORG"
+  # (e): the same proxy with [rate_limits] enabled = false, on a copy of the store (the import
+  # rotated the demo refresh token).
+  local edir="$WORK/proxy-noshape"
+  RATE_LIMITS='enabled = false' proxy_config "$edir" 1 "\"$ORG\""
+  cp "$dir/tokens.db" "$edir/tokens.db"
+  [ -e "$dir/tokens.db-wal" ] && cp "$dir/tokens.db-wal" "$edir/tokens.db-wal"
+  start_proxy "$edir"
+  local noshape_pid=$PROXY_PID noshape_port=$PROXY_PORT
+  proxy_config "$dir" 1 "\"$ORG\""
   start_proxy "$dir"
   local proxy_pid=$PROXY_PID
 
@@ -490,22 +508,25 @@ compare() {
     [b]="http://127.0.0.1:$NGINX_PORT$URL_PATH"
     [c]="http://127.0.0.1:$pass_port$URL_PATH"
     [d]="http://127.0.0.1:$PROXY_PORT$URL_PATH"
+    [e]="http://127.0.0.1:$noshape_port$URL_PATH"
   )
   declare -A pids=(
     [a]="$UPSTREAM_PID"
     [b]="$nginx_pid"
     [c]="$pass_pid"
     [d]="$proxy_pid"
+    [e]="$noshape_pid"
   )
   declare -A name=(
     [a]="(a) upstream direct (nginx)"
     [b]="(b) nginx + static bearer"
     [c]="(c) Pingora pass-through"
     [d]="(d) meraki-oauth-proxy"
+    [e]="(e) proxy, shaping off"
   )
   # What each configuration answers, head and size, kept with the work directory (KEEP=1): a
   # difference in framing or headers would explain a difference in cost.
-  for c in a b c d; do
+  for c in a b c d e; do
     curl -sS -D "$WORK/headers-$c.txt" -o /dev/null -w 'body bytes: %{size_download}\n' \
       -H "X-Cisco-Meraki-API-Key: $KEY" "${url[$c]}" >>"$WORK/headers-$c.txt"
   done
@@ -515,7 +536,7 @@ compare() {
   rounds() {
     local r c order t0 out
     for ((r = 1; r <= ROUNDS; r++)); do
-      if ((r % 2)); then order="a b c d"; else order="d c b a"; fi
+      if ((r % 2)); then order="a b c d e"; else order="e d c b a"; fi
       for c in $order; do
         out="$WORK/results/$1$c.$r"
         t0=$(cpu_ticks ${pids[$c]})
@@ -530,12 +551,12 @@ compare() {
   table() {
     local c
     printf '%-32s %12s %10s %10s %14s\n' "configuration" "requests/s" "p50 ms" "p99 ms" "CPU us/request"
-    for c in a b c d; do
+    for c in a b c d e; do
       printf '%-32s %12.0f %10.3f %10.3f %14.1f\n' "${name[$c]}" "$(med "$1$c" 1)" "$(med "$1$c" 2)" "$(med "$1$c" 3)" "$(cpu_us "$1$c")"
     done
   }
 
-  for c in a b c d; do warm "${url[$c]}"; done
+  for c in a b c d e; do warm "${url[$c]}"; done
   echo "== measuring: wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s, $ROUNDS round(s), order alternating"
   rounds ""
 
@@ -597,6 +618,9 @@ compare() {
   awk -v a="$p99_a" -v c="$p99_c" -v d="$p99_d" 'BEGIN {
     printf "saturated p99 (d) - (a):         %.3f ms (queueing: about CONNS / throughput)\n", d - a
     printf "saturated p99 (d) - (c):         %.3f ms\n", d - c
+  }'
+  awk -v d="$rps_d" -v e="$(med e 1)" -v cd="$(cpu_us d)" -v ce="$(cpu_us e)" 'BEGIN {
+    printf "shaping on/off: throughput (d)/(e) %.2fx; CPU per request (d) - (e) %.1f us\n", (e > 0 ? d / e : 0), cd - ce
   }'
   echo
   echo "Paced: $CONNS connections, ${PACE_MS} ms mean pause per connection between requests; median over $ROUNDS round(s)"

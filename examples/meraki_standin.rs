@@ -6,7 +6,9 @@
 //! ```
 //!
 //! It prints the URLs, the demo OAuth client and a refresh token for organization 111111, then
-//! serves until Ctrl-C.
+//! serves until Ctrl-C. `--enforce-rate-limit RPS,BURST` enforces Meraki's per-organization
+//! limit (e.g. `10,10`); on SIGTERM or Ctrl-C it then prints `rate_limited=N` (the 429s it served)
+//! and `rate_allowed=N` before exiting.
 
 #[allow(dead_code)] // the tests use more of the stand-in than this example does
 #[path = "../tests/support/standin.rs"]
@@ -20,12 +22,17 @@ use standin::Standin;
 const DEFAULT_LISTEN: &str = "127.0.0.1:9400";
 const CLIENT_ID: &str = "demo-client";
 const CLIENT_SECRET: &str = "demo-secret";
-const USAGE: &str = "usage: meraki_standin [--listen ADDR]   (default ADDR: 127.0.0.1:9400)";
+const USAGE: &str = "usage: meraki_standin [--listen ADDR] [--enforce-rate-limit RPS,BURST]   (default ADDR: 127.0.0.1:9400)";
+
+struct Args {
+    listen: SocketAddr,
+    rate: Option<(f64, f64)>,
+}
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let listen = match parse_args(std::env::args().skip(1)) {
-        Ok(Some(listen)) => listen,
+    let Args { listen, rate } = match parse_args(std::env::args().skip(1)) {
+        Ok(Some(args)) => args,
         Ok(None) => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -44,6 +51,10 @@ async fn main() -> ExitCode {
         }
     };
     let refresh_token = seed(&standin);
+    if let Some((rps, burst)) = rate {
+        standin.enforce_rate_limit(rps, burst);
+        println!("rate_limit={rps}/s burst {burst} per organization");
+    }
 
     let token_url = standin.token_url();
     println!("Meraki stand-in running (Ctrl-C to stop). Demo org 111111 \"Demo Org\", second org 222222.");
@@ -65,30 +76,68 @@ async fn main() -> ExitCode {
         standin.api_base()
     );
 
-    if let Err(e) = tokio::signal::ctrl_c().await {
-        eprintln!("meraki_standin: cannot wait for Ctrl-C: {e}");
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("meraki_standin: cannot listen for SIGTERM: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => if let Err(e) = r {
+            eprintln!("meraki_standin: cannot wait for Ctrl-C: {e}");
+        },
+        _ = term.recv() => {}
+    }
+    if rate.is_some() {
+        let log = standin.rate_log();
+        let limited = log.iter().filter(|d| !d.allowed).count();
+        println!("rate_limited={limited}");
+        println!("rate_allowed={}", log.len() - limited);
     }
     standin.shutdown();
     ExitCode::SUCCESS
 }
 
 /// `Ok(None)` asks for the usage text.
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<SocketAddr>, String> {
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     let mut listen = DEFAULT_LISTEN.to_owned();
+    let mut rate = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--listen" => listen = args.next().ok_or("--listen needs an address")?,
+            "--enforce-rate-limit" => {
+                let v = args.next().ok_or("--enforce-rate-limit needs RPS,BURST")?;
+                rate = Some(parse_rate(&v)?);
+            }
             "-h" | "--help" => return Ok(None),
-            other => match other.strip_prefix("--listen=") {
-                Some(value) => listen = value.to_owned(),
-                None => return Err(format!("unknown argument {other:?}")),
-            },
+            other => {
+                if let Some(value) = other.strip_prefix("--listen=") {
+                    listen = value.to_owned();
+                } else if let Some(value) = other.strip_prefix("--enforce-rate-limit=") {
+                    rate = Some(parse_rate(value)?);
+                } else {
+                    return Err(format!("unknown argument {other:?}"));
+                }
+            }
         }
     }
-    listen
+    let listen = listen
         .parse()
-        .map(Some)
-        .map_err(|_| format!("--listen: {listen:?} is not an IP:PORT address"))
+        .map_err(|_| format!("--listen: {listen:?} is not an IP:PORT address"))?;
+    Ok(Some(Args { listen, rate }))
+}
+
+fn parse_rate(v: &str) -> Result<(f64, f64), String> {
+    let bad = || format!("--enforce-rate-limit: expected RPS,BURST such as 10,10, got {v:?}");
+    let (rps, burst) = v.split_once(',').ok_or_else(bad)?;
+    let rps: f64 = rps.trim().parse().map_err(|_| bad())?;
+    let burst: f64 = burst.trim().parse().map_err(|_| bad())?;
+    if rps > 0.0 && burst >= 1.0 {
+        Ok((rps, burst))
+    } else {
+        Err(bad())
+    }
 }
 
 /// Demo data; returns the refresh token of a grant for org 111111.

@@ -7,6 +7,7 @@ use crate::metrics::Metrics;
 use crate::reload::Live;
 use crate::report::chain;
 use crate::secret::Secret;
+use crate::shaping::Shaper;
 use crate::token::{GrantStatus, Grants};
 use async_trait::async_trait;
 use dashmap::DashMap;
@@ -32,6 +33,8 @@ pub struct Admin {
     http: reqwest::Client,
     /// Onboarding states: single use, bound to an integration, expiring.
     pending: DashMap<String, (String, Instant)>,
+    /// The rate budgets, for the status page.
+    shaper: Option<Shaper>,
 }
 
 fn respond(status: u16, content_type: &str, body: impl Into<Vec<u8>>) -> Response<Vec<u8>> {
@@ -115,7 +118,14 @@ impl Admin {
             metrics,
             http,
             pending: DashMap::new(),
+            shaper: None,
         })
+    }
+
+    /// The same app, its status page showing `shaper`'s budgets, queues and shares.
+    pub fn with_shaper(mut self, shaper: Shaper) -> Self {
+        self.shaper = Some(shaper);
+        self
     }
 
     /// Readiness: the store answers and (unless configured otherwise) no grant needs
@@ -425,8 +435,91 @@ impl Admin {
                 escape(&methods)
             );
         }
-        b.push_str("</table><p class=\"note\">Tokens are shown as the first 8 hex characters of their SHA-256. <a href=\"/metrics\">Metrics</a> · <a href=\"/readyz\">Readiness</a></p>");
+        b.push_str("</table>");
+        if let Some(shaper) = &self.shaper {
+            self.rate_section(&mut b, shaper);
+        }
+        b.push_str("<p class=\"note\">Tokens are shown as the first 8 hex characters of their SHA-256. <a href=\"/metrics\">Metrics</a> · <a href=\"/readyz\">Readiness</a></p>");
         page(200, "meraki-oauth-proxy", &b)
+    }
+
+    /// Per organization: the budget and how much of it is in use, the queue, each client's
+    /// share; per client: its recent requests, denials and local 429s.
+    fn rate_section(&self, b: &mut String, shaper: &Shaper) {
+        let limits = shaper.limits();
+        b.push_str("<h2>Rate limits</h2>");
+        if !limits.enabled {
+            b.push_str("<p id=\"rate-off\">Shaping is off (<code>[rate_limits] enabled = false</code>): requests go upstream as they come.</p>");
+        } else {
+            let _ = write!(
+                b,
+                "<p class=\"note\">Each organization: {} requests/s, burst {}; {} requests/s in all. Requests wait at most {} ms for their turn, shared among clients by weight.</p>",
+                limits.organization_rps,
+                limits.organization_burst,
+                limits.source_rps,
+                limits.max_wait.as_millis()
+            );
+        }
+        b.push_str("<table id=\"rate-organizations\"><tr><th>Organization</th><th>Budget now</th><th>In use (last minute)</th><th>Bucket</th><th>Waiting</th><th>Shares (last 5 minutes)</th><th>429s: proxy / Meraki</th></tr>");
+        let orgs = shaper.organizations();
+        if orgs.is_empty() {
+            b.push_str("<tr><td colspan=\"7\">No request yet.</td></tr>");
+        }
+        for o in &orgs {
+            let used = o.sent_1m as f64 / 60.0;
+            let budget = if o.rps < o.configured_rps {
+                format!(
+                    "<span class=\"bad\">{:.1}/s</span> (slowed from {:.1}/s by Meraki's 429s)",
+                    o.rps, o.configured_rps
+                )
+            } else {
+                format!("{:.1}/s", o.rps)
+            };
+            let shares = o
+                .clients
+                .iter()
+                .filter(|c| c.sent_5m > 0 || c.queued > 0)
+                .map(|c| {
+                    format!(
+                        "<span data-client=\"{n}\">{n}: {:.0}%{}</span>",
+                        100.0 * c.sent_5m as f64 / o.sent_5m.max(1) as f64,
+                        if c.queued > 0 {
+                            format!(", {} waiting", c.queued)
+                        } else {
+                            String::new()
+                        },
+                        n = escape(&c.client)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("<br>");
+            let _ = write!(
+                b,
+                "<tr data-org=\"{org}\"><td>{org}</td><td>{budget}</td><td class=\"used\">{used:.1}/s ({:.0}%)</td><td>{:.1} of {:.0}</td><td class=\"queued\">{}</td><td class=\"shares\">{}</td><td>{} / {}</td></tr>",
+                100.0 * used / o.rps.max(f64::MIN_POSITIVE),
+                o.tokens,
+                o.depth,
+                o.queued,
+                if shares.is_empty() { "-".into() } else { shares },
+                o.throttled_total,
+                o.upstream_429_total,
+                org = escape(&o.org),
+            );
+        }
+        b.push_str("</table><table id=\"rate-clients\"><tr><th>Client</th><th>Weight</th><th>Requests (last 5 minutes)</th><th>Denied</th><th>Local 429s</th></tr>");
+        let activity = shaper.clients();
+        for c in &self.live.config().clients {
+            let a = activity.iter().find(|a| *a.client == *c.name);
+            let (requests, denied, throttled) =
+                a.map_or((0, 0, 0), |a| (a.requests_5m, a.denied_5m, a.throttled_5m));
+            let _ = write!(
+                b,
+                "<tr data-client=\"{n}\"><td>{n}</td><td>{}</td><td class=\"requests\">{requests}</td><td class=\"denied\">{denied}</td><td class=\"throttled\">{throttled}</td></tr>",
+                c.weight,
+                n = escape(&c.name)
+            );
+        }
+        b.push_str("</table>");
     }
 
     fn connect_button(&self, it: &Integration, label: &str) -> String {

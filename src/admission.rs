@@ -267,7 +267,7 @@ pub async fn admit_on(
     }
     let lookup = LookupWith {
         api: &state.api,
-        integration: &client.integration,
+        client: &client,
         user_agent: user_agent(req),
     };
     let org = match state
@@ -332,12 +332,7 @@ pub async fn list_organizations(
     for org in &client.organizations {
         match state
             .api
-            .get_json(
-                &client.integration,
-                org,
-                &format!("/organizations/{org}"),
-                user_agent,
-            )
+            .get_json(client, org, &format!("/organizations/{org}"), user_agent)
             .await
         {
             Ok(Some(v)) => orgs.push(v),
@@ -370,7 +365,7 @@ pub async fn check_batch(
 ) -> Result<(), Refusal> {
     let lookup = LookupWith {
         api: &state.api,
-        integration: &client.integration,
+        client,
         user_agent,
     };
     state

@@ -325,6 +325,7 @@ mod tests {
             organizations: vec!["1".into()],
             methods: None,
             operations: None,
+            weight: 1,
         })
     }
 

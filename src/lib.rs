@@ -15,6 +15,9 @@
 //! - [`token`]: grants and their tokens, split by job: the grant map, the refresh engine (single
 //!   flight, refresh points, backoff, commit before use), the lifecycle (add, import, revoke,
 //!   keep-alive), the store behind a trait, the authorization server behind a trait, events.
+//! - [`shaping`]: Meraki's rate limits: a token bucket per organization and for the source IP,
+//!   fair queueing of a contended organization's budget among clients by weight, local 429s
+//!   with an honest `Retry-After`, slowing down on Meraki's own 429s.
 //! - [`forward`]: what forwarding does to the wire: the request Meraki gets, the response the
 //!   client gets (hop-by-hop headers, `Link` rewriting), the redirect decision.
 //! - [`refusal`]: the one trait every refusal-producing error implements, and Meraki-style
@@ -59,6 +62,7 @@ pub mod route;
 pub mod seal;
 pub mod secret;
 pub mod server;
+pub mod shaping;
 pub mod tls;
 pub mod token;
 pub mod upstream;

@@ -2,7 +2,9 @@
 //! made with a grant's token under the same 401 rule as forwarded requests
 //! ([`Grants::rejected`]).
 
+use crate::config::Client;
 use crate::route::{Lookup, LookupError};
+use crate::shaping::Shaper;
 use crate::token::{Grants, TokenError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +15,8 @@ pub struct ApiClient {
     http: reqwest::Client,
     base: String,
     grants: Arc<Grants>,
+    /// Its calls count against Meraki's rate limits like forwarded requests.
+    shaper: Option<Shaper>,
 }
 
 impl ApiClient {
@@ -28,19 +32,28 @@ impl ApiClient {
             http: outbound.http_client(timeout)?,
             base: api_base.as_str().trim_end_matches('/').to_owned(),
             grants,
+            shaper: None,
         })
     }
 
-    /// `GET base + path` with the grant serving `org` for `integration`: `Ok(None)` on 404.
-    /// `user_agent` is the calling script's, so Meraki's request log names it (with the proxy's
-    /// token appended, as on forwarded requests).
+    /// The same client, its calls waiting their turn in `shaper` (in the lane of the client
+    /// they are made for).
+    pub fn shaped(mut self, shaper: Shaper) -> Self {
+        self.shaper = Some(shaper);
+        self
+    }
+
+    /// `GET base + path` with the grant serving `org` for `client`'s integration: `Ok(None)` on
+    /// 404. `user_agent` is the calling script's, so Meraki's request log names it (with the
+    /// proxy's token appended, as on forwarded requests).
     pub async fn get_json(
         &self,
-        integration: &str,
+        client: &Client,
         org: &str,
         path: &str,
         user_agent: Option<&str>,
     ) -> Result<Option<serde_json::Value>, LookupError> {
+        let integration = client.integration.as_str();
         let ua = crate::forward::user_agent(user_agent);
         let grant = self
             .grants
@@ -57,6 +70,19 @@ impl ApiClient {
             let Some(bearer) = token.bearer().cloned() else {
                 return Err(LookupError::upstream(502, "no usable access token"));
             };
+            if let Some(s) = &self.shaper {
+                s.acquire(org, &client.name, client.weight)
+                    .await
+                    .map_err(|e| {
+                        let r = crate::refusal::Refusal::from(&e);
+                        LookupError {
+                            status: r.status,
+                            reason: r.reason,
+                            message: r.message,
+                            retry_after: r.retry_after,
+                        }
+                    })?;
+            }
             let resp = self
                 .http
                 .get(format!("{}{}", self.base, path))
@@ -76,6 +102,9 @@ impl ApiClient {
                         None => LookupError::upstream(status, "Meraki did not answer"),
                     }
                 })?;
+            if let Some(s) = &self.shaper {
+                s.upstream_answered(org, resp.status().as_u16());
+            }
             match resp.status().as_u16() {
                 200 => {
                     return resp.json().await.map(Some).map_err(|_| {
@@ -130,10 +159,10 @@ fn token_failure(e: TokenError) -> LookupError {
     }
 }
 
-/// [`ApiClient`] as a [`Lookup`] for one integration.
+/// [`ApiClient`] as a [`Lookup`] for one client (its integration's grants, its rate lane).
 pub struct LookupWith<'a> {
     pub api: &'a ApiClient,
-    pub integration: &'a str,
+    pub client: &'a Client,
     pub user_agent: Option<&'a str>,
 }
 
@@ -145,7 +174,7 @@ impl Lookup for LookupWith<'_> {
         path: &str,
     ) -> Result<Option<serde_json::Value>, LookupError> {
         self.api
-            .get_json(self.integration, org, path, self.user_agent)
+            .get_json(self.client, org, path, self.user_agent)
             .await
     }
 }

@@ -3,9 +3,10 @@
 //! reason), so cardinality stays bounded whatever clients send.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+use std::sync::OnceLock;
 use std::time::Duration;
 
 /// Label value for what is not known (an unidentified client, an undetermined organization).
@@ -33,6 +34,13 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     config_generation: IntGauge,
     instances: IntGauge,
+    queue_wait: HistogramVec,
+    rate_limited: IntCounterVec,
+    bucket_tokens: GaugeVec,
+    bucket_rps: GaugeVec,
+    queued: IntGaugeVec,
+    /// Read at each scrape for the bucket gauges.
+    shaper: OnceLock<crate::shaping::Shaper>,
 }
 
 /// Results of a token endpoint call (see `OAuthError::label`).
@@ -54,6 +62,11 @@ pub const RETRY_OUTCOMES: &[&str] = &[
 ];
 /// Token store operations that are measured.
 pub const STORE_OPS: &[&str] = &["commit_rotation", "set_status", "touch", "reload", "lease"];
+
+/// Queue waits: up to `max_wait_ms` (2 s by default) and twice that.
+const WAIT_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0,
+];
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -215,8 +228,72 @@ impl Metrics {
             )?,
             config_generation,
             instances,
+            queue_wait: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "meraki_proxy_rate_queue_wait_seconds",
+                        "Time requests waited for their turn in their organization's rate budget, by organization.",
+                    )
+                    .buckets(WAIT_BUCKETS.to_vec()),
+                    &["organization"],
+                )?;
+                r.register(Box::new(h.clone()))?;
+                h
+            },
+            rate_limited: counter(
+                &r,
+                "meraki_proxy_rate_limited_total",
+                "Requests answered 429 by the proxy itself (not sent: the organization's rate budget was taken), by client and organization.",
+                &["client", "organization"],
+            )?,
+            bucket_tokens: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "meraki_proxy_rate_bucket_tokens",
+                        "Requests the organization's rate bucket holds now (below 0: charged beyond it), by organization.",
+                    ),
+                    &["organization"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            bucket_rps: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "meraki_proxy_rate_organization_rps",
+                        "The rate the proxy sends an organization's requests at now (lower than configured after Meraki's 429s), by organization.",
+                    ),
+                    &["organization"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            queued: gauge(
+                &r,
+                "meraki_proxy_rate_queued_requests",
+                "Requests waiting for their turn now, by organization.",
+                &["organization"],
+            )?,
+            shaper: OnceLock::new(),
             registry: r,
         })
+    }
+
+    /// Reads the shaper's buckets and queues at each scrape.
+    pub fn watch_shaper(&self, shaper: crate::shaping::Shaper) {
+        let _ = self.shaper.set(shaper);
+    }
+
+    /// A request's wait for its turn.
+    pub fn queue_wait(&self, org: &str, waited: Duration) {
+        self.queue_wait
+            .with_label_values(&[org])
+            .observe(waited.as_secs_f64());
+    }
+
+    /// A local 429.
+    pub fn rate_limited(&self, client: &str, org: &str) {
+        self.rate_limited.with_label_values(&[client, org]).inc();
     }
 
     /// Creates, at zero, the series whose label values the configuration already names, so
@@ -239,12 +316,22 @@ impl Metrics {
         for c in &config.clients {
             for org in &c.organizations {
                 self.upstream_429.with_label_values(&[org]);
+                self.rate_limited.with_label_values(&[&c.name, org]);
+                self.queue_wait.with_label_values(&[org]);
             }
         }
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        if let Some(shaper) = self.shaper.get() {
+            for o in shaper.organizations() {
+                let org = [&*o.org];
+                self.bucket_tokens.with_label_values(&org).set(o.tokens);
+                self.bucket_rps.with_label_values(&org).set(o.rps);
+                self.queued.with_label_values(&org).set(o.queued as i64);
+            }
+        }
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "could not encode metrics");

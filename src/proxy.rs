@@ -9,6 +9,7 @@ use crate::forward::{FaultPhase, RedirectTarget, REDIRECTS};
 use crate::metrics::{Metrics, NONE};
 use crate::refusal::{self, upstream, Decision, Refusal};
 use crate::route;
+use crate::shaping::{Outcome, Shaper, Ticket};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{HeaderName, CONTENT_TYPE, USER_AGENT};
@@ -32,6 +33,8 @@ pub struct MerakiProxy {
     pub state: Arc<State>,
     pub audit: Arc<Audit>,
     pub metrics: Arc<Metrics>,
+    /// Meraki's rate budget, which forwarded requests wait their turn in.
+    pub shaper: Shaper,
 }
 
 /// Per-request state, kept across retries.
@@ -61,6 +64,8 @@ pub struct Ctx {
     upstream_request_id: Option<http::HeaderValue>,
     upstream_sent: Option<Instant>,
     upstream_elapsed: Option<Duration>,
+    /// How long the request waited for its turn in the organization's rate budget.
+    queue_wait: Option<Duration>,
     counted_in_flight: bool,
     /// Attempts repeated after an upstream connection fault (at most one).
     fault_retries: u8,
@@ -93,6 +98,7 @@ impl Ctx {
             upstream_request_id: None,
             upstream_sent: None,
             upstream_elapsed: None,
+            queue_wait: None,
             counted_in_flight: false,
             fault_retries: 0,
             identity: None,
@@ -130,6 +136,10 @@ impl MerakiProxy {
         if ctx.decision == Decision::Denied {
             let client = ctx.client.as_ref().map_or(NONE, |c| c.name.as_str());
             self.metrics.denial(client, r.reason);
+            if r.reason == refusal::RATE_LIMITED {
+                self.metrics
+                    .rate_limited(client, ctx.org.as_deref().unwrap_or(NONE));
+            }
         }
         write_refusal(session, ctx.request_id, &r).await?;
         ctx.refusal = Some(r);
@@ -163,6 +173,47 @@ impl MerakiProxy {
         admission::check_batch(&self.state, client, &f.org, &body, ua.as_deref()).await
     }
 
+    /// Waits for the request's turn in its organization's rate budget ([`crate::shaping`]), or
+    /// answers why not. A client that goes away while its request waits gives its place up.
+    async fn wait_turn(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Option<Refusal>> {
+        let (Some(client), Some(org)) = (ctx.client.as_deref(), ctx.org.as_deref()) else {
+            return Ok(None);
+        };
+        let turn = match self.shaper.request(org, &client.name, client.weight) {
+            Ticket::Go(turn) => Ok(turn),
+            Ticket::Refused(e) => Err(e),
+            // Only a request whose body is read (or empty) can watch its connection: reading
+            // more would consume the body.
+            Ticket::Wait(w) if session.as_mut().is_body_done() => {
+                tokio::select! {
+                    biased;
+                    turn = w.wait() => turn,
+                    gone = session.as_mut().read_body_or_idle(true) => {
+                        // Recorded as such; nothing is written to a closed connection.
+                        ctx.decision = Decision::Failed;
+                        ctx.refusal = Some(Refusal::new(
+                            499,
+                            "client_closed",
+                            "the client closed the connection while its request waited for its turn",
+                        ));
+                        return Err(gone.err().unwrap_or_else(|| {
+                            Error::explain(ErrorType::ConnectionClosed, "client left while its request waited")
+                        }).into_down());
+                    }
+                }
+            }
+            Ticket::Wait(w) => w.wait().await,
+        };
+        match turn {
+            Ok(turn) => {
+                ctx.queue_wait = Some(turn.waited);
+                self.metrics.queue_wait(org, turn.waited);
+                Ok(None)
+            }
+            Err(e) => Ok(Some(Refusal::from(&e))),
+        }
+    }
+
     /// After an upstream 401: the one retry rule ([`crate::token::Grants::rejected`]) decides
     /// whether there is a newer token; with one, Pingora retries (the body is replayed from
     /// its buffer). Returns Ok to pass Meraki's 401 through.
@@ -183,6 +234,8 @@ impl MerakiProxy {
             Ok(fresh) if replayable => {
                 if let Some(f) = ctx.forward.as_mut() {
                     f.token = fresh;
+                    // The retry goes upstream at once: it is charged, not queued.
+                    self.shaper.charge(&f.org);
                 }
                 ctx.retry_requested = true;
                 let mut e = Error::explain(
@@ -255,6 +308,9 @@ impl MerakiProxy {
         ) {
             Ok(target) => {
                 ctx.redirects += 1;
+                if let Some(org) = &ctx.org {
+                    self.shaper.charge(org);
+                }
                 self.metrics.redirect(ctx.integration());
                 tracing::debug!(host = %target.host, "following an upstream redirect");
                 ctx.redirect = Some(target);
@@ -377,6 +433,9 @@ impl ProxyHttp for MerakiProxy {
                                 return self.refuse(session, ctx, r).await;
                             }
                         }
+                        if let Some(r) = self.wait_turn(session, ctx).await? {
+                            return self.refuse(session, ctx, r).await;
+                        }
                         Ok(false)
                     }
                 }
@@ -442,6 +501,9 @@ impl ProxyHttp for MerakiProxy {
         if status == 429 {
             self.metrics
                 .upstream_429(ctx.org.as_deref().unwrap_or(NONE));
+        }
+        if let Some(org) = &ctx.org {
+            self.shaper.upstream_answered(org, status);
         }
         if ctx.retried_401 {
             let outcome = if status == 401 {
@@ -582,6 +644,16 @@ impl ProxyHttp for MerakiProxy {
             .unwrap_or(0);
         let elapsed = ctx.start.elapsed();
         let client = ctx.client.as_deref();
+        if let Some(c) = client {
+            self.shaper.record(
+                &c.name,
+                match &ctx.refusal {
+                    Some(r) if r.reason == refusal::RATE_LIMITED => Outcome::Throttled,
+                    Some(_) if ctx.decision == Decision::Denied => Outcome::Denied,
+                    _ => Outcome::Served,
+                },
+            );
+        }
         if let (Some(_), Some(c)) = (ctx.key_expires_at, client) {
             // Uses until the expiry; a refused expired key is not one.
             if ctx
@@ -628,6 +700,7 @@ impl ProxyHttp for MerakiProxy {
                 .and_then(|f| f.token.fingerprint().cloned()),
             duration: elapsed,
             upstream_duration: ctx.upstream_elapsed,
+            queue_wait: ctx.queue_wait,
             bytes_in: session.body_bytes_read() as u64,
             bytes_out: session.body_bytes_sent() as u64,
             source: session.client_addr().and_then(|a| a.as_inet()).copied(),

@@ -121,6 +121,7 @@ operations = ["getOrganization", "wireless:read"]
         grants.clone(),
         observer,
     ));
+    let shaper = crate::shaping::Shaper::new(config.rate_limits);
     let state = Arc::new(State {
         live,
         resolver: Resolver::new(100, Duration::from_secs(60)),
@@ -139,6 +140,7 @@ operations = ["getOrganization", "wireless:read"]
             state,
             audit,
             metrics,
+            shaper,
         },
         authority,
         audit_path,
@@ -444,4 +446,84 @@ async fn a_client_runs_only_its_operations() {
     let audit = rig.audit();
     assert_eq!(audit[1]["operation"], "getOrganizationNetworks");
     assert_eq!(audit[1]["reason"], "forbidden_operation");
+}
+
+/// Meraki's rate budget: the burst goes at once, the next request waits its turn (and says so
+/// in its audit record), and one that would wait too long is a local 429 that says when to retry
+/// and that nothing was sent.
+#[tokio::test(start_paused = true)]
+async fn requests_wait_their_turn_or_get_an_honest_local_429() {
+    let rig = rig().await;
+    let path = "/api/v1/organizations/111/networks";
+    for _ in 0..9 {
+        let (done, ctx, _) = rig.filter(&get(path, ALICE)).await;
+        assert!(!done);
+        assert_eq!(ctx.queue_wait, Some(Duration::ZERO));
+    }
+    let started = tokio::time::Instant::now();
+    let (done, ctx, _) = rig.filter(&get(path, ALICE)).await;
+    assert!(!done, "forwarded after its wait");
+    assert_eq!(ctx.queue_wait, Some(Duration::from_millis(100)));
+    assert_eq!(started.elapsed(), Duration::from_millis(100));
+
+    rig.proxy.shaper.set_limits(crate::config::RateLimits {
+        max_wait: Duration::from_millis(50),
+        ..Default::default()
+    });
+    let (done, ctx, got) = rig.filter(&get(path, ALICE)).await;
+    assert!(done);
+    let r = ctx.refusal().unwrap();
+    assert_eq!((r.status, r.reason), (429, "rate_limited"));
+    let lower = got.to_ascii_lowercase();
+    assert!(got.starts_with("HTTP/1.1 429 "), "{got}");
+    assert!(lower.contains("retry-after: 1\r\n"), "{got}");
+    assert!(lower.contains("x-proxy-upstream: not-sent"), "{got}");
+    let body: serde_json::Value =
+        serde_json::from_str(got.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert!(
+        body["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("rate limit exceeded for organization 111"),
+        "{body}"
+    );
+    let audit = rig.audit();
+    let last = audit.last().unwrap();
+    assert_eq!(
+        (
+            last["status"].as_u64(),
+            last["reason"].as_str(),
+            last["decision"].as_str()
+        ),
+        (Some(429), Some("rate_limited"), Some("denied"))
+    );
+    assert_eq!(audit[9]["queue_wait_ms"].as_f64(), Some(100.0));
+    let metrics = rig.proxy.metrics.render();
+    assert!(
+        metrics.contains(r#"meraki_proxy_rate_limited_total{client="alice",organization="111"} 1"#),
+        "{metrics}"
+    );
+    let c = rig.proxy.shaper.clients();
+    assert_eq!((c[0].requests_5m, c[0].throttled_5m), (11, 1));
+}
+
+/// A client that closes its connection while its request waits gives its place up.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_leaves_while_waiting_gives_its_place_up() {
+    let rig = rig().await;
+    let path = "/api/v1/organizations/111/networks";
+    for _ in 0..9 {
+        rig.filter(&get(path, ALICE)).await;
+    }
+    let (mut s, client) = session(&get(path, ALICE)).await;
+    let mut ctx = rig.proxy.new_ctx();
+    drop(client);
+    let e = rig
+        .proxy
+        .request_filter(&mut s, &mut ctx)
+        .await
+        .unwrap_err();
+    assert_eq!(e.esource(), &pingora::ErrorSource::Downstream);
+    assert_eq!(rig.proxy.shaper.organizations()[0].queued, 0);
+    assert_eq!(ctx.refusal().unwrap().reason, "client_closed");
 }

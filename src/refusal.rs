@@ -139,12 +139,41 @@ impl Refuse for crate::identity::IdentityError {
     }
 }
 
+impl Refuse for crate::shaping::Throttled {
+    fn status(&self) -> u16 {
+        429
+    }
+    fn reason(&self) -> &'static str {
+        RATE_LIMITED
+    }
+    fn upstream(&self) -> Option<&'static str> {
+        Some(upstream::NOT_SENT)
+    }
+    fn retry_after(&self) -> Option<Duration> {
+        Some(self.expected_wait)
+    }
+}
+
+/// The reason of a local 429: the request was refused for want of rate budget, never sent.
+pub const RATE_LIMITED: &str = "rate_limited";
+
 impl Refuse for crate::route::RouteError {
     fn status(&self) -> u16 {
         crate::route::RouteError::status(self)
     }
     fn reason(&self) -> &'static str {
         crate::route::RouteError::reason(self)
+    }
+    fn upstream(&self) -> Option<&'static str> {
+        match self {
+            // A lookup refused for want of rate budget was not sent either.
+            crate::route::RouteError::LookupFailed { cause, .. }
+                if cause.reason == RATE_LIMITED =>
+            {
+                Some(upstream::NOT_SENT)
+            }
+            e => (e.status() >= 500).then_some(upstream::NOT_SENT),
+        }
     }
     fn retry_after(&self) -> Option<Duration> {
         match self {
@@ -347,6 +376,22 @@ mod tests {
         let b = body("bad \"key\"");
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(v["errors"][0], "bad \"key\"");
+    }
+
+    #[test]
+    fn a_local_429_says_not_sent_and_when_to_retry() {
+        let e = crate::shaping::Throttled {
+            org: "111".into(),
+            cause: crate::shaping::Cause::WaitTooLong,
+            expected_wait: Duration::from_millis(2300),
+            limit: 2000,
+        };
+        let r = Refusal::from(&e);
+        assert_eq!(
+            (r.status, r.reason, r.upstream, r.retry_after),
+            (429, "rate_limited", Some("not-sent"), Some(3))
+        );
+        assert!(r.message.contains("organization 111"), "{}", r.message);
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::observe::Observer;
 use crate::proxy::MerakiProxy;
 use crate::reload::{Live, Loader};
 use crate::route::Resolver;
+use crate::shaping::Shaper;
 use crate::token::{Grants, OAuthClient, PgStore, Settings, SqliteStore, Store};
 use crate::upstream::Upstream;
 use async_trait::async_trait;
@@ -193,14 +194,25 @@ pub fn build(launch: Launch) -> Result<(Server, ShutdownBox), StartError> {
         outbound.clone(),
     )?);
     refuse_loop(&upstream, &listeners.proxy)?;
+    let shaper = Shaper::new(config.rate_limits);
+    metrics.watch_shaper(shaper.clone());
     let api = ApiClient::new(
         &config.upstream.api_base,
         grants.clone(),
         config.upstream_timeout,
         &outbound,
     )
-    .map_err(StartError::Http)?;
-    let live = Arc::new(Live::new(config.clone(), loader, grants.clone(), observer));
+    .map_err(StartError::Http)?
+    .shaped(shaper.clone());
+    let live = Arc::new(Live::new(
+        config.clone(),
+        loader,
+        grants.clone(),
+        Arc::new(ReloadHooks {
+            observer,
+            shaper: shaper.clone(),
+        }),
+    ));
     let state = Arc::new(State {
         live: live.clone(),
         resolver: Resolver::new(
@@ -235,6 +247,7 @@ pub fn build(launch: Launch) -> Result<(Server, ShutdownBox), StartError> {
             state,
             audit: audit.clone(),
             metrics: metrics.clone(),
+            shaper: shaper.clone(),
         },
         "meraki-oauth-proxy",
     );
@@ -252,7 +265,8 @@ pub fn build(launch: Launch) -> Result<(Server, ShutdownBox), StartError> {
         let mut admin = ListeningService::new(
             "admin".to_string(),
             Admin::new(live.clone(), grants.clone(), metrics.clone(), &outbound)
-                .map_err(StartError::Http)?,
+                .map_err(StartError::Http)?
+                .with_shaper(shaper.clone()),
         );
         admin.add_tcp(&addr);
         server.add_service(Prebound::new(admin, vec![(addr, admin_listener)])?);
@@ -281,6 +295,7 @@ pub fn build(launch: Launch) -> Result<(Server, ShutdownBox), StartError> {
         StoreSync {
             grants: grants.clone(),
             metrics: metrics.clone(),
+            shaper: shaper.clone(),
             every: config.store_sync,
         },
     ));
@@ -496,6 +511,8 @@ impl BackgroundService for GrantKeeper {
 struct StoreSync {
     grants: Arc<Grants>,
     metrics: Arc<Metrics>,
+    /// Takes one live instance's share of each organization's rate budget.
+    shaper: Shaper,
     every: Duration,
 }
 
@@ -523,11 +540,36 @@ impl BackgroundService for StoreSync {
                     }
                 }
                 _ = tick.tick() => match self.grants.sync().await {
-                    Ok(live) => self.metrics.instances(live),
+                    Ok(live) => {
+                        self.metrics.instances(live);
+                        // Meraki's budget is the organization's, whichever instance spends it.
+                        self.shaper.set_share(1.0 / live.max(1) as f64);
+                    }
                     Err(e) => tracing::warn!(error = %crate::report::chain(&e), "store sync failed; serving from memory"),
                 },
             }
         }
+    }
+}
+
+/// What a configuration reload changes besides the snapshot: the audit log and metrics hear
+/// of it, and the rate limits follow it.
+struct ReloadHooks {
+    observer: Arc<Observer>,
+    shaper: Shaper,
+}
+
+impl crate::reload::ReloadSink for ReloadHooks {
+    fn reloaded(
+        &self,
+        trigger: &'static str,
+        outcome: &Result<crate::reload::Reloaded, String>,
+        config: &Config,
+    ) {
+        if outcome.is_ok() {
+            self.shaper.set_limits(config.rate_limits);
+        }
+        self.observer.reloaded(trigger, outcome, config);
     }
 }
 

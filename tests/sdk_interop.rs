@@ -99,8 +99,11 @@ impl Run {
 async fn run_script(s: &Scenario, key: &str, scenario: &str, env: &[(&str, &str)]) -> Run {
     let py = python();
     let script = repo().join("tests/sdk/sdk_client.py");
-    let stdout_path = s.dir.path().join(format!("{scenario}.stdout"));
-    let stderr_path = s.dir.path().join(format!("{scenario}.stderr"));
+    // Several runs may be under way at once.
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let stdout_path = s.dir.path().join(format!("{scenario}-{run}.stdout"));
+    let stderr_path = s.dir.path().join(format!("{scenario}-{run}.stderr"));
     let mut cmd = Command::new(py);
     cmd.arg(&script)
         .arg(scenario)
@@ -600,6 +603,49 @@ async fn sdk_honours_a_passed_through_429_and_retry_after() {
         ],
         "the proxy passed the 429 on instead of retrying itself"
     );
+}
+
+/// Issue 15: three SDK processes (each with its own smart flow at 9 requests/s: 27/s in all)
+/// on one organization behind the proxy, against a stand-in enforcing Meraki's 10 requests/s:
+/// the proxy's shaping keeps Meraki from answering 429 at all, and every script completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sdk_processes_on_one_organization_complete_with_no_upstream_429() {
+    let s = Scenario::new(Options {
+        rate_limits: "enabled = true".into(),
+        ..Default::default()
+    })
+    .await;
+    let p = started(&s).await;
+    s.standin.enforce_rate_limit(10.0, 10.0);
+    let calls = 30;
+    let env = [("SDK_CALLS", "30"), ("SDK_NETWORK_ID", "L_111_1")];
+    let (a, b, c) = tokio::join!(
+        run_script(&s, ALICE_KEY, "workload", &env),
+        run_script(&s, ALICE_KEY, "workload", &env),
+        run_script(&s, ALICE_KEY, "workload", &env),
+    );
+    for run in [&a, &b, &c] {
+        assert_eq!(run.success()["result"]["calls"], calls);
+        assert_client_stayed_on_the_proxy(run, &s);
+    }
+    let local_429s: usize = [&a, &b, &c]
+        .iter()
+        .flat_map(|r| r.seen())
+        .filter(|e| e["status"] == 429)
+        .count();
+    let log = s.standin.rate_log();
+    println!(
+        "3 SDK processes x {calls} calls: {:?} {:?} {:?}; stand-in: {} requests, {} 429s; SDK saw {local_429s} local 429s",
+        a.elapsed,
+        b.elapsed,
+        c.elapsed,
+        log.len(),
+        s.standin.rate_limited()
+    );
+    assert_eq!(s.standin.rate_limited(), 0, "Meraki answered 429");
+    assert!(log.len() >= 3 * calls as usize);
+    let (_, metrics) = p.admin("/metrics").await;
+    assert!(metrics.contains("meraki_proxy_upstream_429_total{organization=\"111\"} 0"));
 }
 
 #[tokio::test]

@@ -756,3 +756,33 @@ async fn shutdown_closes_the_listeners() {
     s.shutdown();
     assert!(http().get(&url).send().await.is_err());
 }
+
+#[tokio::test]
+async fn the_enforced_rate_limit_is_a_token_bucket_per_organization() {
+    let (s, refresh_token) = seeded().await;
+    let (access, _) = tokens(&s, &refresh_token).await;
+    // Slow enough that no token comes back during the test's few requests.
+    s.enforce_rate_limit(0.5, 3.0);
+    // A network and a device count against their organization.
+    for path in ["/organizations/1", "/networks/L_1_00", "/devices/Q2AA-0001"] {
+        assert_eq!(api_get(&s, &access, path).await.status(), StatusCode::OK);
+    }
+    let refused = api_get(&s, &access, "/organizations/1/networks").await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    // Two seconds to the next token at 0.5/s, as an integer.
+    assert_eq!(refused.headers()["retry-after"], "2");
+    assert_eq!(
+        error_of(refused).await,
+        json!({"errors": ["API rate limit exceeded for organization"]})
+    );
+    // Another organization has its own bucket (org 2 is not the grant's: 404, not 429).
+    assert_eq!(
+        api_get(&s, &access, "/organizations/2").await.status(),
+        StatusCode::NOT_FOUND
+    );
+    let log = s.rate_log();
+    assert_eq!(log.len(), 5);
+    assert_eq!(s.rate_limited(), 1);
+    assert!(log.iter().take(4).all(|d| d.org == "1"));
+    assert!(log[4].org == "2" && log[4].allowed);
+}

@@ -16,6 +16,8 @@ pub struct File {
     #[serde(default)]
     pub tokens: Tokens,
     #[serde(default)]
+    pub rate_limits: RateLimits,
+    #[serde(default)]
     pub integrations: Vec<Integration>,
     #[serde(default)]
     pub clients: Vec<Client>,
@@ -124,6 +126,24 @@ pub struct Tokens {
     pub refresh_backoff_max_secs: Option<u64>,
 }
 
+/// `[rate_limits]`: the proxy's share of Meraki's rate limits (see `crate::shaping`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimits {
+    /// Shaping on (default) or off.
+    pub enabled: Option<bool>,
+    /// Meraki's per-organization rate, requests per second (default 10).
+    pub organization_rps: Option<f64>,
+    /// Meraki's per-organization burst, requests beyond the rate (default 10).
+    pub organization_burst: Option<f64>,
+    /// Meraki's per-source-IP rate, requests per second (default 100).
+    pub source_rps: Option<f64>,
+    /// The longest a request waits for its turn before it is answered 429, milliseconds.
+    pub max_wait_ms: Option<u64>,
+    /// Requests of one client waiting for one organization at most.
+    pub queue_per_client: Option<usize>,
+}
+
 /// `[[integrations]]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -155,6 +175,8 @@ pub struct Client {
     pub methods: Option<Vec<String>>,
     /// operationIds and `family:read|write|*` (family `*` for every family).
     pub operations: Option<Vec<String>>,
+    /// The client's share of a contended organization budget, relative to others (default 1).
+    pub weight: Option<u32>,
 }
 
 /// One string or a list.

@@ -102,8 +102,42 @@ pub struct Config {
     /// The origins clients know the proxy by (`[server] public_base_url`), the first the
     /// default; empty: `Link` targets stay path-absolute.
     pub public_origins: Vec<PublicOrigin>,
+    /// `[rate_limits]`: the share of Meraki's rate limits requests wait for.
+    pub rate_limits: RateLimits,
     pub integrations: Vec<Arc<Integration>>,
     pub clients: Vec<Arc<Client>>,
+}
+
+/// `[rate_limits]`: Meraki's published limits, which the proxy shapes its upstream traffic to
+/// (see [`crate::shaping`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimits {
+    pub enabled: bool,
+    /// Requests per second per organization.
+    pub organization_rps: f64,
+    /// Requests an organization may burst beyond its rate (the bucket's depth).
+    pub organization_burst: f64,
+    /// Requests per second from the proxy's source IP, all organizations together.
+    pub source_rps: f64,
+    /// A request whose expected wait is longer is answered 429 at once.
+    pub max_wait: Duration,
+    /// Requests one client may have waiting for one organization.
+    pub queue_per_client: usize,
+}
+
+impl Default for RateLimits {
+    /// Meraki's published figures: 10 requests/s per organization with about 10 extra in the
+    /// first second, 100 requests/s per source IP.
+    fn default() -> Self {
+        RateLimits {
+            enabled: true,
+            organization_rps: 10.0,
+            organization_burst: 10.0,
+            source_rps: 100.0,
+            max_wait: Duration::from_millis(2000),
+            queue_per_client: 64,
+        }
+    }
 }
 
 /// Where Meraki is.
@@ -170,6 +204,8 @@ pub struct Client {
     pub methods: Option<Vec<http::Method>>,
     /// `None`: every operation.
     pub operations: Option<Operations>,
+    /// The client's share of a contended organization budget, relative to the others'.
+    pub weight: u32,
 }
 
 /// How a client's certificate is recognized: its subject, or one of its DNS names.
@@ -583,6 +619,7 @@ impl Validator<'_> {
                 ))
             }
         };
+        let rate_limits = self.rate_limits(&raw.rate_limits)?;
         let store_key = self.store_key(&raw.store)?;
         let store_url = self.store_url(&raw.store)?;
         let store_pool_size = raw.store.pool_size.unwrap_or(8);
@@ -633,6 +670,7 @@ impl Validator<'_> {
             unknown_endpoints,
             tls,
             public_origins,
+            rate_limits,
             integrations,
             clients,
         })
@@ -809,6 +847,64 @@ impl Validator<'_> {
             out.push(PublicOrigin { origin, authority });
         }
         Ok(out)
+    }
+
+    /// `[rate_limits]`.
+    fn rate_limits(&self, raw: &file::RateLimits) -> Result<RateLimits, ConfigError> {
+        let d = RateLimits::default();
+        let rate = |key: &str, v: Option<f64>, default: f64, max: f64| match v {
+            None => Ok(default),
+            Some(v) if v.is_finite() && v > 0.0 && v <= max => Ok(v),
+            Some(v) => Err(self.invalid(
+                format!("rate_limits.{key}"),
+                format!("expected requests per second above 0 and at most {max}, got {v}"),
+            )),
+        };
+        let organization_rps = rate(
+            "organization_rps",
+            raw.organization_rps,
+            d.organization_rps,
+            1e6,
+        )?;
+        let source_rps = rate("source_rps", raw.source_rps, d.source_rps, 1e7)?;
+        let organization_burst = match raw.organization_burst {
+            None => d.organization_burst,
+            Some(v) if v.is_finite() && (1.0..=1e6).contains(&v) => v,
+            Some(v) => {
+                return Err(self.invalid(
+                    "rate_limits.organization_burst",
+                    format!("expected the requests an organization may send at once, 1 to 1000000 (Meraki: 10), got {v}"),
+                ))
+            }
+        };
+        let max_wait = match raw.max_wait_ms {
+            None => d.max_wait,
+            Some(ms) if (1..=60_000).contains(&ms) => Duration::from_millis(ms),
+            Some(ms) => {
+                return Err(self.invalid(
+                    "rate_limits.max_wait_ms",
+                    format!("expected 1 to 60000 milliseconds (scripts time out), got {ms}"),
+                ))
+            }
+        };
+        let queue_per_client = match raw.queue_per_client {
+            None => d.queue_per_client,
+            Some(n) if (1..=100_000).contains(&n) => n,
+            Some(n) => {
+                return Err(self.invalid(
+                    "rate_limits.queue_per_client",
+                    format!("expected 1 to 100000 waiting requests, got {n}"),
+                ))
+            }
+        };
+        Ok(RateLimits {
+            enabled: raw.enabled.unwrap_or(d.enabled),
+            organization_rps,
+            organization_burst,
+            source_rps,
+            max_wait,
+            queue_per_client,
+        })
     }
 
     fn store_key(&self, store: &file::Store) -> Result<crate::seal::StoreKey, ConfigError> {
@@ -1213,6 +1309,16 @@ impl Validator<'_> {
                 .operations
                 .map(|entries| self.operations(i, &entries))
                 .transpose()?;
+            let weight = match c.weight {
+                None => 1,
+                Some(w) if (1..=1000).contains(&w) => w,
+                Some(w) => {
+                    return Err(self.invalid(
+                        key("weight"),
+                        format!("expected 1 to 1000 (a share relative to other clients', default 1), got {w}"),
+                    ))
+                }
+            };
             out.push(Arc::new(Client {
                 name: c.name,
                 keys,
@@ -1221,6 +1327,7 @@ impl Validator<'_> {
                 organizations: c.organizations,
                 methods,
                 operations,
+                weight,
             }));
         }
         Ok(out)
@@ -1360,6 +1467,20 @@ impl fmt::Display for Config {
                 UnknownEndpoints::Allow => "forwarded",
             }
         )?;
+        let r = &self.rate_limits;
+        if r.enabled {
+            writeln!(
+                f,
+                "rate limits: {} requests/s per organization (burst {}), {} requests/s in all; a request waits at most {} ms, {} per client and organization",
+                r.organization_rps,
+                r.organization_burst,
+                r.source_rps,
+                r.max_wait.as_millis(),
+                r.queue_per_client
+            )?;
+        } else {
+            writeln!(f, "rate limits: off (requests are not shaped)")?;
+        }
         writeln!(f, "clients ({}):", self.clients.len())?;
         for c in &self.clients {
             let methods = match &c.methods {
@@ -1395,7 +1516,7 @@ impl fmt::Display for Config {
                 .collect();
             writeln!(
                 f,
-                "  {} keys={}{} integration={} organizations=[{}] methods={} operations=[{}] ({effective} of {} API operations allowed)",
+                "  {} keys={}{} integration={} organizations=[{}] methods={} operations=[{}] ({effective} of {} API operations allowed) weight={}",
                 c.name,
                 c.keys.len(),
                 if expiring.is_empty() {
@@ -1407,7 +1528,8 @@ impl fmt::Display for Config {
                 c.organizations.join(","),
                 methods,
                 operations,
-                table.len()
+                table.len(),
+                c.weight
             )?;
         }
         Ok(())
@@ -1775,6 +1897,79 @@ methods = ["get"]
             "{e}"
         );
         assert!(!e.contains("u:p@"), "{e}");
+    }
+
+    #[test]
+    fn rate_limits_default_to_merakis_figures_and_bad_values_name_the_key() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.rate_limits, RateLimits::default());
+        assert_eq!(c.clients[0].weight, 1);
+        assert!(
+            c.to_string()
+                .contains("rate limits: 10 requests/s per organization (burst 10)"),
+            "{c}"
+        );
+        let with = |section: &str| format!("{GOOD}weight = 3\n[rate_limits]\n{section}\n");
+        let c = parse(&with(
+            "enabled = false\norganization_rps = 4.5\norganization_burst = 2\nsource_rps = 50\nmax_wait_ms = 500\nqueue_per_client = 8",
+        ))
+        .unwrap();
+        let r = c.rate_limits;
+        assert_eq!(
+            (
+                r.enabled,
+                r.organization_rps,
+                r.organization_burst,
+                r.source_rps
+            ),
+            (false, 4.5, 2.0, 50.0)
+        );
+        assert_eq!(
+            (r.max_wait, r.queue_per_client),
+            (Duration::from_millis(500), 8)
+        );
+        assert_eq!(c.clients[0].weight, 3);
+        assert!(c.to_string().contains("rate limits: off"), "{c}");
+        for (section, key, problem) in [
+            (
+                "organization_rps = 0",
+                "rate_limits.organization_rps",
+                "above 0",
+            ),
+            (
+                "organization_rps = -3",
+                "rate_limits.organization_rps",
+                "above 0",
+            ),
+            ("source_rps = 0.0", "rate_limits.source_rps", "above 0"),
+            (
+                "organization_burst = 0.5",
+                "rate_limits.organization_burst",
+                "1 to 1000000",
+            ),
+            ("max_wait_ms = 0", "rate_limits.max_wait_ms", "1 to 60000"),
+            (
+                "queue_per_client = 0",
+                "rate_limits.queue_per_client",
+                "1 to 100000",
+            ),
+            ("queue = 3", "queue", "unknown field"),
+            ("enabled = \"yes\"", "enabled", "bool"),
+        ] {
+            let e = parse(&with(section)).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(problem), "{section}: {e}");
+        }
+        let e = parse(&format!("{GOOD}weight = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("clients[0].weight") && e.contains("1 to 1000"),
+            "{e}"
+        );
+        let e = parse(&format!("{GOOD}weight = 1.5\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("weight"), "{e}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ Environment:
   PROXY_KEY       the proxy client key the script uses as its "API key" (required)
   SDK_ORG_ID      organization to act on (default 111)
   SDK_NETWORK_ID  network to update (default L_111_0)
+  SDK_CALLS       calls the `workload` scenario makes (default 30)
 
 It uses the real official SDK (`meraki` on PyPI, pinned in tests/sdk/requirements.txt), set up
 the way a script is after its only change: the base URL. It prints ONE JSON object on stdout:
@@ -126,6 +127,23 @@ def createOrganizationActionBatch(seen):
     ]
     batch = d.organizations.createOrganizationActionBatch(org_id(), actions, confirmed=True, synchronous=True)
     return {"result": batch, "base_url_after": d._session._base_url}
+
+
+@scenario
+def workload(seen):
+    """A fixed workload, as a script polling one organization does: SDK_CALLS calls, alternating
+    the organization and one of its networks, one at a time (the SDK's smart flow paces them)."""
+    d = dashboard(seen)
+    network_id = os.environ.get("SDK_NETWORK_ID", "L_111_0")
+    calls = int(os.environ.get("SDK_CALLS", "30"))
+    done = 0
+    for i in range(calls):
+        if i % 2:
+            d.networks.getNetwork(network_id)
+        else:
+            d.organizations.getOrganization(org_id())
+        done += 1
+    return {"result": {"calls": done}, "base_url_after": d._session._base_url}
 
 
 @scenario

@@ -64,6 +64,12 @@ pub struct Options {
     pub upstream: String,
     /// Lines for `[server]`.
     pub server: String,
+    /// Lines for `[rate_limits]`. Empty: limits no test reaches (shaping stays on, on its fast
+    /// path), so the bursts other suites fire at one organization are not refused; the rate
+    /// tests set Meraki's figures.
+    pub rate_limits: String,
+    /// Extra `[[clients]]` blocks (their digests from [`sha256_hex`]).
+    pub clients: String,
     /// The proxy and admin ports, when the caller bound them already (an in-process server on
     /// listeners bound to port 0).
     pub ports: Option<(u16, u16)>,
@@ -128,6 +134,9 @@ path = "audit.jsonl"
 [tokens]
 {tok_extra}
 
+[rate_limits]
+{rate_extra}
+
 [[integrations]]
 name = "netops"
 client_id = "{CLIENT_ID}"
@@ -147,6 +156,8 @@ key_sha256 = "{bob}"
 integration = "netops"
 organizations = ["222"]
 methods = ["GET"]
+
+{more_clients}
 "#,
             api = standin.api_base(),
             token = standin.token_url(),
@@ -172,6 +183,13 @@ methods = ["GET"]
             } else {
                 format!("rejected_grace_secs = 0\n{}", opts.tokens)
             },
+            rate_extra = if opts.rate_limits.is_empty() {
+                "organization_rps = 100000\norganization_burst = 100000\nsource_rps = 1000000"
+                    .to_string()
+            } else {
+                opts.rate_limits.clone()
+            },
+            more_clients = opts.clients,
             alice = sha256_hex(ALICE_KEY),
             bob = sha256_hex(BOB_KEY),
         );

@@ -64,6 +64,8 @@ pub struct Recorded {
     pub body: Vec<u8>,
     /// The status the stand-in answered with.
     pub status: u16,
+    /// When it arrived.
+    pub at: Instant,
 }
 
 impl Recorded {
@@ -517,6 +519,35 @@ impl Standin {
         s.faults.retry_after = retry_after_secs;
     }
 
+    /// From now on, Meraki's per-organization rate limit is enforced: a token bucket per
+    /// organization, `burst` deep (full at the organization's first request) and refilled at
+    /// `rps`; a request finding it empty gets 429 with an integer `Retry-After` (the time to the
+    /// next token, rounded up, at least 1) and Meraki's rate-limit body. Requests count against
+    /// the organization they act on: `/organizations/{id}/...`, or the owner of
+    /// `/networks/{id}` and `/devices/{serial}`. Each decision is logged ([`Standin::rate_log`]).
+    pub fn enforce_rate_limit(&self, rps: f64, burst: f64) {
+        self.lock().rate = Some(RateLimit {
+            rps,
+            burst,
+            buckets: HashMap::new(),
+            log: Vec::new(),
+        });
+    }
+
+    /// Every decision of the enforced rate limit so far, in arrival order.
+    pub fn rate_log(&self) -> Vec<RateDecision> {
+        self.lock()
+            .rate
+            .as_ref()
+            .map(|r| r.log.clone())
+            .unwrap_or_default()
+    }
+
+    /// How many 429s the enforced rate limit has served.
+    pub fn rate_limited(&self) -> usize {
+        self.rate_log().iter().filter(|d| !d.allowed).count()
+    }
+
     /// The next `n` API requests that arrive on the MAIN listener are redirected to the same
     /// path and query on the shard listener: 302 for GET and HEAD, 307 for other methods.
     pub fn redirect_next_to_shard(&self, n: usize) {
@@ -655,6 +686,48 @@ impl Device {
     }
 }
 
+/// One request under the enforced rate limit.
+#[derive(Clone, Debug)]
+pub struct RateDecision {
+    pub at: Instant,
+    pub org: String,
+    /// Served (true) or answered 429.
+    pub allowed: bool,
+}
+
+struct RateLimit {
+    rps: f64,
+    burst: f64,
+    /// Organization → (tokens, last refill).
+    buckets: HashMap<String, (f64, Instant)>,
+    log: Vec<RateDecision>,
+}
+
+impl RateLimit {
+    /// Takes a token of `org`'s bucket, or says how many seconds until there is one.
+    fn take(&mut self, org: &str) -> Result<(), u64> {
+        let now = Instant::now();
+        let (tokens, at) = self
+            .buckets
+            .entry(org.to_owned())
+            .or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rps).min(self.burst);
+        *at = now;
+        let outcome = if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err((((1.0 - *tokens) / self.rps).ceil() as u64).max(1))
+        };
+        self.log.push(RateDecision {
+            at: now,
+            org: org.to_owned(),
+            allowed: outcome.is_ok(),
+        });
+        outcome
+    }
+}
+
 #[derive(Default)]
 struct Faults {
     fail: usize,
@@ -684,6 +757,8 @@ struct Inner {
     /// The token endpoint answers 503 to everything (an outage).
     token_down: bool,
     faults: Faults,
+    /// Meraki's per-organization rate limit, when enforced.
+    rate: Option<RateLimit>,
     token_calls: usize,
     refused_refreshes: usize,
     code_exchanges: usize,
@@ -711,6 +786,7 @@ impl Inner {
             api_delay: Duration::ZERO,
             token_down: false,
             faults: Faults::default(),
+            rate: None,
             token_calls: 0,
             refused_refreshes: 0,
             code_exchanges: 0,
@@ -852,6 +928,37 @@ impl Inner {
     /// Whether `org_id` exists and the token's grant covers it.
     fn org_visible(&self, orgs: &[String], org_id: &str) -> bool {
         self.orgs.contains_key(org_id) && orgs.iter().any(|o| o == org_id)
+    }
+
+    /// The organization an API path acts on, for the rate limit.
+    fn org_of_path(&self, path: &str) -> Option<String> {
+        let rest = path.strip_prefix("/api/v1/")?;
+        let mut segments = rest.split('/');
+        let (kind, id) = (segments.next()?, segments.next()?);
+        match kind {
+            "organizations" => Some(id.to_owned()),
+            "networks" => self.networks.get(id).map(|n| n.org_id.clone()),
+            "devices" => self
+                .devices
+                .get(id)
+                .and_then(|d| self.networks.get(&d.network_id))
+                .map(|n| n.org_id.clone()),
+            _ => None,
+        }
+    }
+
+    /// A 429 when the enforced rate limit says so.
+    fn rate_limit(&mut self, path: &str) -> Option<Response> {
+        let org = self.org_of_path(path)?;
+        let after = self.rate.as_mut()?.take(&org).err()?;
+        let mut response = api_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "API rate limit exceeded for organization",
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(after));
+        Some(response)
     }
 
     fn org_json(&self, org_id: &str) -> Value {
@@ -1275,11 +1382,15 @@ async fn api(ctx: Ctx, request: Request) -> Response {
         headers,
         body: body.as_ref().map(|b| b.to_vec()).unwrap_or_default(),
         status: 0,
+        at: Instant::now(),
     });
     let response = match body {
         // Too large to record, or the client went away while sending it.
         Err(_) => api_error(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large"),
-        Ok(body) => match s.take_fault(&ctx, &parts.method, &path_and_query) {
+        Ok(body) => match s
+            .rate_limit(parts.uri.path())
+            .or_else(|| s.take_fault(&ctx, &parts.method, &path_and_query))
+        {
             Some(fault) => fault,
             None => handle_api(
                 &mut s,

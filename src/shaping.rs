@@ -1,0 +1,1088 @@
+//! Shaping: the proxy's upstream traffic kept within Meraki's rate limits, and the budget of a
+//! contended organization shared fairly among the clients waiting on it.
+//!
+//! Meraki allows each organization about 10 requests/s (a token bucket about 10 deep) and each
+//! source IP 100 requests/s, and answers 429 beyond. Behind the proxy every script shares one
+//! source IP and each organization's budget; only the proxy sees them all, so it waits for the
+//! budget on their behalf:
+//!
+//! - **Buckets.** One token bucket per organization and one for the source IP, modelled on
+//!   Meraki's. A request goes upstream when both hold a token. The proxy keeps one token of an
+//!   organization's burst in reserve ([`HEADROOM`]) so that requests bunched up on the way (one
+//!   delayed, the next not) still find one at Meraki.
+//! - **Fairness.** While an organization's bucket is empty its requests wait in one queue per
+//!   client and are served in start-time fair queueing order: each organization has a virtual
+//!   clock (the tag of the request served last), and a client's request is tagged with
+//!   `max(virtual clock, the client's previous tag + 1/weight)`; the smallest tag goes next.
+//!   Contended budget is thereby shared in proportion to the clients' weights, an idle client's
+//!   share goes to the others, and a client coming back is served within one round, however
+//!   many requests another client has queued.
+//! - **Refusing honestly.** A request whose expected wait (its place among the tags, the
+//!   bucket's rate, and the requests other clients are expected to send meanwhile) is over
+//!   `max_wait`, or whose client already has `queue_per_client` requests waiting for that
+//!   organization, is refused at once with [`Throttled`]: a 429 whose `Retry-After` is that
+//!   expected wait. A queued request still waiting after twice `max_wait` (the budget shrank under
+//!   it) is refused then.
+//! - **Meraki's own 429s** (other applications spend the same budget) slow the organization's
+//!   bucket: its rate ×0.7 (at most once a second, down to 5 % of the configured rate) and its
+//!   tokens spent; each other answer adds 2 % of the configured rate back. That is the official
+//!   SDK's smart flow (×0.7 per 429, +0.2 requests/s per success at 10 requests/s).
+//!
+//! Waiting holds no lock and is cancel-safe. A waiter owns the receiving end of a oneshot
+//! channel; whoever can grant pops it under the lock and sends: the request that arrives, or a
+//! dispatcher task that runs while anything is queued and sleeps until the next token. A waiter
+//! dropped while queued (its client went away) leaves its queue; one dropped after being
+//! granted gives its token back.
+//!
+//! **Several instances (future).** Sharing Meraki's budget across instances needs either exact
+//! coordination (a shared bucket: a round trip to the store per request, which SPEC.md rules
+//! out) or a static split: each instance takes a `share` of every budget ([`Shaper::set_share`],
+//! 1.0 for a single instance), e.g. one over the number of live instances registered with a
+//! heartbeat in the store, recomputed as they come and go. A split wastes the idle instances'
+//! share of a contended organization; AIMD on Meraki's 429s corrects the rest.
+//!
+//! Token-endpoint calls go to the authorization server (`as.meraki.com`), which is not under the
+//! API's per-organization or per-IP budget; they are not shaped (they are single-flight per grant
+//! anyway) and are counted by `meraki_proxy_token_calls_total`. The proxy's own API calls (the
+//! network and device lookups, the organization list) wait like requests, in the lane of the
+//! client they are made for; retries after a 401 and redirects followed are charged to the
+//! organization without waiting.
+
+use crate::config::RateLimits;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+
+/// Tokens of an organization's burst the proxy leaves unspent, for jitter on the way to Meraki.
+pub const HEADROOM: f64 = 1.0;
+/// Multiplicative decrease on an upstream 429 (the official SDK's).
+const DECREASE: f64 = 0.7;
+/// Additive increase per other upstream answer, as a fraction of the configured rate.
+const INCREASE: f64 = 0.02;
+/// The slowest an organization's bucket gets, as a fraction of the configured rate.
+const MIN_FACTOR: f64 = 0.05;
+/// At most one decrease per this long: a burst of 429s for requests already in flight is one
+/// signal, not many.
+const DECREASE_EVERY: Duration = Duration::from_secs(1);
+/// The source bucket holds this many seconds of its rate.
+const SOURCE_DEPTH_SECS: f64 = 0.1;
+/// Time constant of a client's arrival rate estimate.
+const RATE_TAU_SECS: f64 = 2.0;
+/// Floating-point slack when comparing token counts.
+const EPS: f64 = 1e-9;
+/// Statistics windows: slots of this many seconds…
+const SLOT_SECS: u64 = 10;
+/// …this many of them (five minutes).
+const SLOTS: usize = 30;
+
+/// Shapes upstream requests to Meraki's rate limits; cheap to clone (one shared state).
+#[derive(Clone)]
+pub struct Shaper {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    /// Wakes the dispatcher early (limits changed, a token given back).
+    kick: Notify,
+    /// Organizations slowed by upstream 429s: while none is, successes need no lock.
+    slowed: AtomicUsize,
+    activity: Mutex<HashMap<Arc<str>, Activity>>,
+    epoch: Instant,
+}
+
+/// A request's turn: it may go upstream now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Turn {
+    /// How long it waited for its turn.
+    pub waited: Duration,
+}
+
+/// Why a request was refused rather than queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// Its expected wait was over `max_wait`.
+    WaitTooLong,
+    /// Its client already had `queue_per_client` requests waiting for the organization.
+    QueueFull,
+    /// It waited twice `max_wait` without its turn coming (the budget shrank meanwhile).
+    TimedOut,
+}
+
+/// A request refused for want of rate budget: answered 429 with `Retry-After`, never sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.describe())]
+pub struct Throttled {
+    pub org: Arc<str>,
+    pub cause: Cause,
+    /// The wait the request was expected to have.
+    pub expected_wait: Duration,
+    /// `max_wait` or `queue_per_client`, for the message.
+    pub limit: u64,
+}
+
+impl Throttled {
+    fn describe(&self) -> String {
+        let why = match self.cause {
+            Cause::WaitTooLong => format!(
+                "its expected wait, {:.1} s, is over this proxy's limit of {} ms",
+                self.expected_wait.as_secs_f64(),
+                self.limit
+            ),
+            Cause::QueueFull => format!(
+                "this client already has {} requests waiting for it",
+                self.limit
+            ),
+            Cause::TimedOut => format!("it waited {} ms without its turn coming", self.limit * 2),
+        };
+        format!(
+            "API rate limit exceeded for organization {} at the proxy, which shares Meraki's rate limit among its clients: {why}; retry after the time in Retry-After",
+            self.org
+        )
+    }
+
+    /// Whole seconds to wait before retrying: the expected wait rounded up, at least 1.
+    pub fn retry_after_secs(&self) -> u64 {
+        self.expected_wait.as_millis().div_ceil(1000).max(1) as u64
+    }
+}
+
+/// What [`Shaper::request`] decided.
+pub enum Ticket {
+    /// Go now.
+    Go(Turn),
+    /// Wait for the turn: [`Waiting::wait`].
+    Wait(Waiting),
+    /// Refused.
+    Refused(Throttled),
+}
+
+/// What a finished request was, for the status page's per-client activity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Forwarded or answered.
+    Served,
+    /// Refused for another reason than rate (403, 404, …).
+    Denied,
+    /// Refused by the shaper (a local 429).
+    Throttled,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    depth: f64,
+    rate: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(depth: f64, rate: f64, now: Instant) -> Bucket {
+        Bucket {
+            tokens: depth,
+            depth,
+            rate,
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        if now > self.at {
+            let dt = (now - self.at).as_secs_f64();
+            self.tokens = (self.tokens + dt * self.rate).min(self.depth);
+            self.at = now;
+        }
+    }
+
+    fn has(&self, n: f64) -> bool {
+        self.tokens >= n - EPS
+    }
+
+    /// Time until `n` tokens are there (after a refill at `at`).
+    fn until(&self, n: f64) -> Duration {
+        if self.has(n) {
+            Duration::ZERO
+        } else {
+            secs((n - self.tokens) / self.rate)
+        }
+    }
+
+    fn set(&mut self, depth: f64, rate: f64, now: Instant) {
+        self.refill(now);
+        self.depth = depth;
+        self.rate = rate;
+        self.tokens = self.tokens.min(depth);
+    }
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.clamp(0.0, 3600.0))
+}
+
+/// Counts per time slot over the last [`SLOTS`] slots.
+#[derive(Debug, Clone, Default)]
+struct Window {
+    slots: [u32; SLOTS],
+    head: u64,
+}
+
+impl Window {
+    fn add(&mut self, slot: u64) {
+        if slot > self.head {
+            if slot - self.head >= SLOTS as u64 {
+                self.slots = [0; SLOTS];
+            } else {
+                for s in self.head + 1..=slot {
+                    self.slots[(s % SLOTS as u64) as usize] = 0;
+                }
+            }
+            self.head = slot;
+        }
+        let i = (slot % SLOTS as u64) as usize;
+        self.slots[i] = self.slots[i].saturating_add(1);
+    }
+
+    /// The count over the last `n` slots up to `slot`.
+    fn sum(&self, slot: u64, n: usize) -> u64 {
+        let from = slot.saturating_sub(n as u64 - 1);
+        (from..=slot)
+            .filter(|s| *s <= self.head && self.head - s < SLOTS as u64)
+            .map(|s| u64::from(self.slots[(s % SLOTS as u64) as usize]))
+            .sum()
+    }
+}
+
+struct Waiter {
+    id: u64,
+    tag: f64,
+    tx: oneshot::Sender<()>,
+}
+
+/// One client's requests for one organization.
+struct Lane {
+    weight: f64,
+    /// The tag after this lane's last request: where its next one starts at the earliest.
+    finish: f64,
+    queue: VecDeque<Waiter>,
+    /// Decayed count of accepted arrivals (rate × [`RATE_TAU_SECS`]), and when it was updated.
+    recent: f64,
+    recent_at: Instant,
+    granted: Window,
+    throttled: Window,
+}
+
+impl Lane {
+    fn new(weight: f64, now: Instant) -> Lane {
+        Lane {
+            weight,
+            finish: 0.0,
+            queue: VecDeque::new(),
+            recent: 0.0,
+            recent_at: now,
+            granted: Window::default(),
+            throttled: Window::default(),
+        }
+    }
+
+    fn arrival_rate(&self, now: Instant) -> f64 {
+        let dt = now.saturating_duration_since(self.recent_at).as_secs_f64();
+        self.recent * (-dt / RATE_TAU_SECS).exp() / RATE_TAU_SECS
+    }
+
+    fn arrived(&mut self, now: Instant) {
+        self.recent = self.arrival_rate(now) * RATE_TAU_SECS + 1.0;
+        self.recent_at = now;
+    }
+}
+
+/// One organization's bucket and queues.
+struct Org {
+    bucket: Bucket,
+    /// AIMD's factor on the configured rate, in [`MIN_FACTOR`, 1].
+    factor: f64,
+    last_decrease: Option<Instant>,
+    /// The tag of the request served last.
+    vtime: f64,
+    lanes: HashMap<Arc<str>, Lane>,
+    queued: usize,
+    granted: Window,
+    granted_total: u64,
+    throttled_total: u64,
+    upstream_429_total: u64,
+}
+
+struct Inner {
+    limits: RateLimits,
+    share: f64,
+    source: Bucket,
+    orgs: HashMap<Arc<str>, Org>,
+    queued: usize,
+    next_id: u64,
+    /// The running dispatcher's id, if one runs.
+    dispatcher: Option<u64>,
+    /// The organization that got the source budget's last token: the next round starts after
+    /// it, so the source budget goes round robin over waiting organizations.
+    last_served: Option<Arc<str>>,
+    /// Some organization with a token of its own waits for the source budget: arrivals then
+    /// queue and the round robin serves them, instead of taking the source's next token.
+    source_blocked: bool,
+}
+
+impl Inner {
+    fn org_depth(&self) -> f64 {
+        (self.limits.organization_burst * self.share - HEADROOM).max(1.0)
+    }
+
+    fn org_rate(&self, factor: f64) -> f64 {
+        self.limits.organization_rps * self.share * factor
+    }
+
+    fn source_params(&self) -> (f64, f64) {
+        let rate = self.limits.source_rps * self.share;
+        ((rate * SOURCE_DEPTH_SECS).max(1.0), rate)
+    }
+
+    fn org_mut(&mut self, org: &str, now: Instant) -> &mut Org {
+        if !self.orgs.contains_key(org) {
+            let bucket = Bucket::full(self.org_depth(), self.org_rate(1.0), now);
+            self.orgs.insert(
+                Arc::from(org),
+                Org {
+                    bucket,
+                    factor: 1.0,
+                    last_decrease: None,
+                    vtime: 0.0,
+                    lanes: HashMap::new(),
+                    queued: 0,
+                    granted: Window::default(),
+                    granted_total: 0,
+                    throttled_total: 0,
+                    upstream_429_total: 0,
+                },
+            );
+        }
+        self.orgs.get_mut(org).expect("inserted above")
+    }
+
+    /// Grants what the buckets allow, one request per organization per round, round robin
+    /// from the organization after the one served last, so none is favoured for the source
+    /// budget.
+    fn dispatch_all(&mut self, now: Instant, slot: u64) {
+        self.source_blocked = false;
+        if self.queued == 0 {
+            return;
+        }
+        let mut backlogged: Vec<Arc<str>> = self
+            .orgs
+            .iter()
+            .filter(|(_, o)| o.queued > 0)
+            .map(|(k, _)| k.clone())
+            .collect();
+        backlogged.sort_unstable();
+        if let Some(last) = &self.last_served {
+            let start = backlogged.partition_point(|k| k <= last) % backlogged.len().max(1);
+            backlogged.rotate_left(start);
+        }
+        self.source.refill(now);
+        loop {
+            let mut progress = false;
+            for key in &backlogged {
+                if let Some(org) = self.orgs.get_mut(key) {
+                    let n = dispatch(org, &mut self.source, now, slot, 1);
+                    self.queued -= n;
+                    if n > 0 {
+                        progress = true;
+                        self.last_served = Some(key.clone());
+                    }
+                }
+            }
+            if !progress {
+                break;
+            }
+        }
+        self.source_blocked = !self.source.has(1.0)
+            && backlogged
+                .iter()
+                .filter_map(|k| self.orgs.get(k))
+                .any(|o| o.queued > 0 && o.bucket.has(1.0));
+    }
+
+    /// The queue lengths of the organizations other than `org` that have requests waiting.
+    fn others(&self, org: &str) -> Vec<usize> {
+        if self.queued == 0 {
+            return Vec::new();
+        }
+        self.orgs
+            .iter()
+            .filter(|(k, o)| o.queued > 0 && &***k != org)
+            .map(|(_, o)| o.queued)
+            .collect()
+    }
+
+    /// When the dispatcher should look again: the earliest time a backlogged organization can
+    /// send.
+    fn next_wake(&self, now: Instant) -> Option<Instant> {
+        self.orgs
+            .values()
+            .filter(|o| o.queued > 0)
+            .map(|o| now + o.bucket.until(1.0).max(self.source.until(1.0)))
+            .min()
+    }
+}
+
+/// Grants up to `max` of `org`'s queued requests, smallest tag first, while both buckets hold a
+/// token. Returns how many left the queue.
+fn dispatch(org: &mut Org, source: &mut Bucket, now: Instant, slot: u64, max: usize) -> usize {
+    org.bucket.refill(now);
+    source.refill(now);
+    let mut n = 0;
+    while n < max && org.queued > 0 && org.bucket.has(1.0) && source.has(1.0) {
+        let Some((_, lane)) = org
+            .lanes
+            .iter_mut()
+            .filter(|(_, l)| !l.queue.is_empty())
+            .min_by(|(_, a), (_, b)| {
+                a.queue[0]
+                    .tag
+                    .total_cmp(&b.queue[0].tag)
+                    .then(a.queue[0].id.cmp(&b.queue[0].id))
+            })
+        else {
+            break;
+        };
+        let Some(w) = lane.queue.pop_front() else {
+            break;
+        };
+        org.queued -= 1;
+        n += 1;
+        // A waiter whose receiver is gone left its queue in its own Drop, under this lock, so
+        // a failed send is only a formality.
+        if w.tx.send(()).is_ok() {
+            org.bucket.tokens -= 1.0;
+            source.tokens -= 1.0;
+            org.vtime = org.vtime.max(w.tag);
+            lane.granted.add(slot);
+            org.granted.add(slot);
+            org.granted_total += 1;
+        }
+    }
+    n
+}
+
+/// How long a request of `me` tagged `start` is expected to wait: its own lane's queue and the
+/// other lanes' queued requests with smaller tags go first, and so do the requests other
+/// clients are expected to send meanwhile (at their recent rate, up to what their weight lets
+/// them put before `start`). `others`: the queue lengths of the other organizations, which
+/// share the source budget.
+fn expected_wait(
+    org: &Org,
+    source: &Bucket,
+    others: &[usize],
+    me: &str,
+    start: f64,
+    now: Instant,
+) -> Duration {
+    let mut ahead = 0.0;
+    let mut open: Vec<(f64, f64)> = Vec::new();
+    for (name, lane) in &org.lanes {
+        if &**name == me {
+            ahead += lane.queue.len() as f64;
+            continue;
+        }
+        ahead += lane.queue.iter().take_while(|w| w.tag < start).count() as f64;
+        let cap = (start - lane.finish.max(org.vtime)) * lane.weight;
+        let rate = lane.arrival_rate(now);
+        if cap > 0.0 && rate > 0.0 {
+            open.push((rate, cap));
+        }
+    }
+    let rate = org.bucket.rate;
+    // Solve wait × rate = need + Σ min(cap, lane rate × wait): piecewise linear, so move the
+    // lanes whose cap binds to the constant side until none does.
+    let mut fixed = (ahead + 1.0 - org.bucket.tokens).max(0.0);
+    let mut wait;
+    loop {
+        let free: f64 = open.iter().map(|(r, _)| r).sum();
+        wait = if rate > free {
+            fixed / (rate - free)
+        } else {
+            f64::INFINITY
+        };
+        let before = open.len();
+        open.retain(|(r, cap)| {
+            if r * wait > *cap {
+                fixed += cap;
+                false
+            } else {
+                true
+            }
+        });
+        if open.len() == before {
+            break;
+        }
+    }
+    // The source budget goes round robin: before this request's turn, each other waiting
+    // organization sends as many as are ahead of it here, or all it has queued.
+    let mine = ahead + 1.0;
+    let source_need = mine + others.iter().map(|&q| (q as f64).min(mine)).sum::<f64>();
+    secs(wait.max((source_need - source.tokens).max(0.0) / source.rate))
+}
+
+/// A request waiting for its turn; see [`Waiting::wait`]. Dropping it gives its place up.
+pub struct Waiting {
+    shared: Arc<Shared>,
+    org: Arc<str>,
+    client: Arc<str>,
+    id: u64,
+    rx: oneshot::Receiver<()>,
+    since: Instant,
+    deadline: Instant,
+    done: bool,
+}
+
+impl Waiting {
+    /// Waits for the turn (at most twice `max_wait`).
+    pub async fn wait(mut self) -> Result<Turn, Throttled> {
+        let outcome = tokio::time::timeout_at(self.deadline, &mut self.rx).await;
+        let turn = Turn {
+            waited: self.since.elapsed(),
+        };
+        match outcome {
+            // Granted; or the shaper was dropped or turned off, which lets everything go.
+            Ok(_) => {
+                self.done = true;
+                Ok(turn)
+            }
+            Err(_) => {
+                let mut g = self.shared.lock();
+                let now = Instant::now();
+                let slot = self.shared.slot(now);
+                let limit = g.limits.max_wait.as_millis() as u64;
+                let inner = &mut *g;
+                let others = inner.others(&self.org);
+                if let Some(org) = inner.orgs.get_mut(&self.org) {
+                    if remove(org, &self.client, self.id) {
+                        inner.queued -= 1;
+                        self.done = true;
+                        org.throttled_total += 1;
+                        let lane = org.lanes.get_mut(&self.client);
+                        let start = lane.as_ref().map_or(org.vtime, |l| l.finish);
+                        if let Some(lane) = lane {
+                            lane.throttled.add(slot);
+                        }
+                        let expected =
+                            expected_wait(org, &inner.source, &others, &self.client, start, now);
+                        return Err(Throttled {
+                            org: self.org.clone(),
+                            cause: Cause::TimedOut,
+                            expected_wait: expected,
+                            limit,
+                        });
+                    }
+                }
+                // Granted between the timeout and the lock.
+                self.done = true;
+                Ok(turn)
+            }
+        }
+    }
+}
+
+/// Removes waiter `id` from `client`'s lane; whether it was there.
+fn remove(org: &mut Org, client: &str, id: u64) -> bool {
+    let Some(lane) = org.lanes.get_mut(client) else {
+        return false;
+    };
+    let Some(i) = lane.queue.iter().position(|w| w.id == id) else {
+        return false;
+    };
+    lane.queue.remove(i);
+    org.queued -= 1;
+    true
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut g = self.shared.lock();
+        let inner = &mut *g;
+        let Some(org) = inner.orgs.get_mut(&self.org) else {
+            return;
+        };
+        if remove(org, &self.client, self.id) {
+            inner.queued -= 1;
+        } else if self.rx.try_recv().is_ok() {
+            // Granted, then abandoned: the token was not used upstream.
+            org.bucket.tokens = (org.bucket.tokens + 1.0).min(org.bucket.depth);
+            inner.source.tokens = (inner.source.tokens + 1.0).min(inner.source.depth);
+            drop(g);
+            self.shared.kick.notify_one();
+        }
+    }
+}
+
+/// One organization's state, for the status page and metrics.
+#[derive(Debug, Clone)]
+pub struct OrgSnapshot {
+    pub org: Arc<str>,
+    /// The configured rate (× share), requests/s.
+    pub configured_rps: f64,
+    /// The rate now, after slowing for upstream 429s.
+    pub rps: f64,
+    pub depth: f64,
+    /// The bucket's level (negative: charged beyond it).
+    pub tokens: f64,
+    pub queued: usize,
+    /// Requests sent in the last minute and the last five.
+    pub sent_1m: u64,
+    pub sent_5m: u64,
+    pub sent_total: u64,
+    pub throttled_total: u64,
+    pub upstream_429_total: u64,
+    pub clients: Vec<LaneSnapshot>,
+}
+
+/// One client's lane in an organization.
+#[derive(Debug, Clone)]
+pub struct LaneSnapshot {
+    pub client: Arc<str>,
+    pub weight: f64,
+    pub queued: usize,
+    pub sent_1m: u64,
+    pub sent_5m: u64,
+    pub throttled_5m: u64,
+}
+
+/// A client's recent requests, for the status page.
+#[derive(Debug, Clone)]
+pub struct ClientSnapshot {
+    pub client: Arc<str>,
+    pub requests_5m: u64,
+    pub denied_5m: u64,
+    pub throttled_5m: u64,
+}
+
+#[derive(Default)]
+struct Activity {
+    requests: Window,
+    denied: Window,
+    throttled: Window,
+}
+
+impl Shaper {
+    /// A shaper with these limits and the whole budget (one instance).
+    pub fn new(limits: RateLimits) -> Shaper {
+        let now = Instant::now();
+        let mut inner = Inner {
+            limits,
+            share: 1.0,
+            source: Bucket::full(1.0, 1.0, now),
+            orgs: HashMap::new(),
+            queued: 0,
+            next_id: 0,
+            dispatcher: None,
+            last_served: None,
+            source_blocked: false,
+        };
+        let (depth, rate) = inner.source_params();
+        inner.source = Bucket::full(depth, rate, now);
+        Shaper {
+            shared: Arc::new(Shared {
+                inner: Mutex::new(inner),
+                kick: Notify::new(),
+                slowed: AtomicUsize::new(0),
+                activity: Mutex::new(HashMap::new()),
+                epoch: now,
+            }),
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> RateLimits {
+        self.shared.lock().limits
+    }
+
+    /// Applies new limits (a configuration reload): buckets keep their level, bounded by their
+    /// new depth. Turning shaping off lets every waiting request go.
+    pub fn set_limits(&self, limits: RateLimits) {
+        let mut g = self.shared.lock();
+        g.limits = limits;
+        self.rescale(&mut g);
+    }
+
+    /// The fraction of every budget this instance may use: 1.0 alone; with several instances
+    /// sharing Meraki's budget, e.g. one over the number of live instances (not built yet: see
+    /// the module documentation).
+    pub fn set_share(&self, share: f64) {
+        let mut g = self.shared.lock();
+        g.share = if share.is_finite() {
+            share.clamp(0.001, 1.0)
+        } else {
+            1.0
+        };
+        self.rescale(&mut g);
+    }
+
+    fn rescale(&self, g: &mut Inner) {
+        let now = Instant::now();
+        let (depth, rate) = g.source_params();
+        g.source.set(depth, rate, now);
+        let org_depth = g.org_depth();
+        let rates: Vec<(Arc<str>, f64)> = g
+            .orgs
+            .iter()
+            .map(|(k, o)| (k.clone(), g.org_rate(o.factor)))
+            .collect();
+        for (k, rate) in rates {
+            if let Some(o) = g.orgs.get_mut(&k) {
+                o.bucket.set(org_depth, rate, now);
+            }
+        }
+        if !g.limits.enabled {
+            for o in g.orgs.values_mut() {
+                for lane in o.lanes.values_mut() {
+                    for w in lane.queue.drain(..) {
+                        let _ = w.tx.send(());
+                    }
+                }
+                o.queued = 0;
+            }
+            g.queued = 0;
+        }
+        self.shared.kick.notify_one();
+    }
+
+    /// Asks for `client`'s turn to send a request to `org`: go now, wait, or refused.
+    pub fn request(&self, org: &str, client: &str, weight: u32) -> Ticket {
+        let mut g = self.shared.lock();
+        if !g.limits.enabled {
+            return Ticket::Go(Turn {
+                waited: Duration::ZERO,
+            });
+        }
+        let now = Instant::now();
+        let slot = self.shared.slot(now);
+        let limits = g.limits;
+        let weight = f64::from(weight.max(1));
+        let inner = &mut *g;
+        inner.source.refill(now);
+        let source_free = inner.source.has(1.0) && !inner.source_blocked;
+        // The common case: nobody waits for this organization and its bucket has a token.
+        let start = {
+            let o = inner.org_mut(org, now);
+            o.bucket.refill(now);
+            let vtime = o.vtime;
+            let go = o.queued == 0 && o.bucket.has(1.0) && source_free;
+            if !o.lanes.contains_key(client) {
+                o.lanes.insert(Arc::from(client), Lane::new(weight, now));
+            }
+            let lane = o.lanes.get_mut(client).expect("inserted above");
+            lane.weight = weight;
+            let start = lane.finish.max(vtime);
+            if go {
+                lane.finish = start + 1.0 / weight;
+                lane.arrived(now);
+                lane.granted.add(slot);
+                o.bucket.tokens -= 1.0;
+                o.vtime = start;
+                o.granted.add(slot);
+                o.granted_total += 1;
+                inner.source.tokens -= 1.0;
+                return Ticket::Go(Turn {
+                    waited: Duration::ZERO,
+                });
+            }
+            start
+        };
+        let others = inner.others(org);
+        let source_blocked = inner.source_blocked;
+        let Inner {
+            orgs,
+            source,
+            queued,
+            next_id,
+            ..
+        } = inner;
+        let org_key = orgs.get_key_value(org).map(|(k, _)| k.clone());
+        let (Some(org_key), Some(o)) = (org_key, orgs.get_mut(org)) else {
+            return Ticket::Go(Turn {
+                waited: Duration::ZERO,
+            });
+        };
+        let lane_len = o.lanes.get(client).map_or(0, |l| l.queue.len());
+        let expected = expected_wait(o, source, &others, client, start, now);
+        let refused = if lane_len >= limits.queue_per_client {
+            Some((Cause::QueueFull, limits.queue_per_client as u64))
+        } else if expected > limits.max_wait {
+            Some((Cause::WaitTooLong, limits.max_wait.as_millis() as u64))
+        } else {
+            None
+        };
+        if let Some((cause, limit)) = refused {
+            o.throttled_total += 1;
+            if let Some(lane) = o.lanes.get_mut(client) {
+                lane.throttled.add(slot);
+            }
+            return Ticket::Refused(Throttled {
+                org: org_key,
+                cause,
+                expected_wait: expected,
+                limit,
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        let id = *next_id;
+        *next_id += 1;
+        let client_key = o.lanes.get_key_value(client).map(|(k, _)| k.clone());
+        let (Some(client_key), Some(lane)) = (client_key, o.lanes.get_mut(client)) else {
+            return Ticket::Go(Turn {
+                waited: Duration::ZERO,
+            });
+        };
+        lane.queue.push_back(Waiter { id, tag: start, tx });
+        lane.finish = start + 1.0 / weight;
+        lane.arrived(now);
+        o.queued += 1;
+        *queued += 1;
+        if source_blocked {
+            // Organizations wait for the source budget: the round robin decides.
+            g.dispatch_all(now, slot);
+        } else {
+            // Tokens may have come while nobody looked: serve what can go (perhaps this one).
+            let n = dispatch(o, source, now, slot, usize::MAX);
+            *queued -= n;
+        }
+        self.ensure_dispatcher(&mut g);
+        drop(g);
+        Ticket::Wait(Waiting {
+            shared: self.shared.clone(),
+            org: org_key,
+            client: client_key,
+            id,
+            rx,
+            since: now,
+            deadline: now + limits.max_wait * 2,
+            done: false,
+        })
+    }
+
+    /// Waits for `client`'s turn to send a request to `org` (the proxy's own lookups).
+    pub async fn acquire(&self, org: &str, client: &str, weight: u32) -> Result<Turn, Throttled> {
+        match self.request(org, client, weight) {
+            Ticket::Go(t) => Ok(t),
+            Ticket::Wait(w) => w.wait().await,
+            Ticket::Refused(t) => Err(t),
+        }
+    }
+
+    /// Counts a request sent without waiting (a retry after a 401, a redirect followed): the
+    /// bucket may go below zero, which later requests wait out.
+    pub fn charge(&self, org: &str) {
+        let mut g = self.shared.lock();
+        if !g.limits.enabled {
+            return;
+        }
+        let now = Instant::now();
+        let slot = self.shared.slot(now);
+        g.source.refill(now);
+        g.source.tokens -= 1.0;
+        let o = g.org_mut(org, now);
+        o.bucket.refill(now);
+        o.bucket.tokens -= 1.0;
+        o.granted.add(slot);
+        o.granted_total += 1;
+    }
+
+    /// What Meraki answered a request for `org`: a 429 slows the organization's bucket, other
+    /// answers speed a slowed one back up.
+    pub fn upstream_answered(&self, org: &str, status: u16) {
+        if status != 429 && self.shared.slowed.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut g = self.shared.lock();
+        let now = Instant::now();
+        let configured = g.org_rate(1.0);
+        let o = g.org_mut(org, now);
+        let was_slowed = o.factor < 1.0;
+        if status == 429 {
+            o.upstream_429_total += 1;
+            o.bucket.refill(now);
+            o.bucket.tokens = o.bucket.tokens.min(0.0);
+            if o.last_decrease.is_none_or(|t| now - t >= DECREASE_EVERY) {
+                o.factor = (o.factor * DECREASE).max(MIN_FACTOR);
+                o.last_decrease = Some(now);
+                tracing::info!(organization = %org, rps = configured * o.factor, "Meraki answered 429: slowing the organization's requests");
+            }
+        } else if was_slowed {
+            o.factor = (o.factor + INCREASE).min(1.0);
+        } else {
+            return;
+        }
+        let rate = configured * o.factor;
+        let depth = o.bucket.depth;
+        o.bucket.set(depth, rate, now);
+        let slowed_now = o.factor < 1.0;
+        if slowed_now != was_slowed {
+            if slowed_now {
+                self.shared.slowed.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.shared.slowed.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Records how a client's request ended, for the status page.
+    pub fn record(&self, client: &str, outcome: Outcome) {
+        let slot = self.shared.slot(Instant::now());
+        let mut a = self
+            .shared
+            .activity
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let entry = match a.get_mut(client) {
+            Some(e) => e,
+            None => a.entry(Arc::from(client)).or_default(),
+        };
+        entry.requests.add(slot);
+        match outcome {
+            Outcome::Served => {}
+            Outcome::Denied => entry.denied.add(slot),
+            Outcome::Throttled => entry.throttled.add(slot),
+        }
+    }
+
+    /// Every organization's bucket, queue and lanes, sorted.
+    pub fn organizations(&self) -> Vec<OrgSnapshot> {
+        let mut g = self.shared.lock();
+        let now = Instant::now();
+        let slot = self.shared.slot(now);
+        let per_min = (60 / SLOT_SECS) as usize;
+        let configured = g.org_rate(1.0);
+        let mut out: Vec<OrgSnapshot> = g
+            .orgs
+            .iter_mut()
+            .map(|(k, o)| {
+                o.bucket.refill(now);
+                let mut clients: Vec<LaneSnapshot> = o
+                    .lanes
+                    .iter()
+                    .map(|(c, l)| LaneSnapshot {
+                        client: c.clone(),
+                        weight: l.weight,
+                        queued: l.queue.len(),
+                        sent_1m: l.granted.sum(slot, per_min),
+                        sent_5m: l.granted.sum(slot, SLOTS),
+                        throttled_5m: l.throttled.sum(slot, SLOTS),
+                    })
+                    .collect();
+                clients.sort_by(|a, b| a.client.cmp(&b.client));
+                OrgSnapshot {
+                    org: k.clone(),
+                    configured_rps: configured,
+                    rps: o.bucket.rate,
+                    depth: o.bucket.depth,
+                    tokens: o.bucket.tokens,
+                    queued: o.queued,
+                    sent_1m: o.granted.sum(slot, per_min),
+                    sent_5m: o.granted.sum(slot, SLOTS),
+                    sent_total: o.granted_total,
+                    throttled_total: o.throttled_total,
+                    upstream_429_total: o.upstream_429_total,
+                    clients,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.org.cmp(&b.org));
+        out
+    }
+
+    /// Every client's recent activity, sorted.
+    pub fn clients(&self) -> Vec<ClientSnapshot> {
+        let slot = self.shared.slot(Instant::now());
+        let a = self
+            .shared
+            .activity
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut out: Vec<ClientSnapshot> = a
+            .iter()
+            .map(|(c, e)| ClientSnapshot {
+                client: c.clone(),
+                requests_5m: e.requests.sum(slot, SLOTS),
+                denied_5m: e.denied.sum(slot, SLOTS),
+                throttled_5m: e.throttled.sum(slot, SLOTS),
+            })
+            .collect();
+        out.sort_by(|a, b| a.client.cmp(&b.client));
+        out
+    }
+
+    /// Starts the dispatcher if none runs and something waits.
+    fn ensure_dispatcher(&self, g: &mut Inner) {
+        if g.dispatcher.is_some() || g.queued == 0 {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            // No runtime: arrivals still dispatch, and waits end at their deadline.
+            return;
+        };
+        let id = g.next_id;
+        g.next_id += 1;
+        g.dispatcher = Some(id);
+        handle.spawn(dispatcher(self.shared.clone(), id));
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Nothing panics while holding it, and the state stays consistent if something did.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn slot(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_secs() / SLOT_SECS
+    }
+}
+
+/// Runs while anything is queued: grants what the buckets allow, then sleeps until the next
+/// token (or a kick).
+async fn dispatcher(shared: Arc<Shared>, id: u64) {
+    /// Clears the running mark however the task ends (a runtime shutting down drops it).
+    struct Running(Arc<Shared>, u64);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let mut g = self.0.lock();
+            if g.dispatcher == Some(self.1) {
+                g.dispatcher = None;
+            }
+        }
+    }
+    let _running = Running(shared.clone(), id);
+    loop {
+        let next = {
+            let mut g = shared.lock();
+            let now = Instant::now();
+            g.dispatch_all(now, shared.slot(now));
+            match g.next_wake(now) {
+                Some(t) => t,
+                None => {
+                    g.dispatcher = None;
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = shared.kick.notified() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "shaping_tests.rs"]
+mod tests;
