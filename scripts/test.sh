@@ -40,5 +40,8 @@ cargo bench --bench hot_path -- --test
 echo "== load benchmark, quick mode (checks every configuration answers; no timing assertions)"
 QUICK=1 bash benches/load.sh
 
+echo "== SDK goodput under Meraki's rate limit, quick mode (direct vs through the proxy; fails only if nothing starts)"
+QUICK=1 bash benches/sdk_goodput.sh
+
 echo "== fleet benchmark, quick mode (1 and 3 instances on PostgreSQL; fails only on errors)"
 QUICK=1 cargo bench --bench fleet
