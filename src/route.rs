@@ -153,6 +153,14 @@ pub fn parse(raw_path: &str, method: &http::Method) -> Result<Route, RouteError>
 
     let collection = rest.first().map(|s| s.to_ascii_lowercase());
     let id = rest.get(1).cloned();
+    if id
+        .as_deref()
+        .is_some_and(|id| id.chars().any(char::is_whitespace))
+    {
+        // No Meraki id holds a space, and URL parsers trim or fold them (the same rule as for
+        // action-batch resources; a property test found a case).
+        return Err(RouteError::Malformed("whitespace in an id"));
+    }
     let target = match (collection.as_deref(), id) {
         (Some("organizations"), None)
             if rest.len() == 1 && (method == http::Method::GET || method == http::Method::HEAD) =>
@@ -219,11 +227,6 @@ fn segment(raw: &str) -> Result<String, RouteError> {
     }
     if decoded.chars().any(char::is_control) {
         return Err(RouteError::Malformed("control character in path"));
-    }
-    if decoded.chars().any(char::is_whitespace) {
-        // No Meraki id holds a space, and URL parsers trim or fold them (the same rule as for
-        // action-batch resources; a property test found a case).
-        return Err(RouteError::Malformed("whitespace in path"));
     }
     if !decoded.is_ascii() {
         // Unicode look-alikes (a fullwidth dot) normalize to ASCII in some servers.

@@ -393,14 +393,29 @@ pub fn describe_pg_url(url: &Secret) -> String {
 /// reaches logs, the audit log and the admin API.
 fn parse_message(text: &str, e: &toml::de::Error) -> String {
     let msg = e.message().trim_end();
-    match e.span() {
-        Some(span) => {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-            format!("line {line}, column {column}: {msg}")
-        }
-        None => msg.to_owned(),
+    let Some(span) = e.span() else {
+        return msg.to_owned();
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before.len() - line_start + 1;
+    // The key (left of `=`, never the value) and the table it is in name the setting.
+    let line_text = text[line_start..].lines().next().unwrap_or("");
+    let key = line_text
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"'))
+        .filter(|k| !k.is_empty() && k.len() <= 100);
+    let table = before[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+    match (table, key) {
+        (Some(t), Some(k)) => format!("line {line}, column {column}: {t}.{k}: {msg}"),
+        (None, Some(k)) => format!("line {line}, column {column}: {k}: {msg}"),
+        _ => format!("line {line}, column {column}: {msg}"),
     }
 }
 
