@@ -263,10 +263,14 @@ pub fn canonical_resource(resource: &str) -> Result<(), RouteError> {
         if raw.is_empty() {
             return Err(bad("it has an empty segment"));
         }
-        segment(raw).map_err(|e| match e {
+        let decoded = segment(raw).map_err(|e| match e {
             RouteError::Malformed(why) => bad(why),
             other => other,
         })?;
+        if decoded.chars().any(char::is_whitespace) {
+            // Encoded (`%20`): the same rule, after decoding.
+            return Err(bad("it contains whitespace or a control character"));
+        }
     }
     Ok(())
 }
