@@ -165,7 +165,7 @@ if [ ! -s "$rust_tar" ]; then
   bootstrap "$root" --include="$rust_packages"
   if [ "${#local_cas[@]}" -gt 0 ]; then
     cp "${local_cas[@]}" "$root/usr/local/share/ca-certificates/"
-    chroot "$root" update-ca-certificates >/dev/null
+    chroot "$root" update-ca-certificates >/dev/null 2>&1
   fi
   # Laid out like the official rust image: toolchains under RUSTUP_HOME, commands in
   # CARGO_HOME/bin (here links into the toolchain; rustup itself is not needed to build).
@@ -189,13 +189,16 @@ import_base() {
   have=$("${B[@]}" inspect --type image \
     --format '{{index .OCIv1.Config.Labels "io.github.meraki-oauth-proxy.stand-in"}}' "$name" 2>/dev/null || true)
   if [ "$have" = "$(basename "$tar")" ]; then echo "   $name: up to date"; return; fi
-  local t=$SECONDS
+  local t=$SECONDS old
+  old=$("${B[@]}" inspect --type image --format '{{.FromImageID}}' "$name" 2>/dev/null || true)
   ctr=$("${B[@]}" from --quiet scratch)
   containers+=("$ctr")
   "${B[@]}" add --quiet "$ctr" "$tar" / >/dev/null
   "${B[@]}" config --os linux --arch amd64 --cmd bash \
     --label "io.github.meraki-oauth-proxy.stand-in=$(basename "$tar")" "$@" "$ctr"
   "${B[@]}" commit --quiet --rm "$ctr" "$name" >/dev/null
+  # The stand-in it replaces (another mirror or toolchain) would otherwise stay, untagged.
+  [ -z "$old" ] || "${B[@]}" rmi "$old" >/dev/null 2>&1 || true
   echo "   $name: imported, $(elapsed $t)"
 }
 echo "== stand-in base images"
@@ -244,6 +247,7 @@ print(*(x.getsockname()[1] for x in s))')
 ctr=$("${B[@]}" from --pull=never --name "meraki-image-test-$$" "$image")
 containers+=("$ctr")
 user=$("${B[@]}" inspect --type image --format '{{.OCIv1.Config.User}}' "$image")
+uid=${user%%:*}
 mapfile -t entrypoint < <("${B[@]}" inspect --type image --format '{{range .OCIv1.Config.Entrypoint}}{{println .}}{{end}}' "$image")
 mapfile -t cmd < <("${B[@]}" inspect --type image --format '{{range .OCIv1.Config.Cmd}}{{println .}}{{end}}' "$image")
 echo "   image: USER $user, ENTRYPOINT ${entrypoint[*]}, CMD ${cmd[*]}"
@@ -259,7 +263,7 @@ run_in() {
     --volume "$etc:/etc/meraki-oauth-proxy:ro" --volume "$state:/var/lib/meraki-oauth-proxy" \
     --env STANDIN_CLIENT_SECRET="$(get client_secret)" "$ctr" -- "$@"
 }
-[ "$(run_in id -u)" = "$user" ] || { echo "image-test: the container does not run as the image's USER $user" >&2; exit 1; }
+[ "$(run_in id -u)" = "$uid" ] || { echo "image-test: the container does not run as the image's USER $user" >&2; exit 1; }
 
 client_key="image-test-client-key"
 run_in "${entrypoint[@]}" store gen-key >"$etc/store.key"
@@ -326,16 +330,19 @@ status=$(curl -sS --max-time 10 -o /dev/null -w '%{http_code}' "http://127.0.0.1
 for _ in $(seq 1 50); do [ -s "$state/audit.jsonl" ] && break; sleep 0.1; done
 grep -q '"111111"' "$state/audit.jsonl" 2>/dev/null \
   || { echo "image-test: no audit record in the state volume" >&2; exit 1; }
-[ "$(stat -c %u "$state/audit.jsonl")" = "$user" ] \
+[ "$(stat -c %u "$state/audit.jsonl")" = "$uid" ] \
   || { echo "image-test: the audit log is not owned by the image's user" >&2; exit 1; }
-echo "   audit record written to the state volume as uid $user"
+echo "   audit record written to the state volume as uid $uid"
 
 # ---------------------------------------------------------------------------------------------
 # (d) The image's size, then the systemd unit against the image's binary.
 mnt=$("${B[@]}" mount "$ctr")
 size=$("${B[@]}" images --format '{{.Size}}' "$image" | head -n 1)
 bin_size=$(du -h "$mnt/usr/local/bin/meraki-oauth-proxy" | cut -f1)
-echo "== image $image: $size (the proxy binary: $bin_size)"
+# What a registry would store and a pull would fetch: the layers gzip-compressed.
+"${B[@]}" push --quiet "$image" "oci-archive:$work/image.tar" >/dev/null
+echo "== image $image: $size ($(du -h "$work/image.tar" | cut -f1) compressed; the proxy binary: $bin_size)"
+rm -f "$work/image.tar"
 
 echo "== deploy/systemd/meraki-oauth-proxy.service"
 # A root for systemd-analyze: the image's binary where the unit expects it, /bin/kill for
