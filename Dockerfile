@@ -8,7 +8,9 @@ RUN apt-get update \
 WORKDIR /src
 # .dockerignore keeps target/, .git, local token stores and keys out of the context.
 COPY . .
-RUN cargo build --release --locked --bin meraki-oauth-proxy
+# Without the release profile's debuginfo (kept for profiling on developer machines): the binary
+# is 15 MB instead of 81 MB, and panics still name their functions.
+RUN CARGO_PROFILE_RELEASE_DEBUG=false cargo build --release --locked --bin meraki-oauth-proxy
 
 FROM debian:bookworm-slim
 # ca-certificates: upstream TLS to Meraki is verified against the platform roots (rustls).
