@@ -231,16 +231,16 @@ import_base "$rust_tar" docker.io/library/rust:1-bookworm \
 if [ "${IMAGE_SKIP_BUILD:-}" = 1 ] && "${B[@]}" inspect --type image "$image" >/dev/null 2>&1; then
   echo "== IMAGE_SKIP_BUILD=1: reusing $image"
 else
-echo "== buildah bud Dockerfile -> $image"
-old_id=$("${B[@]}" inspect --type image --format '{{.FromImageID}}' "$image" 2>/dev/null || true)
-t=$SECONDS
-timeout 3600 "${B[@]}" bud --pull=never --isolation chroot --layers=false \
-  --iidfile "$work/iid" --tag "$image" --file Dockerfile .
-echo "   built $(cut -c1-19 "$work/iid") in $(elapsed $t)"
-# The previous build of this tag, untagged now, would otherwise pile up.
-if [ -n "$old_id" ] && [ "$old_id" != "$(sed 's/^sha256://' "$work/iid")" ]; then
-  "${B[@]}" rmi "$old_id" >/dev/null 2>&1 || true
-fi
+  echo "== buildah bud Dockerfile -> $image"
+  old_id=$("${B[@]}" inspect --type image --format '{{.FromImageID}}' "$image" 2>/dev/null || true)
+  t=$SECONDS
+  timeout 3600 "${B[@]}" bud --pull=never --isolation chroot --layers=false \
+    --iidfile "$work/iid" --tag "$image" --file Dockerfile .
+  echo "   built $(cut -c1-19 "$work/iid") in $(elapsed $t)"
+  # The previous build of this tag, untagged now, would otherwise pile up.
+  if [ -n "$old_id" ] && [ "$old_id" != "$(sed 's/^sha256://' "$work/iid")" ]; then
+    "${B[@]}" rmi "$old_id" >/dev/null 2>&1 || true
+  fi
 fi
 
 # ---------------------------------------------------------------------------------------------
