@@ -289,7 +289,7 @@ chown "$user" "$state" && chmod 700 "$state"
 # --isolation chroot shares the host's network: 127.0.0.1 is the host's loopback.
 mounts=(--volume "$etc:/etc/meraki-oauth-proxy:ro" --volume "$state:/var/lib/meraki-oauth-proxy")
 run_in() {
-  "${B[@]}" run --isolation chroot "${mounts[@]}" \
+  timeout 120 "${B[@]}" run --isolation chroot "${mounts[@]}" \
     --env STANDIN_CLIENT_SECRET="$(get client_secret)" "$ctr" -- "$@"
 }
 [ "$(run_in id -u)" = "$uid" ] || { echo "image-test: the container does not run as the image's USER $user" >&2; exit 1; }
@@ -327,8 +327,7 @@ organizations = ["111111"]
 TOML
 get refresh_token >"$etc/refresh-token"
 chown "$user" "$etc/refresh-token"
-timeout 60 "${B[@]}" run --isolation chroot "${mounts[@]}" --env STANDIN_CLIENT_SECRET="$(get client_secret)" \
-  "$ctr" -- "${entrypoint[@]}" --config /etc/meraki-oauth-proxy/proxy.toml \
+run_in "${entrypoint[@]}" --config /etc/meraki-oauth-proxy/proxy.toml \
   grants import --integration standin --org 111111 --refresh-token-file /etc/meraki-oauth-proxy/refresh-token
 rm -f "$etc/refresh-token"
 
