@@ -363,7 +363,7 @@ for _ in $(seq 1 50); do grep -q '"client":"image-test"' "$state/audit.jsonl" 2>
 [ "$(stat -c %u "$state/audit.jsonl")" = "$uid" ] \
   || { echo "image-test: the audit log is not owned by the image's user" >&2; exit 1; }
 echo "   token store and audit record written to the state volume as uid $uid"
-# `docker stop`: SIGTERM, and the proxy is gone within Docker's 10 s.
+# `docker stop`: SIGTERM, and with nothing in flight the proxy is gone at once (within 10 s).
 stop_start=$(date +%s%N)
 kill -TERM "$proxy"
 for _ in $(seq 1 100); do kill -0 "$proxy" 2>/dev/null || break; sleep 0.1; done
