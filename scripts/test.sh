@@ -2,7 +2,7 @@
 # Runs every test of the project: unit tests, the end-to-end suites against the real binary and
 # the Meraki stand-in, the official-SDK interop suite, the fuzz targets for a bounded time
 # (FUZZ_SECS each, default 60), the micro-benchmarks in quick mode and the load script in quick
-# mode. Needs the packages .ci/run installs (cmake, nginx, wrk, chromium, postgresql) and a nightly toolchain
+# mode. Needs the packages .ci/run installs (cmake, nginx, wrk, chromium, postgresql, buildah, debootstrap, systemd-container) and a nightly toolchain
 # for cargo-fuzz (installed from crates.io when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +42,9 @@ QUICK=1 bash benches/load.sh
 
 echo "== SDK goodput under Meraki's rate limit, quick mode (direct vs through the proxy; fails only if nothing starts)"
 QUICK=1 bash benches/sdk_goodput.sh
+
+echo "== container image (the Dockerfile built with buildah on debootstrap stand-ins, run) and the systemd unit booted in systemd-nspawn"
+if [ "$(id -u)" -eq 0 ]; then bash scripts/image-test.sh; else sudo -E bash scripts/image-test.sh; fi
 
 echo "== fleet benchmark, quick mode (1 and 3 instances on PostgreSQL; fails only on errors)"
 QUICK=1 cargo bench --bench fleet
