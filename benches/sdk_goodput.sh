@@ -62,7 +62,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-NEXT_PORT=$((30000 + (RANDOM % 1000) * 10))
+# Below the kernel's ephemeral range (32768-60999): no outgoing connection holds these.
+NEXT_PORT=$((20000 + (RANDOM % 1000) * 10))
 pick_port() {
   while port_open "$NEXT_PORT"; do NEXT_PORT=$((NEXT_PORT + 1)); done
   PORT=$NEXT_PORT
