@@ -198,7 +198,7 @@ async fn main() {
         "requests",
         "errors",
         "token calls",
-        "calls per expiry",
+        "calls/lifetime",
         "invalid_grant",
         "lease waits",
         "wait p50",
