@@ -11,10 +11,11 @@ mod support;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::harness::*;
+use support::python::run_bounded;
 use support::standin::{Recorded, Standin};
 
 /// The stand-in adds this to every pagination link; it must reach upstream byte for byte.
@@ -117,56 +118,23 @@ async fn run_script(s: &Scenario, key: &str, scenario: &str, env: &[(&str, &str)
         .env("NO_PROXY", "127.0.0.1,localhost")
         .env("no_proxy", "127.0.0.1,localhost")
         .env_remove("MERAKI_DASHBOARD_API_KEY")
-        .env_remove("MERAKI_PYTHON_SDK_CALLER")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&stdout_path).unwrap())
-        .stderr(std::fs::File::create(&stderr_path).unwrap());
-    for var in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-    ] {
-        cmd.env_remove(var);
-    }
+        .env_remove("MERAKI_PYTHON_SDK_CALLER");
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let scenario = scenario.to_string();
-    tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        let mut child = cmd.spawn().expect("cannot start the Python script");
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if started.elapsed() > SCRIPT_TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "{scenario}: the script ran longer than {SCRIPT_TIMEOUT:?}; stderr:\n{}",
-                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let elapsed = started.elapsed();
-        let stdout = std::fs::read_to_string(&stdout_path).unwrap();
-        let stderr = std::fs::read_to_string(&stderr_path).unwrap();
-        let out: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-            panic!("{scenario}: stdout is not one JSON object ({e}):\n{stdout}\n--- stderr ---\n{stderr}")
-        });
-        Run {
-            ok: status.success(),
-            out,
-            stderr,
-            elapsed,
-        }
-    })
-    .await
-    .unwrap()
+    let ran = run_bounded(cmd, scenario, stdout_path, stderr_path, SCRIPT_TIMEOUT).await;
+    let (stdout, stderr) = (ran.stdout, ran.stderr);
+    let out: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "{scenario}: stdout is not one JSON object ({e}):\n{stdout}\n--- stderr ---\n{stderr}"
+        )
+    });
+    Run {
+        ok: ran.status.success(),
+        out,
+        stderr,
+        elapsed: ran.elapsed,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

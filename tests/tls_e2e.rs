@@ -22,11 +22,12 @@ mod support;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use support::connect::ConnectProxy;
 use support::harness::*;
 use support::pki::{self, Ca, Validity};
+use support::python::run_bounded;
 use support::standin::{Https, Identity};
 
 const API_HOST: &str = "api.standin.test";
@@ -830,53 +831,19 @@ async fn run_client(s: &Scenario, scenario: &str, env: Vec<(&str, String)>) -> V
         .env_remove("MERAKI_DASHBOARD_API_KEY")
         .env_remove("MERAKI_PYTHON_SDK_CALLER")
         .env_remove("SSL_CERT_FILE")
-        .env_remove("REQUESTS_CA_BUNDLE")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&stdout).unwrap())
-        .stderr(std::fs::File::create(&stderr).unwrap());
-    for var in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-    ] {
-        cmd.env_remove(var);
-    }
+        .env_remove("REQUESTS_CA_BUNDLE");
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let scenario = scenario.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        let mut child = cmd.spawn().expect("cannot start Python");
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if started.elapsed() > SCRIPT_TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "{scenario}: ran too long; stderr:\n{}",
-                    std::fs::read_to_string(&stderr).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let out = std::fs::read_to_string(&stdout).unwrap();
-        let err = std::fs::read_to_string(&stderr).unwrap();
-        let v: Value = serde_json::from_str(out.trim())
-            .unwrap_or_else(|e| panic!("{scenario}: not JSON ({e}): {out}\n--- stderr ---\n{err}"));
-        assert!(
-            status.success() && v.get("error").is_none(),
-            "{scenario} failed: {v:#}\n--- stderr ---\n{err}"
-        );
-        v
-    })
-    .await
-    .unwrap()
+    let ran = run_bounded(cmd, scenario, stdout, stderr, SCRIPT_TIMEOUT).await;
+    let (out, err) = (ran.stdout, ran.stderr);
+    let v: Value = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("{scenario}: not JSON ({e}): {out}\n--- stderr ---\n{err}"));
+    assert!(
+        ran.status.success() && v.get("error").is_none(),
+        "{scenario} failed: {v:#}\n--- stderr ---\n{err}"
+    );
+    v
 }
 
 /// The ten networks of org 111, sorted.

@@ -7,4 +7,5 @@ pub mod harness;
 pub mod inproc;
 pub mod pg;
 pub mod pki;
+pub mod python;
 pub mod standin;
