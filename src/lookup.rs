@@ -73,15 +73,7 @@ impl ApiClient {
             if let Some(s) = &self.shaper {
                 s.acquire(org, &client.name, client.weight)
                     .await
-                    .map_err(|e| {
-                        let r = crate::refusal::Refusal::from(&e);
-                        LookupError {
-                            status: r.status,
-                            reason: r.reason,
-                            message: r.message,
-                            retry_after: r.retry_after,
-                        }
-                    })?;
+                    .map_err(|e| refused(&e))?;
             }
             let resp = self
                 .http
@@ -150,7 +142,12 @@ impl ApiClient {
 }
 
 fn token_failure(e: TokenError) -> LookupError {
-    let r = crate::refusal::Refusal::from(&e);
+    refused(&e)
+}
+
+/// A refusal (no token, no rate budget) as the lookup's error.
+fn refused(e: &impl crate::refusal::Refuse) -> LookupError {
+    let r = crate::refusal::Refusal::from(e);
     LookupError {
         status: r.status,
         reason: r.reason,

@@ -152,16 +152,10 @@ async fn the_production_path_over_tls_import_refresh_redirect_paginate_revoke() 
     assert_eq!(s.standin.token_calls(), 2);
     let p = s.start().await;
 
-    let r = s
-        .script(
-            reqwest::Method::GET,
-            "/organizations/111/networks",
-            ALICE_KEY,
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(
+        s.status("/organizations/111/networks", ALICE_KEY).await,
+        200
+    );
 
     // Pagination over TLS: ten networks, four pages of three.
     let ids = walk(&s, "/organizations/111/networks?perPage=3", ALICE_KEY).await;
@@ -169,12 +163,7 @@ async fn the_production_path_over_tls_import_refresh_redirect_paginate_revoke() 
 
     // A redirect to the shard host, followed over TLS with the shard's own name.
     s.standin.redirect_next_to_shard(1);
-    let r = s
-        .script(reqwest::Method::GET, "/organizations/111", ALICE_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(s.status("/organizations/111", ALICE_KEY).await, 200);
     let last = s.standin.requests().pop().unwrap();
     assert_eq!(last.listener, "shard");
     assert_eq!(
@@ -185,16 +174,10 @@ async fn the_production_path_over_tls_import_refresh_redirect_paginate_revoke() 
     // A refresh after Meraki refuses the token, over TLS.
     let calls = s.standin.token_calls();
     s.standin.expire_all_access_tokens();
-    let r = s
-        .script(
-            reqwest::Method::GET,
-            "/organizations/111/networks",
-            ALICE_KEY,
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(
+        s.status("/organizations/111/networks", ALICE_KEY).await,
+        200
+    );
     assert_eq!(s.standin.token_calls(), calls + 1);
     drop(p);
 
@@ -369,20 +352,10 @@ async fn an_egress_proxy_carries_api_and_token_traffic_and_nothing_goes_direct()
     let ids = walk(&s, "/organizations/111/networks?perPage=3", ALICE_KEY).await;
     assert_eq!(ids.len(), 10);
     s.standin.redirect_next_to_shard(1);
-    let r = s
-        .script(reqwest::Method::GET, "/organizations/111", ALICE_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(s.status("/organizations/111", ALICE_KEY).await, 200);
     // A refresh from the running proxy, and a lookup (its own API client) through the tunnel.
     s.standin.expire_all_access_tokens();
-    let r = s
-        .script(reqwest::Method::GET, "/networks/L_111_0", ALICE_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(s.status("/networks/L_111_0", ALICE_KEY).await, 200);
     let (_, metrics) = p.admin("/metrics").await;
     assert!(metrics.contains("meraki_proxy_requests_total"));
     drop(p);
