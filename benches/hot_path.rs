@@ -296,6 +296,7 @@ fn entry(who: &Arc<Client>, org: &Arc<str>) -> RequestEntry {
         )),
         identity: Some("key"),
         client_certificate: None,
+        detail: None,
     }
 }
 

@@ -7,11 +7,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Free disk after each phase (a CI run once failed with "No space left on device" while linking).
+free_disk() { echo "   free disk: $(df -h --output=avail . | tail -n 1 | tr -d ' ')"; }
+target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+free_disk
+
 echo "== Python environment for the official meraki SDK"
 export MERAKI_SDK_PYTHON="$(bash scripts/python-env.sh | tail -n 1)"
 
 echo "== cargo test (unit, end-to-end, SDK interop, examples)"
 cargo test --all-features --tests --examples --lib --bins
+free_disk
+# PRUNE_BUILDS=1 (set by .ci/run) removes build trees once nothing later reads them.
+if [ "${PRUNE_BUILDS:-0}" = 1 ]; then rm -rf "$target_dir/debug"; echo "   removed $target_dir/debug"; free_disk; fi
 
 echo "== Prometheus rules and scrape example (promtool)"
 promtool check rules deploy/prometheus/alerts.yml
@@ -34,6 +42,9 @@ for target in route_parse batch_resources link_rewrite config_parse; do
   echo "   $target: $(grep -E '^stat::number_of_executed_units' "$fuzz_work/$target.log" | tr -d ' ') $(grep -E '^stat::new_units_added' "$fuzz_work/$target.log" | tr -d ' ')"
 done
 
+if [ "${PRUNE_BUILDS:-0}" = 1 ]; then rm -rf fuzz/target; echo "   removed fuzz/target"; fi
+free_disk
+
 echo "== micro-benchmarks, quick mode"
 cargo bench --bench hot_path -- --test
 
@@ -44,7 +55,11 @@ echo "== SDK goodput under Meraki's rate limit, quick mode (direct vs through th
 QUICK=1 bash benches/sdk_goodput.sh
 
 echo "== container image (the Dockerfile built with buildah on debootstrap stand-ins, run) and the systemd unit booted in systemd-nspawn"
+# The stand-in comes from the release build the load benchmark made (no second, debug, build).
+export STANDIN_BIN="$target_dir/release/examples/meraki_standin"
 if [ "$(id -u)" -eq 0 ]; then bash scripts/image-test.sh; else sudo -E bash scripts/image-test.sh; fi
+free_disk
 
 echo "== fleet benchmark, quick mode (1 and 3 instances on PostgreSQL; fails only on errors)"
 QUICK=1 cargo bench --bench fleet
+free_disk

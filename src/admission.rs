@@ -1,7 +1,8 @@
 //! Admission: SPEC.md's steps 1–4 as plain functions, testable without a socket. A request is
 //! identified ([`crate::identity`]), routed to an organization ([`crate::route`]), authorized
 //! (the client's organizations and methods) and given an access token ([`crate::token`]), or
-//! refused with a [`Refusal`] that says only what the client may know.
+//! refused with a [`Refusal`] that says only what the client may know. Either way, [`Seen`]
+//! holds what it learnt, for the audit record.
 
 use crate::config::{Client, UnknownEndpoints};
 use crate::endpoints::{EndpointTable, Operation};
@@ -27,20 +28,29 @@ pub struct State {
     pub api: ApiClient,
 }
 
-/// An admitted request.
-#[derive(Debug)]
-pub struct Admitted {
-    pub client: Arc<Client>,
+/// What admission learnt about a request, step by step, whether it admitted it or not: the
+/// audit record and the metrics of every request are made from it.
+#[derive(Debug, Default, Clone)]
+pub struct Seen {
+    /// What identified the client: its key, its TLS certificate, or both.
+    pub identity: Option<crate::identity::IdentitySource>,
+    pub client: Option<Arc<Client>>,
+    /// The organization the request acts on.
+    pub org: Option<Arc<str>>,
     /// The normalized path and query below the API base.
-    pub path: String,
-    /// The operation of Meraki's API table the request is (none: an unknown endpoint allowed
-    /// by `unknown_endpoints = "allow"`).
+    pub path: Option<String>,
+    /// The operation of Meraki's API table the request is (none: not known, or an unknown
+    /// endpoint allowed by `unknown_endpoints = "allow"`).
     pub operation: Option<&'static Operation>,
     /// The expiry of the key used, when it has one (a key being rotated out).
     pub key_expires_at: Option<i64>,
-    /// What identified the client: its key, its TLS certificate, or both.
-    pub identity: crate::identity::IdentitySource,
-    pub action: Action,
+}
+
+/// Admission's answer: what it learnt, and what to do or why not.
+#[derive(Debug)]
+pub struct Admission {
+    pub seen: Seen,
+    pub verdict: Result<Action, Refusal>,
 }
 
 /// What the proxy does with an admitted request.
@@ -73,20 +83,6 @@ impl std::fmt::Debug for Forward {
             .field("action_batch", &self.action_batch)
             .finish()
     }
-}
-
-/// A refused request, with what admission learned before refusing (for the audit record).
-#[derive(Debug)]
-pub struct Rejection {
-    pub refusal: Refusal,
-    pub client: Option<Arc<Client>>,
-    pub org: Option<Arc<str>>,
-    pub path: Option<String>,
-    pub operation: Option<&'static Operation>,
-    /// The expiry of the key used, when it has one.
-    pub key_expires_at: Option<i64>,
-    /// What identified the client, when it was identified.
-    pub identity: Option<crate::identity::IdentitySource>,
 }
 
 /// A request that is no operation of Meraki's API.
@@ -161,64 +157,48 @@ impl Refuse for MethodNotAllowed {
     }
 }
 
-/// Identify → route → authorize → token, on a connection without a client certificate.
-pub async fn admit(state: &State, req: &RequestHeader) -> Result<Admitted, Rejection> {
-    admit_on(state, req, None).await
-}
-
 /// Identify → route → authorize → token, on a connection that presented `cert` (mutual TLS:
 /// verified by the handshake against the client CA), if any.
-pub async fn admit_on(
+pub async fn admit(
     state: &State,
     req: &RequestHeader,
     cert: Option<&crate::tls::PeerCert>,
-) -> Result<Admitted, Rejection> {
-    let mut seen = Rejection {
-        refusal: Refusal::new(500, "internal_error", ""),
-        client: None,
-        org: None,
-        path: None,
-        operation: None,
-        key_expires_at: None,
-        identity: None,
-    };
-    let refuse = |mut seen: Rejection, r: Refusal| {
-        seen.refusal = r;
-        seen
-    };
+) -> Admission {
+    let mut seen = Seen::default();
+    let verdict = decide(state, req, cert, &mut seen).await;
+    Admission { seen, verdict }
+}
+
+/// The steps of [`admit`], each recording in `seen` what it learnt.
+async fn decide(
+    state: &State,
+    req: &RequestHeader,
+    cert: Option<&crate::tls::PeerCert>,
+    seen: &mut Seen,
+) -> Result<Action, Refusal> {
     if !is_api_method(&req.method) {
-        return Err(refuse(
-            seen,
-            Refusal::from(&NotAnApiMethod(req.method.clone())),
-        ));
+        return Err(Refusal::from(&NotAnApiMethod(req.method.clone())));
     }
     let snapshot = state.live.snapshot();
     let mtls = crate::identity::Mtls::of(&snapshot.config);
     let caller = match snapshot.identities.identify_on(&req.headers, mtls, cert) {
         Ok(c) => c,
-        Err(e) => return Err(refuse(seen, Refusal::from(&e))),
+        Err(e) => return Err(Refusal::from(&e)),
     };
     let (client, key_expires_at) = (caller.client.clone(), caller.key_expires_at);
-    let identity = caller.source;
-    seen.identity = Some(identity);
+    seen.identity = Some(caller.source);
     seen.key_expires_at = key_expires_at;
     seen.client = Some(client.clone());
     if key_expires_at.is_some() && caller.expired(crate::clock::now_unix()) {
-        return Err(refuse(
-            seen,
-            Refusal::from(&crate::identity::IdentityError::Expired),
-        ));
+        return Err(Refusal::from(&crate::identity::IdentityError::Expired));
     }
     let method = &req.method;
     if !client.may_use(method) {
-        return Err(refuse(
-            seen,
-            Refusal::from(&MethodNotAllowed(method.clone())),
-        ));
+        return Err(Refusal::from(&MethodNotAllowed(method.clone())));
     }
     let r = match route::parse(req.uri.path(), method) {
         Ok(r) => r,
-        Err(e) => return Err(refuse(seen, Refusal::from(&e))),
+        Err(e) => return Err(Refusal::from(&e)),
     };
     let path = match req.uri.query() {
         Some(q) => format!("{}?{q}", r.path),
@@ -245,25 +225,15 @@ pub async fn admit_on(
                 path: r.path.clone(),
                 version: table.sdk_version(),
             };
-            return Err(refuse(seen, Refusal::from(&e)));
+            return Err(Refusal::from(&e));
         }
         Some(op) if !client.may_run(op) => {
-            return Err(refuse(
-                seen,
-                Refusal::from(&ForbiddenOperation(&op.operation_id)),
-            ));
+            return Err(Refusal::from(&ForbiddenOperation(&op.operation_id)));
         }
         _ => {}
     }
     if r.target == Target::OrganizationList {
-        return Ok(Admitted {
-            client,
-            path,
-            operation,
-            key_expires_at,
-            identity,
-            action: Action::ListOrganizations,
-        });
+        return Ok(Action::ListOrganizations);
     }
     let lookup = LookupWith {
         api: &state.api,
@@ -276,7 +246,7 @@ pub async fn admit_on(
         .await
     {
         Ok(org) => org,
-        Err(e) => return Err(refuse(seen, Refusal::from(&e))),
+        Err(e) => return Err(Refusal::from(&e)),
     };
     if !client.may_access(&org) {
         // Say only what the client already knows: the id it sent, never the organization a
@@ -292,32 +262,25 @@ pub async fn admit_on(
             },
             _ => RouteError::ForbiddenOrganization(org.to_string()),
         };
-        return Err(refuse(seen, Refusal::from(&e)));
+        return Err(Refusal::from(&e));
     }
     seen.org = Some(org.clone());
     let grant = match state.grants.require(&client.integration, &org).await {
         Ok(g) => g,
-        Err(e) => return Err(refuse(seen, Refusal::from(&e))),
+        Err(e) => return Err(Refusal::from(&e)),
     };
     let token = match state.grants.token(&grant, &org).await {
         Ok(t) => t,
-        Err(e) => return Err(refuse(seen, Refusal::from(&e))),
+        Err(e) => return Err(Refusal::from(&e)),
     };
     let upstream_path = format!("{}{path}", state.upstream.base_path);
-    Ok(Admitted {
-        client,
-        path,
-        operation,
-        key_expires_at,
-        identity,
-        action: Action::Forward(Forward {
-            org,
-            grant,
-            token,
-            upstream_path,
-            action_batch: r.is_action_batch(method),
-        }),
-    })
+    Ok(Action::Forward(Forward {
+        org,
+        grant,
+        token,
+        upstream_path,
+        action_batch: r.is_action_batch(method),
+    }))
 }
 
 /// `GET /organizations`: the client's organizations only, each fetched with its grant. Fails

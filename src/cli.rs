@@ -49,6 +49,28 @@ pub enum Command {
     /// Hand out client keys.
     #[command(subcommand)]
     Clients(ClientsCommand),
+    /// Check the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// `audit` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Walk audit files along their hash chain, oldest first (e.g. `audit.jsonl.2 audit.jsonl.1
+    /// audit.jsonl`), check every checkpoint's HMAC, and name the first line deleted, inserted,
+    /// edited or moved, or a missing tail. Exit status 0: intact; 1: a problem was found.
+    Verify {
+        /// Environment variable holding the HMAC key (`[audit] hmac_key_env`).
+        #[arg(long, conflicts_with = "key_file")]
+        key_env: Option<String>,
+        /// File holding the HMAC key (`[audit] hmac_key_file`).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// The files, in the order they were written.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 /// `clients` subcommands.
@@ -153,6 +175,11 @@ pub fn main() -> ExitCode {
             orgs,
             methods,
         }) => new_client(&name, &integration, &orgs, &methods),
+        Command::Audit(AuditCommand::Verify {
+            key_env,
+            key_file,
+            files,
+        }) => audit_verify(key_env, key_file, &files),
         Command::HashKey => {
             let mut key = String::new();
             if let Err(e) = std::io::stdin().read_to_string(&mut key) {
@@ -187,11 +214,38 @@ pub fn main() -> ExitCode {
                     new_key_env,
                     new_key_file,
                 }) => rotate_key(&config, new_key_env, new_key_file),
-                Command::HashKey | Command::Store(StoreCommand::GenKey) | Command::Clients(_) => {
-                    ExitCode::SUCCESS
-                }
+                Command::HashKey
+                | Command::Store(StoreCommand::GenKey)
+                | Command::Clients(_)
+                | Command::Audit(_) => ExitCode::SUCCESS,
             }
         }
+    }
+}
+
+/// `audit verify`: no configuration needed (it runs where the logs are shipped to).
+fn audit_verify(key_env: Option<String>, key_file: Option<PathBuf>, files: &[PathBuf]) -> ExitCode {
+    let key = match (key_env, key_file) {
+        (Some(var), _) => match std::env::var(&var) {
+            Ok(v) if !v.trim().is_empty() => Some(Secret::new(v.trim())),
+            _ => return fail(format!("environment variable {var} is not set or empty")),
+        },
+        (None, Some(path)) => match std::fs::read_to_string(&path) {
+            Ok(v) => Some(Secret::new(v.trim())),
+            Err(e) => return fail(format!("cannot read {}: {e}", path.display())),
+        },
+        (None, None) => None,
+    };
+    match crate::audit::verify::verify_files(files, key.as_ref()) {
+        Ok(report) => {
+            print!("{report}");
+            if report.finding.is_some() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => fail(format!("cannot read the audit files: {e}")),
     }
 }
 
@@ -371,7 +425,7 @@ fn grants(config: Config, cmd: GrantsCommand) -> ExitCode {
                 match parts.grants.revoke(&grant).await {
                     Ok(()) => {
                         println!("revoked and deleted grant {} ({})", grant.id, grant.label());
-                        parts.audit.flush();
+                        parts.audit.close();
                         ExitCode::SUCCESS
                     }
                     Err(e) => fail_chain(&e),
@@ -408,7 +462,7 @@ fn grants(config: Config, cmd: GrantsCommand) -> ExitCode {
                             st.fingerprint().map_or("-", |f| &**f),
                             crate::clock::rfc3339(st.expires_at)
                         );
-                        parts.audit.flush();
+                        parts.audit.close();
                         ExitCode::SUCCESS
                     }
                     Err(e) => fail_chain(&e),

@@ -346,6 +346,46 @@ impl EndpointTable {
 }
 
 /// The SDK version and operation count of the first line.
+/// The name the proxy gives the operation `method path` is (`path` below `/api/v1`, already
+/// normalized, a query allowed): Meraki's operationId when the table has it, else the method
+/// and the path with its id-like segments as `{}` (a path template). The refresh engine
+/// remembers refusals under it.
+pub fn operation_key(method: &Method, path: &str) -> std::borrow::Cow<'static, str> {
+    let path = path.split('?').next().unwrap_or_default();
+    let mut buf = [""; 16];
+    let mut n = 0;
+    for seg in path.split('/').skip(1) {
+        if n == buf.len() {
+            return template_of(method, path).into();
+        }
+        buf[n] = seg;
+        n += 1;
+    }
+    match EndpointTable::builtin().find(method, &buf[..n]) {
+        Some(m) => m.operation().operation_id.as_str().into(),
+        None => template_of(method, path).into(),
+    }
+}
+
+/// `method path` with the segments that look like ids (digits, and either only digits or some
+/// punctuation: `123`, `L_123`, `Q2XX-AAAA-0001`) as `{}`; collection names such as
+/// `l3FirewallRules` stay.
+pub fn template_of(method: &Method, path: &str) -> String {
+    let path = path.split('?').next().unwrap_or_default();
+    let mut out = String::with_capacity(path.len() + 8);
+    out.push_str(method.as_str());
+    out.push(' ');
+    for seg in path.split('/').skip(1) {
+        out.push('/');
+        let digits = seg.bytes().any(|b| b.is_ascii_digit());
+        let id = digits
+            && (seg.bytes().all(|b| b.is_ascii_digit())
+                || seg.bytes().any(|b| !b.is_ascii_alphanumeric()));
+        out.push_str(if id { "{}" } else { seg });
+    }
+    out
+}
+
 fn version_line(line: &str) -> Option<(&str, usize)> {
     let mut words = line.strip_prefix(VERSION_PREFIX)?.split_whitespace();
     let version = words.next()?;
@@ -426,6 +466,26 @@ mod tests {
 
     fn find(method: Method, path: &str) -> Option<(String, Vec<(String, String)>)> {
         find_in(EndpointTable::builtin(), method, path)
+    }
+
+    #[test]
+    fn operations_are_named_by_operation_id_else_by_template() {
+        assert_eq!(
+            operation_key(&Method::GET, "/networks/L_123?perPage=3"),
+            "getNetwork"
+        );
+        assert_eq!(
+            operation_key(&Method::HEAD, "/devices/Q2XX-AAAA-0001"),
+            "getDevice"
+        );
+        assert_eq!(
+            operation_key(&Method::GET, "/networks/L_1/appliance/l3FirewallRules/x"),
+            "GET /networks/{}/appliance/l3FirewallRules/x"
+        );
+        assert_eq!(
+            template_of(&Method::PUT, "/organizations/123/things/N_9/Q2XX-1-2?a=1"),
+            "PUT /organizations/{}/things/{}/{}"
+        );
     }
 
     fn id_of(method: Method, path: &str) -> Option<String> {

@@ -5,39 +5,51 @@
 //! proxy does with a request" lives in the module named after it:
 //!
 //! - [`config`]: the TOML file (`config::file`) and the validated configuration the rest of the
-//!   program reads (`config::Config`); [`reload`] holds the live one and swaps in a new one on
-//!   SIGHUP or `POST /admin/reload`.
+//!   program reads (`config::Config`), with one validator per section (`config/validate/`) and
+//!   the summary `check` prints; [`reload`] holds the live one and swaps in a new one on SIGHUP
+//!   or `POST /admin/reload`.
 //! - [`identity`]: who is calling: the proxy client key, matched by SHA-256 digest.
-//! - [`route`]: which organization the request acts on: path normalization, and the cached
-//!   lookup of networks and devices (made through [`lookup`], the proxy's own API client).
+//! - [`route`]: which organization the request acts on: path normalization (`route/path.rs`,
+//!   pure and fuzzed), and the cached lookup of networks and devices (`route/resolver.rs`, made
+//!   through [`lookup`], the proxy's own API client).
 //! - [`admission`]: identify → route → authorize → token, as one plain function (`admit`) that
 //!   answers `Admitted` or a refusal; testable without a socket.
-//! - [`token`]: grants and their tokens, split by job: the grant map, the refresh engine (single
-//!   flight, refresh points, backoff, commit before use), the lifecycle (add, import, revoke,
-//!   keep-alive), the store behind a trait, the authorization server behind a trait, events.
+//! - [`token`]: grants and their tokens, split by job: the grant (its single-flight lock and what
+//!   Meraki's answers taught about it), the grant map, the refresh engine (single flight,
+//!   refresh points, the 401 rule decided by evidence, backoff, commit before use), the
+//!   lifecycle (add, import, revoke, keep-alive), the store behind a trait, the authorization
+//!   server and the token probe behind traits, events.
 //! - [`shaping`]: Meraki's rate limits: a token bucket per organization and for the source IP,
 //!   fair queueing of a contended organization's budget among clients by weight, local 429s
-//!   with an honest `Retry-After`, slowing down on Meraki's own 429s.
+//!   with an honest `Retry-After`, slowing down on Meraki's own 429s (a file each for the
+//!   bucket, the fair queue, the waiter and the snapshots the status page reads).
 //! - [`forward`]: what forwarding does to the wire: the request Meraki gets, the response the
 //!   client gets (hop-by-hop headers, `Link` rewriting), the redirect decision.
 //! - [`refusal`]: the one trait every refusal-producing error implements, and Meraki-style
 //!   error bodies.
 //! - [`proxy`]: the Pingora hooks; glue of a few lines each over the modules above.
 //! - [`audit`] and [`metrics`]: one audit record and the metrics of every request;
-//!   [`observe`] turns the token module's events into both.
-//! - [`admin`]: the admin listener (`/metrics`, `/healthz`, `/readyz`, status page, consent).
+//!   [`observe`] turns the token module's events into both. The audit log is hash-chained with
+//!   signed checkpoints (`audit::chain`), written whole-line (`audit::sink`) by a thread that
+//!   never blocks a request (`audit::writer`), and checked by `audit verify` (`audit::verify`).
+//! - [`admin`]: the admin listener: health (`/healthz`, `/readyz`), consent (grant onboarding),
+//!   the status page, and the routing between them and `/metrics`.
 //! - [`server`]: the one place that turns a configuration into a running Pingora server;
-//!   `server::run` takes already-bound listeners and a shutdown signal.
+//!   `server::run` takes already-bound listeners and a shutdown signal. Its files: the wiring,
+//!   the pre-bound listener adapter, the background tasks, and the drain on shutdown.
 //! - [`cli`]: the command line.
 //! - [`endpoints`]: Meraki's API operations (method, path template, operationId, tags),
 //!   generated from the official SDK by `scripts/gen-endpoint-table.py`.
-//! - [`tls`]: TLS both ways: one trust policy for every outbound connection (and every HTTP
-//!   client of the proxy's own), the listener's certificate (reloadable) and mutual TLS;
+//! - [`tls`]: TLS both ways, a file per job: PEM reading (size-capped), one trust policy for
+//!   every outbound connection (and every HTTP client of the proxy's own), the classification of
+//!   handshake failures, the listener's certificate (reloadable) and mutual TLS. It reads no
+//!   configuration: [`config`] depends on it, never the reverse;
 //!   [`egress`]: outbound HTTPS through an HTTP `CONNECT` proxy.
 //! - [`clock`], [`report`], [`seal`], [`secret`], [`upstream`]: time and its formatting, error
 //!   chains for logs, sealing tokens at rest, secrets that never print, the upstream peer.
 //!
-//! Nothing below [`proxy`] imports [`audit`] or [`metrics`]; the import graph has no cycle.
+//! Nothing below [`proxy`] imports [`audit`] or [`metrics`]; the import graph between files
+//! (`crate::` and `super::` paths) has no cycle.
 //!
 //! Secrets travel as [`secret::Secret`], whose `Debug` and `Display` show a fingerprint only.
 

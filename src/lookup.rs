@@ -5,7 +5,7 @@
 use crate::config::Client;
 use crate::route::{Lookup, LookupError};
 use crate::shaping::Shaper;
-use crate::token::{Grants, TokenError};
+use crate::token::{Grants, Probe, TokenError, TokenProbe, TokenState};
 use std::sync::Arc;
 use std::time::Duration;
 use url::Url;
@@ -97,7 +97,13 @@ impl ApiClient {
             if let Some(s) = &self.shaper {
                 s.upstream_answered(org, resp.status().as_u16());
             }
-            match resp.status().as_u16() {
+            let status = resp.status().as_u16();
+            if (200..300).contains(&status) {
+                self.grants.succeeded(&grant, &token, || {
+                    crate::endpoints::operation_key(&http::Method::GET, path).into_owned()
+                });
+            }
+            match status {
                 200 => {
                     return resp.json().await.map(Some).map_err(|_| {
                         LookupError::upstream(502, "Meraki sent a body that is not JSON")
@@ -106,9 +112,10 @@ impl ApiClient {
                 404 => return Ok(None),
                 401 if !retried => {
                     retried = true;
+                    let operation = crate::endpoints::operation_key(&http::Method::GET, path);
                     token = self
                         .grants
-                        .rejected(&grant, org, &token)
+                        .rejected(&grant, org, &token, &operation)
                         .await
                         .map_err(token_failure)?;
                 }
@@ -125,10 +132,12 @@ impl ApiClient {
                     });
                 }
                 401 => {
+                    let operation = crate::endpoints::operation_key(&http::Method::GET, path);
+                    self.grants.refused_again(&grant, org, &token, &operation);
                     return Err(LookupError::upstream(
                         502,
                         "Meraki refused the refreshed token",
-                    ))
+                    ));
                 }
                 status => {
                     return Err(LookupError::upstream(
@@ -137,6 +146,52 @@ impl ApiClient {
                     ))
                 }
             }
+        }
+    }
+}
+
+impl ApiClient {
+    /// A probe of access tokens over this client's connection settings (not shaped: the
+    /// engine probes a grant at most once per [`crate::token::refresh::EVIDENCE`]).
+    pub fn prober(&self) -> Prober {
+        Prober {
+            http: self.http.clone(),
+            url: format!("{}/organizations?perPage=3", self.base),
+        }
+    }
+}
+
+/// Asks Meraki whether an access token works: `GET /organizations?perPage=3`, which needs no
+/// OAuth scope and lists at most three organizations.
+pub struct Prober {
+    http: reqwest::Client,
+    url: String,
+}
+
+/// A probe waits at most this long for Meraki (the grant's refresh lock is held meanwhile).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[async_trait::async_trait]
+impl TokenProbe for Prober {
+    async fn probe(&self, token: &TokenState) -> Probe {
+        let Some(bearer) = token.bearer() else {
+            return Probe::Refused;
+        };
+        let answer = self
+            .http
+            .get(&self.url)
+            .header(http::header::AUTHORIZATION, bearer.clone())
+            .header(
+                http::header::USER_AGENT,
+                crate::forward::user_agent(None).as_str(),
+            )
+            .timeout(PROBE_TIMEOUT)
+            .send()
+            .await;
+        match answer.map(|r| r.status().as_u16()) {
+            Ok(200..=299) => Probe::Works,
+            Ok(401) => Probe::Refused,
+            Ok(_) | Err(_) => Probe::Unknown,
         }
     }
 }

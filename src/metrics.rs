@@ -23,6 +23,8 @@ pub struct Metrics {
     token_call_duration: HistogramVec,
     token_expiry: IntGaugeVec,
     grant_needs_reauth: IntGaugeVec,
+    refused_operations: IntGaugeVec,
+    token_probes: IntCounterVec,
     retries: IntCounterVec,
     denials: IntCounterVec,
     expiring_keys: IntCounterVec,
@@ -39,9 +41,18 @@ pub struct Metrics {
     bucket_tokens: GaugeVec,
     bucket_rps: GaugeVec,
     queued: IntGaugeVec,
+    connections_open: IntGauge,
+    connections_refused: IntCounterVec,
+    malformed: IntCounterVec,
+    client_timeouts: IntCounterVec,
     /// Read at each scrape for the bucket gauges.
     shaper: OnceLock<crate::shaping::Shaper>,
 }
+
+/// The limits a connection can be refused by (`[server] max_connections`, `max_connections_per_peer`).
+pub const CONNECTION_LIMITS: &[&str] = &["listener", "peer"];
+/// The phases a client can time out in (`[server] *_timeout_secs`).
+pub const TIMEOUT_PHASES: &[&str] = &["header", "body", "request"];
 
 /// Results of a token endpoint call (see `OAuthError::label`).
 pub const REFRESH_RESULTS: &[&str] = &[
@@ -57,7 +68,7 @@ pub const RETRY_OUTCOMES: &[&str] = &[
     "succeeded",
     "rejected_again",
     "refresh_failed",
-    "fresh_token_rejected",
+    "refused_at_operation",
     "body_not_replayable",
 ];
 /// Token store operations that are measured.
@@ -122,7 +133,40 @@ impl Metrics {
             "Instances of the proxy alive on the shared store (heartbeats), this one included.",
         )?;
         r.register(Box::new(instances.clone()))?;
+        let connections_open = IntGauge::new(
+            "meraki_proxy_connections_open",
+            "Client connections open on the proxy listener now.",
+        )?;
+        r.register(Box::new(connections_open.clone()))?;
+        let connections_refused = counter(
+            &r,
+            "meraki_proxy_connections_refused_total",
+            "Connections refused for a limit: listener (server.max_connections, 503 and closed) or peer (server.max_connections_per_peer, its requests answered 429).",
+            &["limit"],
+        )?;
+        let malformed = counter(
+            &r,
+            "meraki_proxy_malformed_requests_total",
+            "Requests the HTTP parser refused, by what was wrong (answered 400, 405 for CONNECT).",
+            &["kind"],
+        )?;
+        let client_timeouts = counter(
+            &r,
+            "meraki_proxy_client_timeouts_total",
+            "Requests ended because the client was too slow, by phase: header, body (no progress), request (the whole request).",
+            &["phase"],
+        )?;
+        for l in CONNECTION_LIMITS {
+            connections_refused.with_label_values(&[l]);
+        }
+        for p in TIMEOUT_PHASES {
+            client_timeouts.with_label_values(&[p]);
+        }
         Ok(Metrics {
+            connections_open,
+            connections_refused,
+            malformed,
+            client_timeouts,
             requests: counter(
                 &r,
                 "meraki_proxy_requests_total",
@@ -182,6 +226,18 @@ impl Metrics {
                 "meraki_proxy_grant_needs_reauthorization",
                 "1 while a grant needs re-authorization by an org admin, else 0.",
                 &["integration", "organization"],
+            )?,
+            refused_operations: gauge(
+                &r,
+                "meraki_proxy_refused_operations",
+                "Operations at which Meraki refuses a grant's tokens even freshly minted (their 401s pass through without a refresh), by integration and grant.",
+                &["integration", "grant"],
+            )?,
+            token_probes: counter(
+                &r,
+                "meraki_proxy_token_probes_total",
+                "Probes of a grant's token (GET /organizations) before passing a remembered operation's 401 through, by integration and verdict (works, refused, unknown).",
+                &["integration", "verdict"],
             )?,
             retries: counter(
                 &r,
@@ -277,6 +333,17 @@ impl Metrics {
             shaper: OnceLock::new(),
             registry: r,
         })
+    }
+
+    /// Adds collectors kept elsewhere (the audit sink's health) to the registry.
+    pub fn register(
+        &self,
+        collectors: Vec<Box<dyn prometheus::core::Collector>>,
+    ) -> prometheus::Result<()> {
+        for c in collectors {
+            self.registry.register(c)?;
+        }
+        Ok(())
     }
 
     /// Reads the shaper's buckets and queues at each scrape.
@@ -400,6 +467,8 @@ impl Metrics {
                 .with_label_values(&[integration, &id, cause, "ok"]);
         }
         self.token_call_duration.with_label_values(&[integration]);
+        self.refused_operations
+            .with_label_values(&[integration, &id]);
     }
 
     /// One token endpoint call of a grant.
@@ -426,7 +495,21 @@ impl Metrics {
         }
     }
 
-    /// A retry after an upstream 401 (`outcome`: succeeded, rejected_again, failed).
+    /// How many operations a grant remembers as refused.
+    pub fn refused_operations(&self, integration: &str, grant: i64, n: usize) {
+        self.refused_operations
+            .with_label_values(&[integration, &grant.to_string()])
+            .set(n as i64);
+    }
+
+    /// A probe of a grant's token.
+    pub fn token_probe(&self, integration: &str, verdict: &str) {
+        self.token_probes
+            .with_label_values(&[integration, verdict])
+            .inc();
+    }
+
+    /// A retry after an upstream 401 (`outcome`: one of [`RETRY_OUTCOMES`]).
     pub fn retry(&self, integration: &str, outcome: &str) {
         self.retries
             .with_label_values(&[integration, outcome])
@@ -474,6 +557,26 @@ impl Metrics {
     /// The configuration generation in force.
     pub fn config_generation(&self) -> u64 {
         self.config_generation.get() as u64
+    }
+
+    /// The open-connections gauge of the proxy listener.
+    pub fn connections_open(&self) -> &IntGauge {
+        &self.connections_open
+    }
+
+    /// A connection refused for a limit ([`CONNECTION_LIMITS`]).
+    pub fn connection_refused(&self, limit: &str) {
+        self.connections_refused.with_label_values(&[limit]).inc();
+    }
+
+    /// A request the HTTP parser refused, by a kind from a fixed set.
+    pub fn malformed(&self, kind: &str) {
+        self.malformed.with_label_values(&[kind]).inc();
+    }
+
+    /// A client timed out in a phase ([`TIMEOUT_PHASES`]).
+    pub fn client_timeout(&self, phase: &str) {
+        self.client_timeouts.with_label_values(&[phase]).inc();
     }
 
     /// The in-flight gauge.

@@ -43,6 +43,11 @@ impl EventSink for Observer {
                 m.refresh(integration, &org, "invalid_grant");
                 m.token_call(integration, e.grant_id, cause, "invalid_grant");
             }
+            EventKind::OperationRefused { remembered, .. }
+            | EventKind::RefusalForgotten { remembered, .. } => {
+                m.refused_operations(integration, e.grant_id, *remembered);
+            }
+            EventKind::Probed { verdict } => m.token_probe(integration, verdict.as_str()),
             _ => {}
         }
         if let Some(d) = e.call_duration {

@@ -65,6 +65,19 @@ pub trait Refuse: Error {
     }
 }
 
+/// The reason of a request ended because the client was too slow (`[server] *_timeout_secs`).
+pub const TIMED_OUT: &str = "request_timeout";
+
+/// A 408 for a client too slow in `phase` (one of [`crate::metrics::TIMEOUT_PHASES`]).
+pub fn timed_out(phase: &'static str) -> Refusal {
+    let what = match phase {
+        "header" => "the request header did not arrive in time",
+        "body" => "the request body stopped arriving",
+        _ => "the request took longer than the proxy allows",
+    };
+    Refusal::new(408, TIMED_OUT, what)
+}
+
 /// A response the proxy writes itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
@@ -189,7 +202,7 @@ impl Refuse for crate::token::TokenError {
     fn status(&self) -> u16 {
         use crate::token::TokenError as T;
         match self {
-            T::RejectedFresh { .. } => 401,
+            T::RefusedAtOperation { .. } => 401,
             _ => 503,
         }
     }
@@ -199,14 +212,14 @@ impl Refuse for crate::token::TokenError {
             T::NoGrant { .. } => "no_grant",
             T::NeedsReauth { .. } => "needs_reauthorization",
             T::AuthServer { .. } | T::BackingOff { .. } => "auth_server_error",
-            T::RejectedFresh { .. } => "fresh_token_rejected",
+            T::RefusedAtOperation { .. } => "refused_at_operation",
             T::Store(_) | T::Conflict => "store_error",
             T::OtherInstance { .. } => "refresh_in_progress",
         }
     }
     fn upstream(&self) -> Option<&'static str> {
         Some(match self {
-            crate::token::TokenError::RejectedFresh { .. } => upstream::REJECTED_401,
+            crate::token::TokenError::RefusedAtOperation { .. } => upstream::REJECTED_401,
             _ => upstream::NOT_SENT,
         })
     }

@@ -6,6 +6,8 @@
 //! file first; an invalid file changes nothing. What a running server cannot change (listeners,
 //! threads, upstream, store, audit path, token policy) is carried over from the running
 //! configuration and reported as needing a restart, so the snapshot always describes what runs.
+//! `[server]`'s client timeouts and connection limits are read per connection and per request,
+//! so they are reloadable.
 
 use crate::config::{Config, ConfigError};
 use crate::identity::Identities;
@@ -178,8 +180,9 @@ pub fn carry_over(new: &mut Config, running: &Config) -> Vec<&'static str> {
         shutdown_grace => "server.shutdown_grace_secs",
         store_path => "store.path",
         audit_path => "audit.path",
+        audit => "audit",
         refresh_ahead => "tokens.refresh_ahead_secs",
-        rejected_grace => "tokens.rejected_grace_secs",
+        refused_operation_memory => "tokens.refused_operation_memory_secs",
         refresh_backoff_max => "tokens.refresh_backoff_max_secs",
         token_timeout => "tokens.token_timeout_secs",
         keepalive_idle => "tokens.keepalive_idle_secs",
@@ -271,5 +274,18 @@ client_secret_env = "SECRET"
 
         let mut same = config("threads = 2", "11", ALICE);
         assert!(carry_over(&mut same, &running).is_empty());
+    }
+
+    #[test]
+    fn client_timeouts_and_connection_limits_are_reloadable() {
+        let running = config("threads = 2", "11", "");
+        let mut new = config(
+            "threads = 2\nheader_timeout_secs = 5\nmax_connections_per_peer = 8",
+            "11",
+            "",
+        );
+        assert!(carry_over(&mut new, &running).is_empty());
+        assert_eq!(new.client_limits.header_timeout.as_secs(), 5);
+        assert_eq!(new.client_limits.max_connections_per_peer, 8);
     }
 }

@@ -16,6 +16,7 @@ use std::time::Duration;
 pub struct Authority {
     pub state: Mutex<AuthorityState>,
     calls: AtomicUsize,
+    probes: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -28,6 +29,10 @@ pub struct AuthorityState {
     pub down: bool,
     /// The client secret of the last refresh call.
     pub last_secret: Option<String>,
+    /// Meraki's API side: access tokens numbered up to this are refused (killed early).
+    pub dead_up_to: u64,
+    /// The API answers probes with this instead of judging the token (a 429, an outage).
+    pub probe_unknown: bool,
 }
 
 impl Authority {
@@ -48,6 +53,27 @@ impl Authority {
 
     pub fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Probes Meraki's API side answered.
+    pub fn probes(&self) -> usize {
+        self.probes.load(Ordering::SeqCst)
+    }
+
+    /// Meraki stops accepting every access token issued so far (not the refresh tokens).
+    pub fn kill_access_tokens(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.dead_up_to = s.issued;
+    }
+
+    /// Whether Meraki's API accepts `token`'s access token.
+    pub fn accepts(&self, token: &crate::token::TokenState) -> bool {
+        let n = token
+            .bearer()
+            .and_then(|b| b.to_str().ok())
+            .and_then(|b| b.strip_prefix("Bearer access-"))
+            .and_then(|n| n.parse::<u64>().ok());
+        n.is_some_and(|n| n > self.state.lock().unwrap().dead_up_to)
     }
 
     pub fn set(&self, f: impl FnOnce(&mut AuthorityState)) {
@@ -117,6 +143,20 @@ impl TokenEndpoint for Authority {
             .valid
             .remove(refresh_token.expose());
         Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::token::TokenProbe for Authority {
+    async fn probe(&self, token: &crate::token::TokenState) -> crate::token::Probe {
+        self.probes.fetch_add(1, Ordering::SeqCst);
+        if self.state.lock().unwrap().probe_unknown {
+            crate::token::Probe::Unknown
+        } else if self.accepts(token) {
+            crate::token::Probe::Works
+        } else {
+            crate::token::Probe::Refused
+        }
     }
 }
 

@@ -5,38 +5,20 @@
 
 mod support;
 
-use serde_json::Value;
 use std::time::Duration;
 use support::harness::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use support::raw::{self, errors_body, status_of};
 
-/// Sends `raw` on a fresh connection and reads until the server closes or goes quiet.
+/// Sends `raw` on a new connection; what comes back until the server closes or is quiet for
+/// 1.5 s (a kept-alive connection).
 async fn exchange(port: u16, raw: &[u8]) -> String {
-    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    c.write_all(raw).await.unwrap();
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 65536];
-    loop {
-        match tokio::time::timeout(Duration::from_millis(1500), c.read(&mut buf)).await {
-            Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn status_of(response: &str) -> u16 {
-    response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
-}
-
-fn errors_body(response: &str) -> Value {
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or("");
-    serde_json::from_str(body).unwrap_or(Value::Null)
+    raw::exchange(
+        port,
+        raw,
+        Duration::from_millis(1500),
+        Duration::from_secs(30),
+    )
+    .await
 }
 
 fn req(method: &str, target: &str, key: &str, extra: &str) -> Vec<u8> {

@@ -13,6 +13,9 @@ async fn fleet_scenario(pg: &PgCluster, ttl: u64) -> Arc<Scenario> {
     let s = Scenario::new(Options {
         store_url: Some(pg.url()),
         store: "sync_secs = 1".into(),
+        // These tests drive thousands of requests a second at two organizations to race
+        // refreshes across instances; Meraki's 10/s would queue and refuse them.
+        rate_limits: UNSHAPED.into(),
         ..Default::default()
     })
     .await;
@@ -75,6 +78,58 @@ async fn spread_load(procs: &[String], workers: usize, secs: u64) -> HashMap<u16
         }
     }
     all
+}
+
+/// Issue 19: three instances, 20-s access tokens (shorter than the old 30-s age rule, under
+/// which no 401 was ever refreshed), Meraki drops every access token: one token call per grant
+/// whichever instances see the 401s, every instance answers 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_refresh_dropped_short_tokens_once_per_grant() {
+    let pg = PgCluster::start();
+    let s = fleet_scenario(&pg, 20).await;
+    s.standin.set_token_delay(Duration::from_millis(200));
+    let procs = [
+        s.start_instance(0, &[]).await,
+        s.start_instance(1, &[]).await,
+        s.start_instance(2, &[]).await,
+    ];
+    let bases: Vec<String> = procs.iter().map(|p| p.base()).collect();
+    s.standin.expire_all_access_tokens();
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let base = bases[i % 3].clone();
+        let (path, key) = if i % 2 == 0 {
+            ("/organizations/111/networks", ALICE_KEY)
+        } else {
+            ("/organizations/222/networks", BOB_KEY)
+        };
+        tasks.push(tokio::spawn(async move { get(&base, path, key).await }));
+    }
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    let refreshed_for_401 = |audit: Vec<serde_json::Value>| {
+        audit
+            .iter()
+            .filter(|r| r["event"] == "token_refreshed" && r["cause"] == "rejected_by_meraki")
+            .count()
+    };
+    eventually("the refreshes audited", || {
+        (0..3)
+            .map(|i| refreshed_for_401(s.audit_of(i)))
+            .sum::<usize>()
+            >= 2
+    })
+    .await;
+    let calls: usize = (0..3).map(|i| refreshed_for_401(s.audit_of(i))).sum();
+    eprintln!("fleet, 20-s tokens dropped: {calls} token calls for the 401s of 2 grants");
+    assert_eq!(calls, 2, "one token call per grant");
+    assert_eq!(
+        s.standin.refused_refreshes(),
+        0,
+        "no refresh token replayed"
+    );
 }
 
 /// Three instances, short tokens, a slow token endpoint, load spread over all three for
@@ -313,7 +368,11 @@ async fn a_postgres_outage_under_load_loses_nothing() {
     let b = s.start_instance(1, &[]).await;
     let bases = vec![a.base(), b.base()];
     let load = tokio::spawn(async move { spread_load(&bases, 8, 9).await });
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let standin_seen = |n: usize| {
+        let s = s.clone();
+        move || s.standin.request_count() >= n
+    };
+    eventually("the load reaches Meraki", standin_seen(200)).await;
     let mut pg = tokio::task::spawn_blocking(move || {
         pg.stop_server();
         pg
@@ -329,7 +388,13 @@ async fn a_postgres_outage_under_load_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     assert!(not_ready, "readiness tells the store is down");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Requests keep being served from cached tokens while the store is down.
+    let during = s.standin.request_count();
+    eventually(
+        "requests served during the outage",
+        standin_seen(during + 200),
+    )
+    .await;
     let pg = tokio::task::spawn_blocking(move || {
         pg.start_server();
         pg

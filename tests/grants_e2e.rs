@@ -271,7 +271,7 @@ async fn the_store_holds_no_token_in_clear_and_a_wrong_key_is_refused() {
         }
     }
     let out = s
-        .command(&["run"])
+        .serving_command()
         .env("MERAKI_PROXY_STORE_KEY", "ab".repeat(32))
         .output()
         .unwrap();
@@ -400,14 +400,13 @@ async fn status_page_in_chromium_shows_grants_and_connect_leads_through_consent(
 
 #[tokio::test]
 async fn an_admin_token_protects_the_admin_listener_but_not_probes_or_the_callback() {
-    let s = Scenario::new(Options::default()).await;
-    let text = std::fs::read_to_string(&s.config).unwrap().replace(
-        "threads = 2",
-        "threads = 2\nadmin_token_env = \"ADMIN_TOKEN\"",
-    );
-    std::fs::write(&s.config, text).unwrap();
+    let s = Scenario::new(Options {
+        server: "admin_token_env = \"ADMIN_TOKEN\"".into(),
+        ..Default::default()
+    })
+    .await;
     let token = "admin-token-0123456789abcdef";
-    let mut cmd = s.command(&["run"]);
+    let mut cmd = s.serving_command();
     let log = std::fs::File::create(s.dir.path().join("admin.log")).unwrap();
     let child = cmd.env("ADMIN_TOKEN", token).stderr(log).spawn().unwrap();
     let mut p = ProxyProcess {
@@ -416,6 +415,7 @@ async fn an_admin_token_protects_the_admin_listener_but_not_probes_or_the_callba
         admin_port: s.admin_port,
         log: s.dir.path().join("admin.log"),
         tls: false,
+        _sockets: s.sockets.clone(),
     };
     eventually_async(|| async { reqwest::get(admin_url(&s, "/healthz")).await.is_ok() }).await;
     enum Auth {

@@ -50,7 +50,15 @@ async fn post_reload(p: &ProxyProcess) -> (u16, serde_json::Value) {
 /// the requests running meanwhile fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reload_under_load_applies_clients_and_refuses_an_invalid_file() {
-    let s = Arc::new(Scenario::new(Options::default()).await);
+    // 1,200 requests back to back at one organization: 100 times Meraki's 10/s, lifted here
+    // because this test is about the reload, not the rate.
+    let s = Arc::new(
+        Scenario::new(Options {
+            rate_limits: UNSHAPED.into(),
+            ..Default::default()
+        })
+        .await,
+    );
     s.import().await;
     let p = s.start().await;
     assert_eq!(s.status("/networks/L_222_0", BOB_KEY).await, 200);
@@ -64,7 +72,7 @@ async fn reload_under_load_applies_clients_and_refuses_an_invalid_file() {
     let bob_at = text.find("[[clients]]\nname = \"bob\"").unwrap();
     let valid = format!(
         "{}[[clients]]\nname = \"carol\"\nkey_sha256 = \"{}\"\nintegration = \"netops\"\norganizations = [\"111\"]\nmethods = [\"GET\"]\n",
-        &text[..bob_at].replace("threads = 2", "threads = 3"),
+        &text[..bob_at].replace("[server]\n", "[server]\nthreads = 3\n"),
         sha256_hex(CAROL_KEY)
     );
     std::fs::write(&s.config, &valid).unwrap();
@@ -187,13 +195,24 @@ async fn sigterm_drains_in_flight_requests_and_loses_no_audit_record() {
     s.standin.set_api_delay(Duration::from_millis(2500));
 
     let started = Instant::now();
+    // Workers stop sending once the proxy is told to stop. The harness keeps the listening
+    // socket it handed the proxy (as a socket-activating supervisor does), so a request sent
+    // after the exit waits in the kernel's queue: the client gives up after 10 s.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
     let workers: Vec<_> = (0..12)
         .map(|w| {
-            let s = s.clone();
+            let (s, stop, client) = (s.clone(), stop.clone(), client.clone());
             tokio::spawn(async move {
                 // (request id, status, sent at, answered at)
                 let mut seen = Vec::new();
                 for i in 0..200 {
+                    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        break;
+                    }
                     let sent = started.elapsed();
                     // Paths naming their organization: no lookup before the (slow) request.
                     let path = if (w + i) % 2 == 0 {
@@ -201,7 +220,10 @@ async fn sigterm_drains_in_flight_requests_and_loses_no_audit_record() {
                     } else {
                         "/organizations/111"
                     };
-                    match s.script(Method::GET, path, ALICE_KEY).send().await {
+                    let req = client
+                        .get(format!("{}{path}", s.base()))
+                        .header("X-Cisco-Meraki-API-Key", ALICE_KEY);
+                    match req.send().await {
                         Ok(r) => {
                             let id = r
                                 .headers()
@@ -209,7 +231,7 @@ async fn sigterm_drains_in_flight_requests_and_loses_no_audit_record() {
                                 .map(|v| v.to_str().unwrap().to_owned());
                             seen.push((id, r.status().as_u16(), sent, started.elapsed()));
                         }
-                        // The listener is closed: this worker is done.
+                        // Refused or given up on after the exit: this worker is done.
                         Err(_) => break,
                     }
                 }
@@ -217,10 +239,19 @@ async fn sigterm_drains_in_flight_requests_and_loses_no_audit_record() {
             })
         })
         .collect();
-    // Two rounds answered, the third in flight.
-    tokio::time::sleep(Duration::from_millis(6200)).await;
+    // Two rounds answered (12 requests each, 2.5 s apiece upstream), the third in flight:
+    // the stand-in has received some of it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s.standin.request_count() <= 24 {
+        assert!(
+            Instant::now() < deadline,
+            "the third round never reached Meraki"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     let term_at = started.elapsed();
     p.signal(Signal::SIGTERM);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let status = p.wait_exit(Duration::from_secs(20)).await;
     let exited_after = started.elapsed() - term_at;
     assert!(status.success(), "exit status {status:?}");

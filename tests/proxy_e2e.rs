@@ -26,7 +26,11 @@ fn errors0(v: &Value) -> String {
 }
 
 async fn ready() -> (Scenario, ProxyProcess) {
-    let s = Scenario::new(Options::default()).await;
+    ready_with(Options::default()).await
+}
+
+async fn ready_with(opts: Options) -> (Scenario, ProxyProcess) {
+    let s = Scenario::new(opts).await;
     s.import().await;
     let p = s.start().await;
     s.standin.clear_requests();
@@ -206,7 +210,13 @@ async fn organization_list_holds_only_the_clients_organizations() {
 
 #[tokio::test]
 async fn concurrent_requests_across_expiry_cause_one_token_call() {
-    let (s, _p) = ready().await;
+    // 200 requests at once are 20 times Meraki's per-organization rate: lifted here, as this
+    // test counts token calls.
+    let (s, _p) = ready_with(Options {
+        rate_limits: UNSHAPED.into(),
+        ..Default::default()
+    })
+    .await;
     // Meraki revokes/expires every token it issued: all 200 requests see a 401 first.
     s.standin.set_token_delay(Duration::from_millis(300));
     s.standin.expire_all_access_tokens();
@@ -228,6 +238,8 @@ async fn concurrent_requests_across_expiry_cause_one_token_call() {
 async fn proactive_refresh_ahead_of_expiry_is_single_flight() {
     let s = Scenario::new(Options {
         tokens: "refresh_ahead_secs = 60".into(),
+        // 200 requests at once: lifted above Meraki's 10/s, as this test counts token calls.
+        rate_limits: UNSHAPED.into(),
         ..Default::default()
     })
     .await;
@@ -406,7 +418,7 @@ async fn a_bad_configuration_exits_non_zero_naming_the_key() {
     let text = std::fs::read_to_string(&s.config).unwrap();
     let cases = [
         (
-            text.replace("threads = 2", "threads = 2\nworkers = 4"),
+            text.replace("[server]\n", "[server]\nworkers = 4\n"),
             "workers",
         ),
         (

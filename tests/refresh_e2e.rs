@@ -1,5 +1,7 @@
-//! The refresh engine from outside: the real binary and the Meraki stand-in, under the four
-//! conditions that used to cost a token call per request (or two or three per expiry).
+//! The refresh engine from outside: the real binary at its shipped defaults and the Meraki
+//! stand-in, under the conditions that used to cost a token call per request (or two or three
+//! per expiry), and those where a token Meraki refused young was never refreshed (issue 19).
+//! Each budget is counted at the stand-in's token endpoint.
 
 mod support;
 
@@ -54,13 +56,24 @@ async fn over_connections(
     all
 }
 
-/// Case 1: Meraki starts refusing the current token; 400 requests on 64 connections arrive
-/// before, during and after the refresh and its commit. Five times. (With an instant token
-/// endpoint, requests keep arriving while the rotation is committed: the build before the refresh
-/// engine made 1, 2, 4, 2 and 1 token calls in these five rounds.)
+/// Case 1: Meraki starts refusing the current token — the first time right after the import,
+/// with the token 0 s old — and 400 requests on 64 connections arrive before, during and after
+/// the refresh and its commit. Five times. (With an instant token endpoint, requests keep
+/// arriving while the rotation is committed: the build before the refresh engine made 1, 2, 4,
+/// 2 and 1 token calls in these five rounds; the age rule of issue 19 made none in round 0 and
+/// answered 400 × 401.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_across_a_rotation_makes_one_token_call_every_time() {
-    let (s, _p) = ready(Options::default(), 3600).await;
+    // 400 requests at once are 40 times Meraki's per-organization rate: without this, the
+    // shaper would queue and refuse most of them. This test is about token calls.
+    let (s, _p) = ready(
+        Options {
+            rate_limits: UNSHAPED.into(),
+            ..Default::default()
+        },
+        3600,
+    )
+    .await;
     for round in 0..5 {
         let before = s.standin.token_calls();
         s.standin.expire_all_access_tokens();
@@ -70,7 +83,7 @@ async fn a_burst_across_a_rotation_makes_one_token_call_every_time() {
             "round {round}: {statuses:?}"
         );
         let calls = s.standin.token_calls() - before;
-        eprintln!("burst round {round}: {calls} token calls");
+        eprintln!("burst round {round}: {calls} token calls for 400 requests, 400 x 200");
         assert_eq!(calls, 1, "round {round}");
     }
     let refreshes: Vec<_> = s
@@ -88,11 +101,56 @@ async fn a_burst_across_a_rotation_makes_one_token_call_every_time() {
         .all(|r| r["cause"] == "rejected_by_meraki"));
 }
 
+/// Issue 19: a token Meraki stops accepting moments after it was issued is refreshed once and
+/// the request retried — a PUT (its body replayed), and after a SIGKILL and restart.
+#[tokio::test]
+async fn a_token_refused_moments_after_it_was_issued_is_refreshed_once() {
+    let (s, mut p) = ready(Options::default(), 3600).await;
+    let before = s.standin.token_calls();
+    s.standin.expire_all_access_tokens();
+    let r = s
+        .script(Method::PUT, "/networks/L_111_0", ALICE_KEY)
+        .json(&serde_json::json!({"name": "renamed at once"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(s.standin.token_calls() - before, 1, "one refresh");
+    assert_eq!(
+        s.standin.network("L_111_0").unwrap()["name"],
+        "renamed at once"
+    );
+
+    // Killed and restarted: the stored token is refused at once; one refresh, then served.
+    p.kill9();
+    let _p = s.start().await;
+    let before = s.standin.token_calls();
+    s.standin.expire_all_access_tokens();
+    assert_eq!(
+        s.status("/organizations/111/networks", ALICE_KEY).await,
+        200
+    );
+    assert_eq!(
+        s.standin.token_calls() - before,
+        1,
+        "one refresh after the restart"
+    );
+}
+
 /// Case 2: access tokens shorter than `refresh_ahead_secs` (10 s against 300 s): one token call
 /// per half-lifetime under steady traffic, not one per request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn short_lived_tokens_are_refreshed_once_per_half_lifetime() {
-    let (s, _p) = ready(Options::default(), 10).await;
+    // Four loops at 50 requests/s each: above Meraki's 10/s on purpose (token calls are what
+    // is counted), so the shaper's limits are lifted here.
+    let (s, _p) = ready(
+        Options {
+            rate_limits: UNSHAPED.into(),
+            ..Default::default()
+        },
+        10,
+    )
+    .await;
     let before = s.standin.token_calls();
     let start = Instant::now();
     let run = Duration::from_secs(12);
@@ -126,48 +184,125 @@ async fn short_lived_tokens_are_refreshed_once_per_half_lifetime() {
     );
 }
 
-/// Case 3: an endpoint Meraki refuses whatever the token: a token issued moments ago is not
-/// refreshed again; Meraki's 401 passes through, marked.
+/// Case 3 (issue 19): an operation Meraki refuses whatever the token (a scope the grant lacks),
+/// hit 30 times between other operations, at the shipped defaults: one token call (the first
+/// 401 is refreshed for, the retry's refusal is the evidence), every answer Meraki's 401 marked
+/// and audited, the other operations served; then the grant's token really dies: the expiry
+/// still costs exactly one call.
 #[tokio::test]
-async fn an_endpoint_refused_whatever_the_token_costs_no_token_calls() {
-    let (s, _p) = ready(
-        Options {
-            tokens: "rejected_grace_secs = 30".into(),
-            ..Default::default()
-        },
-        3600,
-    )
-    .await;
+async fn an_operation_refused_whatever_the_token_costs_one_token_call() {
+    let (s, _p) = ready(Options::default(), 3600).await;
+    let refused = "/organizations/111/admins";
+    s.standin.refuse_every_token_at(refused);
     let before = s.standin.token_calls();
-    s.standin
-        .fail_next_api(30, 401, r#"{"errors":["Invalid API key"]}"#);
-    for _ in 0..30 {
+    for i in 0..30 {
         let r = s
-            .script(Method::GET, "/organizations/111/networks", ALICE_KEY)
+            .script(Method::GET, refused, ALICE_KEY)
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 401);
+        assert_eq!(r.status(), 401, "request {i}");
         assert_eq!(r.headers()["x-proxy-upstream"], "rejected-401");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["errors"][0], "Invalid API key", "Meraki's own body");
+        if i % 5 == 0 {
+            assert_eq!(
+                s.status("/organizations/111/networks", ALICE_KEY).await,
+                200
+            );
+        }
     }
     let calls = s.standin.token_calls() - before;
-    eprintln!("always 401: {calls} token calls for 30 requests");
-    assert!(calls <= 1, "{calls} token calls for 30 requests");
+    eprintln!("always 401 x 30: {calls} token calls");
+    assert_eq!(calls, 1, "{calls} token calls for 30 requests");
     eventually("an audit reason for each passed-through 401", || {
-        s.audit()
+        let audit = s.audit();
+        audit
             .iter()
-            .filter(|r| r["kind"] == "request" && r["reason"] == "fresh_token_rejected")
+            .filter(|r| r["kind"] == "request" && r["reason"] == "refused_at_operation")
             .count()
             == 30
+            && audit.iter().any(|r| {
+                r["event"] == "operation_refused" && r["operation"] == "getOrganizationAdmins"
+            })
     })
     .await;
-    // The grant is fine: the next request succeeds.
-    let r = s
-        .script(Method::GET, "/organizations/111/networks", ALICE_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let (_, metrics) = _p.admin("/metrics").await;
+    assert!(
+        metrics.contains(r#"meraki_proxy_refused_operations{grant="1",integration="netops"} 1"#),
+        "{metrics}"
+    );
+    let (_, status_page) = _p.admin("/").await;
+    assert!(
+        status_page.contains("getOrganizationAdmins"),
+        "the status page shows it"
+    );
+
+    // Both at once: the grant's token really dies while the operation is remembered.
+    let before = s.standin.token_calls();
+    s.standin.expire_all_access_tokens();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let path = if i % 2 == 0 {
+            refused
+        } else {
+            "/organizations/111/networks"
+        };
+        tasks.push((path, s.script(Method::GET, path, ALICE_KEY).send()));
+    }
+    for (path, t) in tasks {
+        let st = t.await.unwrap().status();
+        let want = if path == refused { 401 } else { 200 };
+        assert_eq!(st, want, "{path}");
+    }
+    let calls = s.standin.token_calls() - before;
+    eprintln!("always 401 beside a real expiry: {calls} token call(s) for the expiry");
+    assert_eq!(calls, 1, "the expiry cost exactly one call");
+}
+
+/// Issue 19: a script that calls nothing but a remembered operation still gets a token that
+/// really died refreshed (the proxy's probe finds it dead), and the operation stays
+/// remembered.
+#[tokio::test]
+async fn a_dead_token_is_refreshed_for_a_script_that_calls_only_the_refused_operation() {
+    let (s, _p) = ready(Options::default(), 3600).await;
+    let refused = "/organizations/111/admins";
+    s.standin.refuse_every_token_at(refused);
+    let before = s.standin.token_calls();
+    assert_eq!(s.status(refused, ALICE_KEY).await, 401);
+    assert_eq!(s.status(refused, ALICE_KEY).await, 401);
+    assert_eq!(s.standin.token_calls() - before, 1);
+    s.standin.expire_all_access_tokens();
+    // Until the last evidence that the token worked is 2 s old, the 401 may pass through as
+    // the operation's; then the probe finds the token dead and it is refreshed. Every answer
+    // is Meraki's 401 (the operation refuses every token).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.standin.token_calls() - before < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dead token was never refreshed"
+        );
+        assert_eq!(s.status(refused, ALICE_KEY).await, 401);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        s.standin.token_calls() - before,
+        2,
+        "the dead token was refreshed once"
+    );
+    // The new token serves everywhere else without another call.
+    assert_eq!(
+        s.status("/organizations/111/networks", ALICE_KEY).await,
+        200
+    );
+    assert_eq!(s.standin.token_calls() - before, 2);
+    eventually("a probe that found the token dead, audited", || {
+        s.audit().iter().any(|r| {
+            r["event"] == "token_probed"
+                && r["detail"].as_str().is_some_and(|d| d.ends_with("refused"))
+        })
+    })
+    .await;
 }
 
 /// Case 4: the token endpoint down for 6 s while Meraki refuses every access token: token

@@ -16,6 +16,9 @@ async fn the_server_runs_on_prebound_listeners_and_stops_on_request() {
     );
     let s = Scenario::new(Options {
         ports: Some(ports),
+        // A server inside the test process waits out its grace period when stopped (the
+        // binary exits as soon as it is drained); this test stops it.
+        server: "shutdown_grace_secs = 1".into(),
         ..Default::default()
     })
     .await;

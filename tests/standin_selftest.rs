@@ -786,3 +786,47 @@ async fn the_enforced_rate_limit_is_a_token_bucket_per_organization() {
     assert!(log.iter().take(4).all(|d| d.org == "1"));
     assert!(log[4].org == "2" && log[4].allowed);
 }
+
+/// Every suite runs the product users run: the configuration the harness generates for every
+/// suite sets only where things are and who the clients are; no tuning key overrides a
+/// product default for every suite (a test that needs another value sets it itself).
+#[tokio::test]
+async fn the_harness_overrides_no_product_default() {
+    use support::harness::{Options, Scenario, ENVIRONMENT_KEYS};
+    let s = Scenario::new(Options::default()).await;
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let doc: toml::Table = text.parse().unwrap();
+    let mut overridden = Vec::new();
+    for (table, value) in &doc {
+        let allowed = ENVIRONMENT_KEYS
+            .iter()
+            .find(|(t, _)| t == table)
+            .map_or(&[][..], |(_, keys)| *keys);
+        let entries: Vec<&toml::Table> = match value {
+            toml::Value::Table(t) => vec![t],
+            toml::Value::Array(a) => a.iter().filter_map(|v| v.as_table()).collect(),
+            _ => {
+                overridden.push(table.clone());
+                continue;
+            }
+        };
+        for entry in entries {
+            for key in entry.keys() {
+                if !allowed.contains(&key.as_str()) {
+                    overridden.push(format!("{table}.{key}"));
+                }
+            }
+        }
+    }
+    assert!(
+        overridden.is_empty(),
+        "the harness sets {overridden:?} for every suite; set such values in the test that needs them\n{text}"
+    );
+    // And the file is one the product accepts as it is.
+    let out = s.run(&["check", "--no-connect"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

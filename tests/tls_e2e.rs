@@ -669,7 +669,12 @@ async fn the_listener_certificate_is_replaced_on_reload_without_a_failed_request
             (ok, failed)
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let standin = &s.standin;
+    let served = |more: usize| {
+        let at = standin.request_count() + more;
+        move || standin.request_count() >= at
+    };
+    eventually("requests served with the first certificate", served(10)).await;
     let second = listener_tls(&s, &ca, &["localhost", "127.0.0.1"]);
     p.signal(nix::sys::signal::Signal::SIGHUP);
     let want = pki::fingerprint(&second);
@@ -681,7 +686,7 @@ async fn the_listener_certificate_is_replaced_on_reload_without_a_failed_request
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("requests served with the second certificate", served(10)).await;
 
     // A broken pair (a key of another certificate) is refused; the running certificate stays.
     let third = ca.server(&["localhost"], Validity::Current);

@@ -36,6 +36,18 @@ pub struct Server {
     pub upstream_connect_timeout_secs: Option<u64>,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish, seconds.
     pub shutdown_grace_secs: Option<u64>,
+    /// How long a whole request header may take to arrive, seconds.
+    pub header_timeout_secs: Option<u64>,
+    /// The longest a request body (or the response being written) may make no progress, seconds.
+    pub body_timeout_secs: Option<u64>,
+    /// How long a kept-alive connection may wait for its next request, seconds.
+    pub idle_timeout_secs: Option<u64>,
+    /// How long one request may take, from its header to the end of its response, seconds.
+    pub request_timeout_secs: Option<u64>,
+    /// Connections the proxy listener holds open at most.
+    pub max_connections: Option<usize>,
+    /// Connections one peer address may hold open at once.
+    pub max_connections_per_peer: Option<usize>,
     /// Environment variable holding a token that protects the admin listener.
     pub admin_token_env: Option<String>,
     /// Whether `/readyz` fails while a grant needs re-authorization (default true).
@@ -106,6 +118,23 @@ pub struct Store {
 #[serde(deny_unknown_fields)]
 pub struct Audit {
     pub path: Option<String>,
+    /// `refuse` (default) or `serve` while the log cannot be written.
+    pub on_failure: Option<String>,
+    /// `interval` (default) or `always`.
+    pub fsync: Option<String>,
+    pub fsync_interval_ms: Option<u64>,
+    pub checkpoint_every: Option<u64>,
+    pub buffer_records: Option<usize>,
+    /// Environment variable holding the checkpoints' HMAC key.
+    pub hmac_key_env: Option<String>,
+    /// File holding the checkpoints' HMAC key.
+    pub hmac_key_file: Option<String>,
+    /// A second sink: `udp://host:port`, `tcp://host:port` or `unix:/dev/log`.
+    pub syslog: Option<String>,
+    /// The syslog facility's name (`auth` by default).
+    pub syslog_facility: Option<String>,
+    /// The syslog APP-NAME (`meraki-oauth-proxy` by default).
+    pub syslog_app_name: Option<String>,
 }
 
 /// `[tokens]`
@@ -120,8 +149,11 @@ pub struct Tokens {
     pub keepalive_idle_secs: Option<u64>,
     /// How often to look for idle grants (and re-read the store), seconds.
     pub keepalive_check_secs: Option<u64>,
-    /// A token younger than this that Meraki refuses with 401 is not refreshed again, seconds.
-    pub rejected_grace_secs: Option<u64>,
+    /// How long the proxy remembers that Meraki refuses a grant's tokens at one operation
+    /// (a token minted for a 401 there was refused there again), seconds.
+    pub refused_operation_memory_secs: Option<u64>,
+    /// Removed (a rule on a token's age); kept here only to name what replaced it.
+    pub rejected_grace_secs: Option<serde::de::IgnoredAny>,
     /// The longest wait between token calls after failures, seconds.
     pub refresh_backoff_max_secs: Option<u64>,
 }

@@ -2,6 +2,7 @@
 //! committed (or failed to commit) what they report, to a sink wired in `server.rs`. The token
 //! module never reaches into the audit log or the metrics itself.
 
+use super::probe::Probe;
 use super::store::GrantStatus;
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,6 +64,21 @@ pub enum EventKind {
     Added { how: &'static str },
     /// A grant was revoked at the authorization server and deleted.
     Revoked,
+    /// Meraki refused, at `operation`, a token obtained because of a 401 there: the operation's
+    /// 401s pass through without a refresh while the token works elsewhere. `remembered`: how
+    /// many operations the grant remembers now.
+    OperationRefused {
+        operation: Arc<str>,
+        remembered: usize,
+    },
+    /// A remembered refusal was forgotten (`why`: `2xx`, `expired`, `reload`).
+    RefusalForgotten {
+        operation: Arc<str>,
+        why: &'static str,
+        remembered: usize,
+    },
+    /// The engine asked Meraki whether the grant's token works.
+    Probed { verdict: Probe },
 }
 
 impl EventKind {
@@ -77,6 +93,9 @@ impl EventKind {
             EventKind::ShortLifetime => "short_token_lifetime",
             EventKind::Added { .. } => "grant_added",
             EventKind::Revoked => "grant_revoked",
+            EventKind::OperationRefused { .. } => "operation_refused",
+            EventKind::RefusalForgotten { .. } => "operation_refusal_forgotten",
+            EventKind::Probed { .. } => "token_probed",
         }
     }
 }

@@ -2,7 +2,7 @@
 //! token, kept alive while idle, revoked.
 
 use super::events::{EventKind, RefreshCause, StoreOp};
-use super::map::Grant;
+use super::grant::Grant;
 use super::oauth::{OAuthError, TokenResponse};
 use super::state::TokenState;
 use super::store::{GrantStatus, Rotation, StoreError};

@@ -1,125 +1,19 @@
 //! Which grant serves an (integration, organization): the in-memory map, re-read from the store
 //! when another process (the `grants` CLI, a consent callback, another instance) changed it.
 
-use super::events::{EventKind, EventSink, StoreOp, TokenEvent};
-use super::refresh::Flight;
+use super::events::{EventKind, EventSink, StoreOp};
+use super::grant::Grant;
 use super::state::TokenState;
-use super::store::{Store, StoreError, StoredGrant};
+use super::store::{Store, StoreError};
 use crate::config::Integration;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
 /// A miss re-reads the store at most this often.
 const RELOAD_ON_MISS_EVERY: Duration = Duration::from_secs(5);
-
-/// One grant: a refresh token an org admin gave an integration, covering some organizations.
-pub struct Grant {
-    pub id: i64,
-    /// The integration's settings; swapped when a configuration reload changes them.
-    integration: ArcSwap<Integration>,
-    pub organizations: Arc<[String]>,
-    pub created_at: i64,
-    pub(super) state: ArcSwap<TokenState>,
-    /// Single flight: held while a refresh (token call and commit) runs.
-    pub(super) flight: tokio::sync::Mutex<Flight>,
-    /// Clock milliseconds before which no token call is made (backoff after a failure); read
-    /// without the lock so an outage does not queue every request behind it.
-    pub(super) retry_at_ms: AtomicI64,
-    last_used: AtomicI64,
-}
-
-impl Grant {
-    /// A grant at this state.
-    pub(super) fn new(
-        id: i64,
-        integration: Arc<Integration>,
-        organizations: Vec<String>,
-        created_at: i64,
-        state: TokenState,
-        last_used: i64,
-    ) -> Self {
-        Grant {
-            id,
-            integration: ArcSwap::new(integration),
-            organizations: organizations.into(),
-            created_at,
-            state: ArcSwap::from_pointee(state),
-            flight: tokio::sync::Mutex::new(Flight::default()),
-            retry_at_ms: AtomicI64::new(0),
-            last_used: AtomicI64::new(last_used),
-        }
-    }
-
-    /// The integration this grant belongs to, as currently configured.
-    pub fn integration(&self) -> Arc<Integration> {
-        self.integration.load_full()
-    }
-
-    /// The current (committed) token state.
-    pub fn state(&self) -> Arc<TokenState> {
-        self.state.load_full()
-    }
-
-    /// Unix seconds of the last request served with this grant (0: none since it was stored).
-    pub fn last_used(&self) -> i64 {
-        self.last_used.load(Ordering::Relaxed)
-    }
-
-    pub(super) fn set_last_used(&self, at: i64) {
-        self.last_used.fetch_max(at, Ordering::Relaxed);
-    }
-
-    /// A label for logs: never a secret.
-    pub fn label(&self) -> String {
-        format!(
-            "{}/{}",
-            self.integration.load().name,
-            self.organizations.join(",")
-        )
-    }
-
-    /// An event about this grant at its current state.
-    pub fn event(&self, kind: EventKind) -> TokenEvent {
-        let st = self.state();
-        TokenEvent {
-            kind,
-            grant_id: self.id,
-            integration: Arc::from(self.integration.load().name.as_str()),
-            organizations: self.organizations.clone(),
-            organization: None,
-            cause: None,
-            generation: st.generation,
-            status: st.status,
-            expires_at: st.expires_at,
-            fingerprint: st.fingerprint().cloned(),
-            call_duration: None,
-            detail: None,
-        }
-    }
-
-    /// Adopts `stored` if it is newer than what this process holds (another process rotated,
-    /// or marked the grant). Never goes back to an older generation.
-    pub(super) fn adopt(&self, stored: &StoredGrant) -> Option<Arc<TokenState>> {
-        let mut adopted = None;
-        self.state.rcu(|cur| {
-            let newer = stored.generation > cur.generation
-                || (stored.generation == cur.generation && stored.status != cur.status);
-            if newer {
-                let st = Arc::new(TokenState::from_stored(stored));
-                adopted = Some(st.clone());
-                st
-            } else {
-                adopted = None;
-                cur.clone()
-            }
-        });
-        adopted
-    }
-}
 
 type Map = HashMap<String, HashMap<String, Arc<Grant>>>;
 
@@ -190,9 +84,7 @@ impl GrantMap {
                 .cloned();
             let grant = match existing {
                 Some(grant) => {
-                    if !Arc::ptr_eq(&grant.integration.load(), it) {
-                        grant.integration.store(it.clone());
-                    }
+                    grant.set_integration(it);
                     if grant.adopt(&g).is_some() {
                         self.events.token(grant.event(EventKind::Loaded));
                     }

@@ -1,7 +1,10 @@
 //! Grants and their tokens, split by job:
 //!
+//! - [`grant`]: one grant, its single-flight lock, and what Meraki's answers taught about it;
 //! - [`map`]: which grant serves an (integration, organization), re-read from the store;
-//! - [`refresh`]: the refresh engine (single flight, refresh points, backoff, commit before use);
+//! - [`refresh`]: the refresh engine (single flight, refresh points, the 401 rule, backoff,
+//!   commit before use);
+//! - [`probe`]: asking Meraki whether a token works, behind the [`TokenProbe`] trait;
 //! - [`lifecycle`]: adding, importing, revoking and keeping grants alive;
 //! - [`store`]: the durable store behind the async [`Store`] trait;
 //! - [`oauth`]: the authorization server behind the [`TokenEndpoint`] trait;
@@ -10,10 +13,12 @@
 //! Time comes from a [`Clock`], so tests run the engine with tokio's paused time.
 
 pub mod events;
+pub mod grant;
 pub mod lifecycle;
 pub mod map;
 pub mod oauth;
 pub mod postgres;
+pub mod probe;
 pub mod refresh;
 pub mod sqlite;
 pub mod state;
@@ -22,10 +27,12 @@ pub mod store;
 use crate::clock::Clock;
 use crate::config::{Config, Integration};
 pub use events::{EventKind, EventSink, RefreshCause, StoreOp, TokenEvent};
+pub use grant::{Grant, RefusedOperation};
 pub use lifecycle::{ImportError, RevokeError};
-pub use map::{Grant, GrantMap};
+pub use map::GrantMap;
 pub use oauth::{OAuthClient, OAuthError, TokenEndpoint};
 pub use postgres::PgStore;
+pub use probe::{Probe, TokenProbe};
 pub use refresh::{Policy, Refresher};
 pub use sqlite::SqliteStore;
 pub use state::TokenState;
@@ -55,9 +62,10 @@ pub enum TokenError {
         retry_after: Duration,
         last_failure: &'static str,
     },
-    /// Meraki refused an access token issued moments ago: a refresh would not help.
-    #[error("Meraki refused an access token issued {age_secs} s ago; the proxy did not refresh it again (the grant may lack the scope this endpoint needs)")]
-    RejectedFresh { age_secs: i64 },
+    /// Meraki refuses this grant's tokens at this operation (a token obtained because of a 401
+    /// there was refused there again) while the token works elsewhere: a refresh would not help.
+    #[error("Meraki refuses this grant's access tokens at operation {operation} (a token obtained because of a 401 there was refused again) while they work elsewhere; the proxy did not refresh (the grant may lack the OAuth scope this operation needs)")]
+    RefusedAtOperation { operation: String },
     /// The store could not durably record a rotated token.
     #[error("the token store is unavailable")]
     Store(#[source] StoreError),
@@ -97,7 +105,7 @@ impl Settings {
             integrations: config.integrations.clone(),
             policy: Policy {
                 refresh_ahead: config.refresh_ahead,
-                rejected_grace: config.rejected_grace,
+                refused_operation_memory: config.refused_operation_memory,
                 backoff_max: config.refresh_backoff_max,
                 // A lease is held for one token call and one commit.
                 lease_wait: config.token_timeout * 2 + Duration::from_secs(5),
@@ -177,15 +185,39 @@ impl Grants {
         Ok(st)
     }
 
-    /// The one rule after Meraki answered 401 to `used`: a newer token to retry with once, or
-    /// why there is none (see [`Refresher::rejected`]).
+    /// The one rule after Meraki answered 401 to `used` at `operation`: a newer token to retry
+    /// with once, or why there is none (see [`Refresher::rejected`]).
     pub async fn rejected(
         &self,
         grant: &Grant,
         org: &str,
         used: &TokenState,
+        operation: &str,
     ) -> Result<Arc<TokenState>, TokenError> {
-        self.refresher.rejected(grant, org, used).await
+        self.refresher.rejected(grant, org, used, operation).await
+    }
+
+    /// Meraki answered 401 to a retry: remembers the operation when the retry's token was
+    /// obtained because of a 401 there (see [`Refresher::refused_again`]).
+    pub fn refused_again(
+        &self,
+        grant: &Grant,
+        org: &str,
+        used: &TokenState,
+        operation: &str,
+    ) -> bool {
+        self.refresher.refused_again(grant, org, used, operation)
+    }
+
+    /// Meraki answered 2xx to `used`: evidence that the token works; forgets a refusal
+    /// remembered at the operation (computed only when the grant remembers any).
+    pub fn succeeded(&self, grant: &Grant, used: &TokenState, operation: impl Fn() -> String) {
+        self.refresher.succeeded(grant, used, operation)
+    }
+
+    /// Gives the engine a way to ask Meraki whether a token works.
+    pub fn set_probe(&self, probe: Arc<dyn TokenProbe>) {
+        self.refresher.set_probe(probe);
     }
 
     /// The store.
@@ -209,6 +241,10 @@ impl Grants {
         integrations: &[Arc<Integration>],
     ) -> Result<(), StoreError> {
         self.map.set_integrations(integrations);
+        // What 401s taught is forgotten: the reload may have changed the integration's scopes.
+        for g in self.map.all() {
+            self.refresher.forget_refusals(&g);
+        }
         self.map.reload().await
     }
 

@@ -6,21 +6,27 @@
 //! - at most one refresh per grant runs at a time, and a request that waited for it re-checks
 //!   what it needs against the state it finds: a fresh token committed while it waited is used,
 //!   and a 401 leads to a refresh only if the rejected generation is still the current one;
-//! - a token minted moments ago that Meraki refuses is not refreshed again (the refusal is not
-//!   about the token's age, and refreshing would rotate the grant for nothing);
+//! - a 401 leads to at most one refresh per token generation, whatever the token's age; a
+//!   refusal a refresh cannot cure is known by evidence, not by age: a token obtained because of
+//!   a 401 at an operation and refused again at that operation makes the grant remember the
+//!   operation for `refused_operation_memory`; its 401s then pass through without a refresh,
+//!   but only while the grant's current token is seen working (a 2xx with this generation in
+//!   the last [`EVIDENCE`], or a probe Meraki answers 2xx): a token that really died is
+//!   refreshed even for a script that calls nothing but the remembered operation;
 //! - after a failed token call, no token call is made before a capped, jittered exponential
 //!   backoff has passed: requests whose token is still valid go on, others get a 503 with an
 //!   honest `Retry-After`.
 
 use super::events::{EventKind, EventSink, RefreshCause, StoreOp};
-use super::map::Grant;
+use super::grant::{Flight, Grant, Pending};
 use super::oauth::{OAuthError, TokenEndpoint};
+use super::probe::{Probe, TokenProbe};
 use super::state::TokenState;
 use super::store::{GrantStatus, Rotation, Store};
 use super::TokenError;
 use crate::clock::Clock;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -29,8 +35,8 @@ use tokio::time::Instant;
 pub struct Policy {
     /// Refresh this long before expiry (but never before half the lifetime).
     pub refresh_ahead: Duration,
-    /// A token younger than this that Meraki refuses is not refreshed again.
-    pub rejected_grace: Duration,
+    /// How long "Meraki refuses this grant's tokens at this operation" is remembered.
+    pub refused_operation_memory: Duration,
     /// Access tokens shorter-lived than this are logged and counted.
     pub min_lifetime: Duration,
     /// The first backoff after a failed token call; doubles per failure.
@@ -46,7 +52,7 @@ impl Default for Policy {
     fn default() -> Self {
         Policy {
             refresh_ahead: Duration::from_secs(300),
-            rejected_grace: Duration::from_secs(30),
+            refused_operation_memory: Duration::from_secs(600),
             min_lifetime: Duration::from_secs(30),
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
@@ -55,24 +61,11 @@ impl Default for Policy {
     }
 }
 
-/// Per-grant refresh state, behind the grant's single-flight lock.
-#[derive(Default)]
-pub(crate) struct Flight {
-    /// A rotation the authorization server made that the store has not taken yet.
-    pending: Option<Pending>,
-    /// Consecutive failed token calls.
-    failures: u32,
-    /// The failure class of the last one, for the 503 body.
-    last_failure: Option<&'static str>,
-}
-
-struct Pending {
-    rotation: Rotation,
-    from: i64,
-    cause: RefreshCause,
-    rotated: bool,
-    took: Duration,
-}
+/// How recent a 2xx (or a probe) must be to count as evidence that a grant's token works.
+/// Short, because a token can die at any moment: a script that calls nothing but a remembered
+/// operation has a dead token refreshed within this long, at the cost of at most one probe per
+/// grant in that time.
+pub const EVIDENCE: Duration = Duration::from_secs(2);
 
 /// What the caller needs.
 #[derive(Debug, Clone, Copy)]
@@ -89,6 +82,13 @@ enum Need {
 /// grant's lease.
 const LEASE_POLL: Duration = Duration::from_millis(50);
 
+/// What taking the lease came to: held, or the need answered meanwhile (another instance's
+/// rotation arrived, the token still serves, the wait ran out, the store failed).
+enum Leasing {
+    Held(Leased),
+    Answered(Result<Arc<TokenState>, TokenError>),
+}
+
 /// A held lease, and a refresh intent another instance left on the stored generation.
 struct Leased {
     lease: Box<dyn super::store::Lease>,
@@ -102,6 +102,8 @@ pub struct Refresher {
     events: Arc<dyn EventSink>,
     clock: Clock,
     policy: Policy,
+    /// Asks Meraki whether a token works (set once the API client exists).
+    probe: OnceLock<Arc<dyn TokenProbe>>,
 }
 
 impl Refresher {
@@ -119,7 +121,14 @@ impl Refresher {
             events,
             clock,
             policy,
+            probe: OnceLock::new(),
         }
+    }
+
+    /// Gives the engine a way to ask Meraki whether a token works. Without one, a remembered
+    /// refusal never suppresses a refresh (there is no evidence the token works).
+    pub fn set_probe(&self, probe: Arc<dyn TokenProbe>) {
+        let _ = self.probe.set(probe);
     }
 
     /// A usable access token of `grant`, refreshed first if it is past its refresh point.
@@ -133,23 +142,146 @@ impl Refresher {
             .await
     }
 
-    /// After Meraki answered 401 to `used`: a token of a newer generation, refreshing only if
-    /// `used` is still the current one and not minted moments ago.
+    /// After Meraki answered 401 to `used` at `operation` (an operationId, or a path template):
+    /// a token of a newer generation to retry with — refreshing once per generation, whatever
+    /// its age — or [`TokenError::RefusedAtOperation`] when the grant's tokens are known to be
+    /// refused there while the token works elsewhere.
     pub async fn rejected(
         &self,
         grant: &Grant,
         org: &str,
         used: &TokenState,
+        operation: &str,
     ) -> Result<Arc<TokenState>, TokenError> {
-        self.refresh(
-            grant,
-            Some(org),
-            Need::Replacing {
-                generation: used.generation,
-            },
-            RefreshCause::Rejected,
-        )
-        .await
+        if !self.policy.refused_operation_memory.is_zero() {
+            self.refused_again(grant, org, used, operation);
+            if grant.state().generation == used.generation
+                && grant.is_refused(operation, self.clock.now_ms())
+                && self.token_works(grant, org, used).await
+            {
+                return Err(TokenError::RefusedAtOperation {
+                    operation: operation.to_owned(),
+                });
+            }
+        }
+        let fresh = self
+            .refresh(
+                grant,
+                Some(org),
+                Need::Replacing {
+                    generation: used.generation,
+                },
+                RefreshCause::Rejected,
+            )
+            .await?;
+        if fresh.generation != used.generation {
+            // Minted (or adopted) because of a 401 here: if Meraki refuses it here again, a
+            // refresh does not cure this operation.
+            grant.minted_for(fresh.generation, operation);
+        }
+        Ok(fresh)
+    }
+
+    /// Meraki answered 401 to `used` at `operation`: when `used` was obtained because of a 401
+    /// at that same operation, the grant remembers the operation (returns true). Called by
+    /// [`Refresher::rejected`], and after a retry's 401, which is passed through either way.
+    pub fn refused_again(
+        &self,
+        grant: &Grant,
+        org: &str,
+        used: &TokenState,
+        operation: &str,
+    ) -> bool {
+        let memory = self.policy.refused_operation_memory;
+        if memory.is_zero() || !grant.take_minted_for(used.generation, operation) {
+            return false;
+        }
+        let now = self.clock.now_ms();
+        let until = now + memory.as_millis() as i64;
+        if let Some(r) = grant.remember_refused(operation, used.generation, now, until) {
+            tracing::warn!(grant = %grant.label(), operation, generation = used.generation, "Meraki refused a token obtained for a 401 at this operation again; its 401s pass through without refreshing while the token works elsewhere");
+            let mut e = grant.event(EventKind::OperationRefused {
+                operation: r.operation.clone(),
+                remembered: grant.refused_operations(now).len(),
+            });
+            e.organization = Some(org.to_owned());
+            e.detail = Some(format!(
+                "Meraki refused generation {} at operation {operation} although it was obtained because of a 401 there: remembered until {}; the grant may lack the OAuth scope this operation needs",
+                used.generation,
+                crate::clock::rfc3339(until.div_euclid(1000))
+            ));
+            self.events.token(e);
+        }
+        true
+    }
+
+    /// Meraki answered 2xx to `used` at `operation`: evidence that the token works, and the
+    /// end of any remembered refusal there (and of those whose time is up).
+    pub fn succeeded(&self, grant: &Grant, used: &TokenState, operation: impl Fn() -> String) {
+        grant.answered(used.generation, self.clock.now(), &operation);
+        if grant.has_refusals() {
+            let now = self.clock.now_ms();
+            let forgotten = grant.forget_refused(&operation(), now);
+            for r in forgotten {
+                let why = if r.until_ms > now { "2xx" } else { "expired" };
+                self.forgotten(grant, r.operation, why, now);
+            }
+        }
+    }
+
+    /// Forgets every remembered refusal of `grant` (a configuration reload).
+    pub fn forget_refusals(&self, grant: &Grant) {
+        if grant.forget_refusals() > 0 {
+            self.forgotten(grant, Arc::from("*"), "reload", self.clock.now_ms());
+        }
+    }
+
+    fn forgotten(&self, grant: &Grant, operation: Arc<str>, why: &'static str, now_ms: i64) {
+        tracing::info!(grant = %grant.label(), operation = %operation, why, "a remembered refusal was forgotten");
+        self.events.token(grant.event(EventKind::RefusalForgotten {
+            operation,
+            why,
+            remembered: grant.refused_operations(now_ms).len(),
+        }));
+    }
+
+    /// Whether there is evidence that `used` (the current generation) works: a recent 2xx, or
+    /// a probe (one per grant at a time, its verdict good for [`EVIDENCE`]). A probe without a
+    /// verdict (Meraki unreachable, 429) does not condemn the token; no way to probe does.
+    async fn token_works(&self, grant: &Grant, org: &str, used: &TokenState) -> bool {
+        let since = self.clock.now() - EVIDENCE.as_secs() as i64;
+        if grant.works_since(used.generation, since) {
+            return true;
+        }
+        let Some(probe) = self.probe.get() else {
+            return false;
+        };
+        let mut flight = grant.flight.lock().await;
+        if grant.state().generation != used.generation {
+            // Refreshed while this request waited: the caller retries with the new token.
+            return false;
+        }
+        if grant.works_since(
+            used.generation,
+            self.clock.now() - EVIDENCE.as_secs() as i64,
+        ) {
+            return true;
+        }
+        let now = self.clock.now_ms();
+        if let Some((g, at, verdict)) = flight.probed {
+            if g == used.generation && now - at < EVIDENCE.as_millis() as i64 {
+                return verdict != Probe::Refused;
+            }
+        }
+        let verdict = probe.probe(used).await;
+        flight.probed = Some((used.generation, self.clock.now_ms(), verdict));
+        if verdict == Probe::Works {
+            grant.saw_working(used.generation, self.clock.now());
+        }
+        let mut e = grant.event(EventKind::Probed { verdict });
+        e.organization = Some(org.to_owned());
+        self.events.token(e);
+        verdict != Probe::Refused
     }
 
     /// Rotates the grant (keep-alive, import) unless it was rotated since `generation`.
@@ -163,6 +295,10 @@ impl Refresher {
             .await
     }
 
+    /// One need, one token call at most: under the grant's single-flight lock, what is
+    /// already known is checked first, then the grant's lease is taken, the intent recorded,
+    /// the authorization server called, and its answer committed (or the failure recorded)
+    /// before the lease is released.
     async fn refresh(
         &self,
         grant: &Grant,
@@ -174,29 +310,12 @@ impl Refresher {
             return answer;
         }
         let mut flight = grant.flight.lock().await;
-        if let Some(p) = flight.pending.take() {
-            // Durable before anything else: the authorization server already revoked the
-            // refresh token the state in memory holds.
-            self.commit(grant, org, &mut flight, p).await?;
-        }
-        let st = grant.state();
-        if let Some(answer) = self.satisfied(grant, org, &st, need) {
+        if let Some(answer) = self.before_call(grant, org, need, &mut flight).await {
             return answer;
         }
-        if let Some(answer) = self.while_backing_off(grant, need, flight.last_failure) {
-            return answer;
-        }
-        // Another process sharing the store may have rotated already: adopt, do not refresh.
-        if let Some(adopted) = self.adopt_newer(grant).await {
-            if let Some(answer) = self.satisfied(grant, org, &adopted, need) {
-                return answer;
-            }
-        }
-        // Across instances: the grant's lease. Under it, the stored state is read again, so a
-        // rotation another instance committed meanwhile is adopted instead of repeated.
         let Leased { lease, prior } = match self.lease(grant, org, need, &mut flight).await {
-            Ok(l) => l,
-            Err(answer) => return answer,
+            Leasing::Held(leased) => leased,
+            Leasing::Answered(answer) => return answer,
         };
         let st = grant.state();
         if let Err(e) = lease.intend(st.generation).await {
@@ -210,97 +329,162 @@ impl Refresher {
             .refresh(&grant.integration(), st.refresh_token())
             .await;
         let took = started.elapsed();
-        match answer {
+        let result = match answer {
             Ok(resp) => {
                 fail::fail_point!("after-token-answer");
-                flight.failures = 0;
-                flight.last_failure = None;
-                grant.retry_at_ms.store(0, Ordering::Relaxed);
-                let issued = self.clock.now();
-                let rotated = resp.refresh_token.is_some();
-                if Duration::from_secs(resp.expires_in) < self.policy.min_lifetime {
-                    tracing::warn!(grant = %grant.label(), expires_in = resp.expires_in, "the authorization server issued a very short-lived access token");
-                    let mut e = grant.event(EventKind::ShortLifetime);
-                    e.detail = Some(format!("expires_in {} s", resp.expires_in));
-                    self.events.token(e);
-                }
-                let pending = Pending {
-                    rotation: Rotation {
-                        refresh_token: resp
-                            .refresh_token
-                            .unwrap_or_else(|| st.refresh_token().clone()),
-                        access_token: resp.access_token,
-                        access_expires_at: issued + resp.expires_in as i64,
-                        scope: resp.scope,
-                        refreshed_at: issued,
-                    },
-                    from: st.generation,
-                    cause,
-                    rotated,
-                    took,
-                };
+                let pending = self.answered(grant, &mut flight, &st, resp, cause, took);
                 // Nothing but the commit between the answer and the commit.
                 let committed = self.commit(grant, org, &mut flight, pending).await;
                 fail::fail_point!("after-commit");
-                lease.release().await;
                 committed
             }
             Err(OAuthError::InvalidGrant(description)) => {
-                if let Some(adopted) = self.adopt_newer(grant).await {
-                    lease.release().await;
-                    return Ok(adopted);
-                }
-                // Was the refresh token rotated by a refresh that was never stored?
-                let detail = match prior {
-                    Some(i) if self.store.alive(&i.holder).await.unwrap_or(true) => {
-                        // A live instance lost its lease during its token call and holds the
-                        // new token in memory; it stores it at its next sync. Not a lost grant.
-                        tracing::warn!(grant = %grant.label(), holder = %i.holder, "invalid_grant while another live instance holds an unstored rotation; waiting for it");
-                        lease.release().await;
-                        return Err(TokenError::OtherInstance {
-                            retry_after: Duration::from_secs(2),
-                        });
-                    }
-                    Some(i) => format!(
-                        "invalid_grant: {description}; instance {} began a refresh at {} and stopped before storing the rotated refresh token (the crash window): an organization admin must connect the integration again",
-                        i.holder,
-                        crate::clock::rfc3339(i.since)
-                    ),
-                    None => format!("invalid_grant: {description}"),
-                };
-                self.mark_needs_reauth(grant, org, &detail, took).await;
-                lease.release().await;
-                Err(needs_reauth(grant, org))
+                self.invalid_grant(grant, org, prior, &description, took)
+                    .await
             }
-            Err(e) => {
-                lease.release().await;
-                flight.failures += 1;
-                flight.last_failure = Some(e.label());
-                let wait = self.backoff(flight.failures);
-                grant.retry_at_ms.store(
-                    self.clock.now_ms() + wait.as_millis() as i64,
-                    Ordering::Relaxed,
-                );
-                tracing::warn!(grant = %grant.label(), error = %crate::report::chain(&e), retry_in_ms = wait.as_millis() as u64, "token refresh failed");
-                let mut ev = grant.event(EventKind::RefreshFailed {
-                    label: e.label(),
-                    retry_in: wait,
-                });
-                ev.organization = org.map(str::to_owned);
-                ev.cause = Some(cause);
-                ev.call_duration = Some(took);
-                ev.detail = Some(crate::report::chain(&e));
-                self.events.token(ev);
-                // A proactive refresh that failed leaves a still-valid token usable.
-                if matches!(need, Need::Fresh) && st.alive(self.clock.now()) {
-                    return Ok(st);
-                }
-                Err(TokenError::AuthServer {
-                    source: e,
-                    retry_after: wait,
-                })
+            Err(e) => self.call_failed(grant, org, need, cause, &mut flight, &st, e, took),
+        };
+        lease.release().await;
+        result
+    }
+
+    /// Under the grant's lock, before any token call: a rotation the store did not take is
+    /// committed first (the authorization server already revoked the refresh token in
+    /// memory); then whether what is in memory, or what another process stored, already
+    /// answers `need`, or a backoff forbids a call.
+    async fn before_call(
+        &self,
+        grant: &Grant,
+        org: Option<&str>,
+        need: Need,
+        flight: &mut Flight,
+    ) -> Option<Result<Arc<TokenState>, TokenError>> {
+        if let Some(p) = flight.pending.take() {
+            if let Err(e) = self.commit(grant, org, flight, p).await {
+                return Some(Err(e));
             }
         }
+        if let Some(answer) = self.satisfied(grant, org, &grant.state(), need) {
+            return Some(answer);
+        }
+        if let Some(answer) = self.while_backing_off(grant, need, flight.last_failure) {
+            return Some(answer);
+        }
+        let adopted = self.adopt_newer(grant).await?;
+        self.satisfied(grant, org, &adopted, need)
+    }
+
+    /// The authorization server answered: failures reset, a short lifetime reported, and the
+    /// rotation to commit (the old refresh token kept when the server did not rotate it).
+    fn answered(
+        &self,
+        grant: &Grant,
+        flight: &mut Flight,
+        st: &TokenState,
+        resp: super::oauth::TokenResponse,
+        cause: RefreshCause,
+        took: Duration,
+    ) -> Pending {
+        flight.failures = 0;
+        flight.last_failure = None;
+        grant.retry_at_ms.store(0, Ordering::Relaxed);
+        let issued = self.clock.now();
+        let rotated = resp.refresh_token.is_some();
+        if Duration::from_secs(resp.expires_in) < self.policy.min_lifetime {
+            tracing::warn!(grant = %grant.label(), expires_in = resp.expires_in, "the authorization server issued a very short-lived access token");
+            let mut e = grant.event(EventKind::ShortLifetime);
+            e.detail = Some(format!("expires_in {} s", resp.expires_in));
+            self.events.token(e);
+        }
+        Pending {
+            rotation: Rotation {
+                refresh_token: resp
+                    .refresh_token
+                    .unwrap_or_else(|| st.refresh_token().clone()),
+                access_token: resp.access_token,
+                access_expires_at: issued + resp.expires_in as i64,
+                scope: resp.scope,
+                refreshed_at: issued,
+            },
+            from: st.generation,
+            cause,
+            rotated,
+            took,
+        }
+    }
+
+    /// `invalid_grant`: another process's stored rotation is adopted; a live instance's
+    /// unstored rotation is waited for; otherwise the grant needs re-authorization, and the
+    /// detail names the crash window when an intent another instance left explains it.
+    async fn invalid_grant(
+        &self,
+        grant: &Grant,
+        org: Option<&str>,
+        prior: Option<super::store::RefreshIntent>,
+        description: &str,
+        took: Duration,
+    ) -> Result<Arc<TokenState>, TokenError> {
+        if let Some(adopted) = self.adopt_newer(grant).await {
+            return Ok(adopted);
+        }
+        let detail = match prior {
+            Some(i) if self.store.alive(&i.holder).await.unwrap_or(true) => {
+                // A live instance lost its lease during its token call and holds the new
+                // token in memory; it stores it at its next sync. Not a lost grant.
+                tracing::warn!(grant = %grant.label(), holder = %i.holder, "invalid_grant while another live instance holds an unstored rotation; waiting for it");
+                return Err(TokenError::OtherInstance {
+                    retry_after: Duration::from_secs(2),
+                });
+            }
+            Some(i) => format!(
+                "invalid_grant: {description}; instance {} began a refresh at {} and stopped before storing the rotated refresh token (the crash window): an organization admin must connect the integration again",
+                i.holder,
+                crate::clock::rfc3339(i.since)
+            ),
+            None => format!("invalid_grant: {description}"),
+        };
+        self.mark_needs_reauth(grant, org, &detail, took).await;
+        Err(needs_reauth(grant, org))
+    }
+
+    /// Any other failed token call: the next call waits a backoff; a proactive refresh leaves
+    /// a still-valid token serving.
+    #[allow(clippy::too_many_arguments)]
+    fn call_failed(
+        &self,
+        grant: &Grant,
+        org: Option<&str>,
+        need: Need,
+        cause: RefreshCause,
+        flight: &mut Flight,
+        st: &Arc<TokenState>,
+        e: OAuthError,
+        took: Duration,
+    ) -> Result<Arc<TokenState>, TokenError> {
+        flight.failures += 1;
+        flight.last_failure = Some(e.label());
+        let wait = self.backoff(flight.failures);
+        grant.retry_at_ms.store(
+            self.clock.now_ms() + wait.as_millis() as i64,
+            Ordering::Relaxed,
+        );
+        tracing::warn!(grant = %grant.label(), error = %crate::report::chain(&e), retry_in_ms = wait.as_millis() as u64, "token refresh failed");
+        let mut ev = grant.event(EventKind::RefreshFailed {
+            label: e.label(),
+            retry_in: wait,
+        });
+        ev.organization = org.map(str::to_owned);
+        ev.cause = Some(cause);
+        ev.call_duration = Some(took);
+        ev.detail = Some(crate::report::chain(&e));
+        self.events.token(ev);
+        if matches!(need, Need::Fresh) && st.alive(self.clock.now()) {
+            return Ok(st.clone());
+        }
+        Err(TokenError::AuthServer {
+            source: e,
+            retry_after: wait,
+        })
     }
 
     /// Takes the grant's lease. While another instance holds it, the store is re-read until
@@ -312,7 +496,7 @@ impl Refresher {
         org: Option<&str>,
         need: Need,
         flight: &mut Flight,
-    ) -> Result<Leased, Result<Arc<TokenState>, TokenError>> {
+    ) -> Leasing {
         let started = Instant::now();
         let deadline = started + self.policy.lease_wait;
         loop {
@@ -329,11 +513,11 @@ impl Refresher {
                         Ok(Some(s)) => s,
                         Ok(None) => {
                             lease.release().await;
-                            return Err(Err(TokenError::Conflict));
+                            return Leasing::Answered(Err(TokenError::Conflict));
                         }
                         Err(e) => {
                             lease.release().await;
-                            return Err(self.store_failed(grant, need, flight, e));
+                            return Leasing::Answered(self.store_failed(grant, need, flight, e));
                         }
                     };
                     if grant.adopt(&stored).is_some() {
@@ -343,12 +527,12 @@ impl Refresher {
                     // by a change notification meanwhile): what the lease's last holder did.
                     if let Some(answer) = self.satisfied(grant, org, &grant.state(), need) {
                         lease.release().await;
-                        return Err(answer);
+                        return Leasing::Answered(answer);
                     }
                     let prior = stored.refreshing.filter(|i| {
                         i.holder != self.store.instance() && i.from_generation == stored.generation
                     });
-                    return Ok(Leased { lease, prior });
+                    return Leasing::Held(Leased { lease, prior });
                 }
                 Ok(None) => {
                     self.adopt_newer(grant).await;
@@ -361,23 +545,23 @@ impl Refresher {
                     if let Some(answer) = self.satisfied(grant, org, &st, need) {
                         // The holder's rotation arrived: the wait is over.
                         self.events.store(waited(true));
-                        return Err(answer);
+                        return Leasing::Answered(answer);
                     }
                     let now = self.clock.now();
                     if matches!(need, Need::Fresh) && st.alive(now) {
                         // Another instance is refreshing; this token serves meanwhile.
                         self.events.store(waited(true));
-                        return Err(Ok(st));
+                        return Leasing::Answered(Ok(st));
                     }
                     if Instant::now() >= deadline {
                         self.events.store(waited(false));
-                        return Err(Err(TokenError::OtherInstance {
+                        return Leasing::Answered(Err(TokenError::OtherInstance {
                             retry_after: Duration::from_secs(1),
                         }));
                     }
                     tokio::time::sleep(LEASE_POLL).await;
                 }
-                Err(e) => return Err(self.store_failed(grant, need, flight, e)),
+                Err(e) => return Leasing::Answered(self.store_failed(grant, need, flight, e)),
             }
         }
     }
@@ -433,17 +617,6 @@ impl Refresher {
         match need {
             Need::Fresh if st.usable(now, self.policy.refresh_ahead) => Some(Ok(st.clone())),
             Need::Replacing { generation } if st.generation != generation => Some(Ok(st.clone())),
-            Need::Replacing { .. }
-                if st.has_access()
-                    && st.issued_at.is_some_and(|at| {
-                        now - at < self.policy.rejected_grace.as_secs() as i64
-                    }) =>
-            {
-                // Said by the request's audit record and a metric; no token event per request.
-                Some(Err(TokenError::RejectedFresh {
-                    age_secs: st.issued_at.map_or(0, |at| now - at),
-                }))
-            }
             Need::Rotation { generation } if st.generation != generation => Some(Ok(st.clone())),
             _ => None,
         }

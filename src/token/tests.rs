@@ -190,7 +190,7 @@ async fn a_burst_across_a_rotation_makes_one_token_call() {
             let g = rig.grant();
             if i % 2 == 0 {
                 rig.grants
-                    .rejected(&g, "1", &old)
+                    .rejected(&g, "1", &old, "getNetwork")
                     .await
                     .map(|t| t.generation)
             } else {
@@ -237,28 +237,272 @@ async fn steady_traffic_refreshes_once_per_half_lifetime() {
     }
 }
 
-/// Issue 11, case 3: an endpoint Meraki refuses whatever the token: a fresh token's 401 is
-/// not refreshed again; once the grace has passed, one refresh, then no more for a while.
+/// What one request at `op` came to, made as the proxy makes it (see [`request`]).
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    /// Meraki answered 2xx to this generation.
+    Served(i64),
+    /// Meraki's 401 passed through: the operation is remembered as refused.
+    PassedThrough,
+    /// The one retry was refused too.
+    RetryRefused,
+}
+
+/// One request at `op` as the proxy makes it: the current token; Meraki refuses it when the
+/// token was killed or `op` is one of `always_401`; on a 401 the engine decides, and the
+/// request is retried once with what it gives.
+async fn request(
+    grants: &Grants,
+    authority: &Authority,
+    op: &str,
+    always_401: &[&str],
+) -> Result<Answer, TokenError> {
+    let g = grants.get("netops", "1").await.unwrap();
+    let meraki = |t: &TokenState| authority.accepts(t) && !always_401.contains(&op);
+    let used = grants.token(&g, "1").await?;
+    if meraki(&used) {
+        grants.succeeded(&g, &used, || op.to_owned());
+        return Ok(Answer::Served(used.generation));
+    }
+    match grants.rejected(&g, "1", &used, op).await {
+        Err(TokenError::RefusedAtOperation { .. }) => Ok(Answer::PassedThrough),
+        Err(e) => Err(e),
+        Ok(fresh) if meraki(&fresh) => {
+            grants.succeeded(&g, &fresh, || op.to_owned());
+            Ok(Answer::Served(fresh.generation))
+        }
+        Ok(fresh) => {
+            grants.refused_again(&g, "1", &fresh, op);
+            Ok(Answer::RetryRefused)
+        }
+    }
+}
+
+impl Rig {
+    /// A plain rig whose engine can probe tokens at the in-memory Meraki.
+    async fn probing(expires_in: u64) -> Rig {
+        let rig = Self::plain(expires_in).await;
+        rig.grants.set_probe(rig.authority.clone());
+        rig
+    }
+}
+
+/// Issue 19: a token Meraki stops accepting 0, 1 or 29 s after it was issued is refreshed
+/// once, and every request that saw the 401 retries with the new one: 400 at once, one call.
 #[tokio::test(start_paused = true)]
-async fn a_fresh_token_refused_by_meraki_is_not_refreshed_again() {
-    let rig = Rig::plain(3600).await;
-    let g = rig.grant();
-    for _ in 0..30 {
-        let used = rig.token().await.unwrap();
-        let e = rig.grants.rejected(&g, "1", &used).await.unwrap_err();
-        assert!(matches!(e, TokenError::RejectedFresh { .. }), "{e:?}");
-        tokio::time::advance(Duration::from_millis(100)).await;
+async fn a_token_killed_at_any_age_is_refreshed_once_for_every_waiter() {
+    for age in [0u64, 1, 29] {
+        let rig = Arc::new(Rig::probing(3600).await);
+        rig.authority.set(|s| s.delay = Duration::from_millis(200));
+        tokio::time::advance(Duration::from_secs(age)).await;
+        rig.authority.kill_access_tokens();
+        let tasks: Vec<_> = (0..400)
+            .map(|i| {
+                let rig = rig.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(i % 50)).await;
+                    let op = ["getNetwork", "getDevice", "updateNetwork"][i as usize % 3];
+                    request(&rig.grants, &rig.authority, op, &[]).await
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(
+                t.await.unwrap().unwrap(),
+                Answer::Served(2),
+                "killed at {age} s"
+            );
+        }
+        assert_eq!(rig.calls(), 1, "killed at {age} s: one token call");
     }
-    assert_eq!(rig.calls(), 0);
-    tokio::time::advance(Duration::from_secs(30)).await;
-    let used = rig.token().await.unwrap();
-    let fresh = rig.grants.rejected(&g, "1", &used).await.unwrap();
-    assert_eq!(fresh.generation, used.generation + 1);
-    for _ in 0..30 {
-        let used = rig.token().await.unwrap();
-        assert!(rig.grants.rejected(&g, "1", &used).await.is_err());
-    }
+}
+
+/// Issue 19: an operation Meraki refuses whatever the token (a scope the grant lacks) costs one
+/// token call per memory period; each of its 401s passes through; other operations are served.
+#[tokio::test(start_paused = true)]
+async fn an_always_refused_operation_costs_one_call_per_memory_period() {
+    let rig = Rig::probing(3600).await;
+    let refused = ["getOrganizationAdmins"];
+    // The first 401 is refreshed for (Meraki's answer is all the proxy knows) and retried once;
+    // the retry's refusal is the evidence.
+    let first = request(&rig.grants, &rig.authority, refused[0], &refused).await;
+    assert_eq!(first.unwrap(), Answer::RetryRefused);
     assert_eq!(rig.calls(), 1);
+    assert!(rig.events.kinds().contains(&"operation_refused"));
+    for i in 0..30 {
+        let a = request(&rig.grants, &rig.authority, refused[0], &refused).await;
+        assert_eq!(a.unwrap(), Answer::PassedThrough, "request {i}");
+        if i % 3 == 0 {
+            let other = request(&rig.grants, &rig.authority, "getNetwork", &refused).await;
+            assert_eq!(other.unwrap(), Answer::Served(2));
+        }
+        tokio::time::advance(Duration::from_millis(500)).await;
+    }
+    assert_eq!(rig.calls(), 1, "no call while remembered");
+    // A probe only where no 2xx of this generation was recent: at most one per EVIDENCE over
+    // these 15 s, against 30 passed-through 401s.
+    assert!(
+        rig.authority.probes() as u64 <= 15 / refresh::EVIDENCE.as_secs(),
+        "{} probes",
+        rig.authority.probes()
+    );
+    // After the memory period: one more refresh, then remembered again.
+    tokio::time::advance(Duration::from_secs(600)).await;
+    let again = request(&rig.grants, &rig.authority, refused[0], &refused).await;
+    assert_eq!(again.unwrap(), Answer::RetryRefused);
+    for _ in 0..10 {
+        let a = request(&rig.grants, &rig.authority, refused[0], &refused).await;
+        assert_eq!(a.unwrap(), Answer::PassedThrough);
+    }
+    assert_eq!(rig.calls(), 2, "one call per memory period");
+}
+
+/// Issue 19: a script that calls nothing but a remembered operation still gets a token that
+/// really died refreshed: the probe says it is dead.
+#[tokio::test(start_paused = true)]
+async fn a_dead_token_is_refreshed_even_at_a_remembered_operation() {
+    let rig = Rig::probing(3600).await;
+    let refused = ["getOrganizationAdmins"];
+    request(&rig.grants, &rig.authority, refused[0], &refused)
+        .await
+        .unwrap();
+    assert_eq!(rig.calls(), 1);
+    // The token works (a probe says so): the operation's 401 passes through.
+    tokio::time::advance(Duration::from_secs(30)).await;
+    let a = request(&rig.grants, &rig.authority, refused[0], &refused).await;
+    assert_eq!(a.unwrap(), Answer::PassedThrough);
+    // Then it dies: once the evidence is older than EVIDENCE, the probe finds it dead.
+    rig.authority.kill_access_tokens();
+    tokio::time::advance(refresh::EVIDENCE).await;
+    let a = request(&rig.grants, &rig.authority, refused[0], &refused).await;
+    assert_eq!(a.unwrap(), Answer::RetryRefused, "refreshed and retried");
+    assert_eq!(rig.calls(), 2, "the dead token was refreshed");
+    assert_eq!(rig.grant().state().generation, 3);
+    // Still remembered (the new token was refused there too), and other operations work.
+    let a = request(&rig.grants, &rig.authority, refused[0], &refused).await;
+    assert_eq!(a.unwrap(), Answer::PassedThrough);
+    let b = request(&rig.grants, &rig.authority, "getNetwork", &refused).await;
+    assert_eq!(b.unwrap(), Answer::Served(3));
+    assert_eq!(rig.calls(), 2);
+}
+
+/// Issue 19: an always-refused operation while the grant's token really dies: the death still
+/// costs exactly one call, whoever sees it first.
+#[tokio::test(start_paused = true)]
+async fn an_expiry_beside_a_remembered_operation_costs_one_call() {
+    let rig = Arc::new(Rig::probing(3600).await);
+    let refused = ["getOrganizationAdmins"];
+    request(&rig.grants, &rig.authority, refused[0], &refused)
+        .await
+        .unwrap();
+    assert_eq!(rig.calls(), 1);
+    tokio::time::advance(Duration::from_secs(60)).await;
+    rig.authority.set(|s| s.delay = Duration::from_millis(200));
+    rig.authority.kill_access_tokens();
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let rig = rig.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(i % 40)).await;
+                let op = if i % 2 == 0 { "getNetwork" } else { refused[0] };
+                (op, request(&rig.grants, &rig.authority, op, &refused).await)
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (op, a) = t.await.unwrap();
+        match (op, a.unwrap()) {
+            ("getNetwork", a) => assert_eq!(a, Answer::Served(3)),
+            (_, a) => assert!(
+                matches!(a, Answer::PassedThrough | Answer::RetryRefused),
+                "{a:?}"
+            ),
+        }
+    }
+    assert_eq!(rig.calls(), 2, "the expiry cost exactly one call");
+}
+
+/// A probe without a verdict (Meraki unreachable, 429) does not condemn the token; with no way
+/// to probe at all, a remembered refusal never suppresses a refresh.
+#[tokio::test(start_paused = true)]
+async fn without_evidence_either_way_a_probe_does_not_rotate_and_no_probe_refreshes() {
+    let rig = Rig::probing(3600).await;
+    let refused = ["getOrganizationAdmins"];
+    request(&rig.grants, &rig.authority, refused[0], &refused)
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(30)).await;
+    rig.authority.set(|s| s.probe_unknown = true);
+    let a = request(&rig.grants, &rig.authority, refused[0], &refused).await;
+    assert_eq!(a.unwrap(), Answer::PassedThrough);
+    assert_eq!(rig.calls(), 1);
+
+    let blind = Rig::plain(3600).await;
+    request(&blind.grants, &blind.authority, refused[0], &refused)
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(30)).await;
+    let a = request(&blind.grants, &blind.authority, refused[0], &refused).await;
+    assert_eq!(a.unwrap(), Answer::RetryRefused, "no evidence: refreshed");
+    assert_eq!(blind.calls(), 2);
+}
+
+/// The memory clears on a 2xx at the operation and on a configuration reload, is bounded per
+/// grant, and `refused_operation_memory = 0` turns it off (every 401 refreshes once per
+/// generation).
+#[tokio::test(start_paused = true)]
+async fn the_memory_clears_is_bounded_and_can_be_turned_off() {
+    let rig = Rig::probing(3600).await;
+    let g = rig.grant();
+    let refused = ["getOrganizationAdmins"];
+    request(&rig.grants, &rig.authority, refused[0], &refused)
+        .await
+        .unwrap();
+    assert_eq!(g.refused_operations(rig.grants.clock().now_ms()).len(), 1);
+    // Meraki serves the operation now (the integration was given the scope).
+    let a = request(&rig.grants, &rig.authority, refused[0], &[]).await;
+    assert_eq!(a.unwrap(), Answer::Served(2));
+    assert!(g.refused_operations(rig.grants.clock().now_ms()).is_empty());
+    assert!(rig.events.kinds().contains(&"operation_refusal_forgotten"));
+
+    request(&rig.grants, &rig.authority, refused[0], &refused)
+        .await
+        .unwrap();
+    assert_eq!(g.refused_operations(rig.grants.clock().now_ms()).len(), 1);
+    rig.grants.set_integrations(&[integration()]).await.unwrap();
+    assert!(
+        g.refused_operations(rig.grants.clock().now_ms()).is_empty(),
+        "reload forgets"
+    );
+
+    // Bounded: the operation remembered longest ago goes first.
+    let now = rig.grants.clock().now_ms();
+    for i in 0..grant::MAX_REFUSED_OPERATIONS + 5 {
+        g.remember_refused(&format!("op{i}"), 1, now + i as i64, now + 600_000);
+    }
+    let ops = g.refused_operations(now);
+    assert_eq!(ops.len(), grant::MAX_REFUSED_OPERATIONS);
+    assert!(!ops.iter().any(|r| &*r.operation == "op0"));
+
+    let off = Rig::new(
+        3600,
+        Policy {
+            refused_operation_memory: Duration::ZERO,
+            ..Policy::default()
+        },
+        |s| Arc::new(s),
+    )
+    .await;
+    off.grants.set_probe(off.authority.clone());
+    for _ in 0..5 {
+        let a = request(&off.grants, &off.authority, refused[0], &refused).await;
+        assert_eq!(a.unwrap(), Answer::RetryRefused);
+    }
+    assert_eq!(
+        off.calls(),
+        5,
+        "memory off: one refresh per refused generation"
+    );
 }
 
 /// Issue 11, case 4: the token endpoint down while every access token is refused: token calls
@@ -266,18 +510,14 @@ async fn a_fresh_token_refused_by_meraki_is_not_refreshed_again() {
 /// attempt after the endpoint returns succeeds.
 #[tokio::test(start_paused = true)]
 async fn an_outage_backs_off_and_recovers_within_one_step() {
-    let policy = Policy {
-        rejected_grace: Duration::ZERO,
-        ..Policy::default()
-    };
-    let rig = Rig::new(3600, policy, |s| Arc::new(s)).await;
+    let rig = Rig::new(3600, Policy::default(), |s| Arc::new(s)).await;
     let g = rig.grant();
     rig.authority.set(|s| s.down = true);
     let mut refusals = 0;
     // 6 s of requests, 20 per second, each refused by Meraki.
     for _ in 0..120 {
         let used = g.state();
-        match rig.grants.rejected(&g, "1", &used).await {
+        match rig.grants.rejected(&g, "1", &used, "getNetwork").await {
             Err(e @ (TokenError::AuthServer { .. } | TokenError::BackingOff { .. })) => {
                 let after = e.retry_after().unwrap();
                 assert!(after > Duration::ZERO && after <= Duration::from_secs(60));
@@ -295,7 +535,11 @@ async fn an_outage_backs_off_and_recovers_within_one_step() {
     let now = rig.grants.clock().now_ms();
     tokio::time::advance(Duration::from_millis((until - now).max(0) as u64 + 1)).await;
     let used = g.state();
-    let fresh = rig.grants.rejected(&g, "1", &used).await.unwrap();
+    let fresh = rig
+        .grants
+        .rejected(&g, "1", &used, "getNetwork")
+        .await
+        .unwrap();
     assert_eq!(fresh.generation, used.generation + 1);
     assert_eq!(g.state().status, GrantStatus::Ok, "no grant lost");
 }
@@ -335,8 +579,11 @@ async fn a_newer_generation_in_the_store_is_adopted() {
             .await
             .unwrap()
     );
-    tokio::time::advance(Duration::from_secs(31)).await;
-    let fresh = rig.grants.rejected(&g, "1", &old).await.unwrap();
+    let fresh = rig
+        .grants
+        .rejected(&g, "1", &old, "getNetwork")
+        .await
+        .unwrap();
     assert_eq!(fresh.generation, old.generation + 1);
     assert_eq!(rig.calls(), 0, "adopted from the store");
 }
@@ -588,6 +835,34 @@ async fn three_instances_make_one_token_call_per_expiry() {
             "one call per expiry"
         );
     }
+}
+
+/// Issue 19: three instances with 20-s tokens (shorter than any age rule), Meraki drops every
+/// access token: one token call for the grant, every instance's requests served.
+#[tokio::test(start_paused = true)]
+async fn three_instances_with_short_tokens_refresh_a_dropped_token_once() {
+    let fleet = Arc::new(Fleet::new(3, 20).await);
+    fleet
+        .authority
+        .set(|s| s.delay = Duration::from_millis(300));
+    for (_, g, _) in &fleet.instances {
+        g.set_probe(fleet.authority.clone());
+    }
+    tokio::time::advance(Duration::from_secs(2)).await;
+    fleet.authority.kill_access_tokens();
+    let tasks: Vec<_> = (0..300)
+        .map(|i| {
+            let fleet = fleet.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(i as u64 % 100)).await;
+                request(&fleet.grants(i % 3), &fleet.authority, "getNetwork", &[]).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), Answer::Served(2));
+    }
+    assert_eq!(fleet.authority.calls(), 2, "the import and one refresh");
 }
 
 #[tokio::test(start_paused = true)]

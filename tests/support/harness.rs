@@ -16,15 +16,96 @@ pub const BOB_KEY: &str = "bob-proxy-key-8d2e4b6a";
 /// The token store's encryption key (32 bytes, hex).
 pub const STORE_KEY: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
 
-/// A free loopback port for the binary (bound then released: a small race the in-process
-/// server avoids, see `inproc.rs`).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The two listening sockets a proxy process serves, bound on loopback ports the kernel
+/// chose before the process starts, and handed to it as systemd socket activation does
+/// (`LISTEN_FDS`): no port is picked by binding and releasing, and a restarted process serves
+/// the same ports.
+pub struct Sockets {
+    pub proxy: TcpListener,
+    pub admin: TcpListener,
 }
+
+impl Sockets {
+    /// Binds two loopback listeners.
+    pub fn bind() -> Sockets {
+        Sockets {
+            proxy: TcpListener::bind("127.0.0.1:0").unwrap(),
+            admin: TcpListener::bind("127.0.0.1:0").unwrap(),
+        }
+    }
+
+    /// (proxy, admin) ports.
+    pub fn ports(&self) -> (u16, u16) {
+        (
+            self.proxy.local_addr().unwrap().port(),
+            self.admin.local_addr().unwrap().port(),
+        )
+    }
+
+    /// Hands the sockets to `cmd` as file descriptors 3 (proxy) and 4 (admin), with
+    /// `LISTEN_FDS=2` and `LISTEN_FDNAMES=proxy:admin`.
+    pub fn pass_to(&self, cmd: &mut Command) {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let (proxy, admin) = (self.proxy.as_raw_fd(), self.admin.as_raw_fd());
+        cmd.env("LISTEN_FDS", "2")
+            .env("LISTEN_FDNAMES", "proxy:admin")
+            .env_remove("LISTEN_PID");
+        // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2): copies
+        // above 10 first, so that neither target (3, 4) overwrites the other source.
+        unsafe {
+            cmd.pre_exec(move || {
+                use nix::fcntl::{fcntl, FcntlArg};
+                let p = fcntl(proxy, FcntlArg::F_DUPFD(10))?;
+                let a = fcntl(admin, FcntlArg::F_DUPFD(10))?;
+                nix::unistd::dup2(p, 3)?;
+                nix::unistd::dup2(a, 4)?;
+                Ok(())
+            });
+        }
+    }
+}
+
+/// `[rate_limits]` lines no test load reaches, for a test that fires bursts far above Meraki's
+/// 10 requests/s at one organization on purpose (the shaper would queue and then refuse them)
+/// and asserts something else. Set by such a test itself, next to what it asserts.
+pub const UNSHAPED: &str =
+    "organization_rps = 100000\norganization_burst = 100000\nsource_rps = 1000000";
+
+/// The keys the harness writes into every suite's configuration: where things are (listeners,
+/// the stand-in, the store, the audit log) and who the clients are. Everything else is the
+/// product's default unless a test sets it (`tests/standin_selftest.rs` checks this).
+pub const ENVIRONMENT_KEYS: &[(&str, &[&str])] = &[
+    ("server", &["listen", "admin_listen"]),
+    (
+        "upstream",
+        &["api_base", "token_url", "authorize_url", "revoke_url"],
+    ),
+    ("store", &["path", "url_env", "key_env"]),
+    ("audit", &["path"]),
+    ("tokens", &[]),
+    ("rate_limits", &[]),
+    (
+        "integrations",
+        &[
+            "name",
+            "client_id",
+            "client_secret_env",
+            "redirect_uri",
+            "scopes",
+        ],
+    ),
+    (
+        "clients",
+        &[
+            "name",
+            "key_sha256",
+            "integration",
+            "organizations",
+            "methods",
+        ],
+    ),
+];
 
 /// The SHA-256 digest of a key, as `meraki-oauth-proxy hash-key` prints it.
 pub fn sha256_hex(s: &str) -> String {
@@ -53,6 +134,9 @@ pub struct Scenario {
     /// The refresh tokens the stand-in issued for orgs 111 and 222 (rotated by import).
     pub initial_refresh: Vec<String>,
     pub store_url: Option<String>,
+    /// The sockets the proxy process serves (none when the test runs the server in-process
+    /// on listeners of its own, `Options::ports`).
+    pub sockets: Option<std::sync::Arc<Sockets>>,
 }
 
 /// Extra TOML appended to the generated configuration's sections.
@@ -64,9 +148,9 @@ pub struct Options {
     pub upstream: String,
     /// Lines for `[server]`.
     pub server: String,
-    /// Lines for `[rate_limits]`. Empty: limits no test reaches (shaping stays on, on its fast
-    /// path), so the bursts other suites fire at one organization are not refused; the rate
-    /// tests set Meraki's figures.
+    /// Lines for `[rate_limits]`. Empty: the product's defaults (Meraki's 10 requests/s per
+    /// organization). A test whose load is far above Meraki's limits on purpose, and which
+    /// asserts something else, sets [`UNSHAPED`] itself.
     pub rate_limits: String,
     /// Extra `[[clients]]` blocks (their digests from [`sha256_hex`]).
     pub clients: String,
@@ -106,14 +190,19 @@ impl Scenario {
             standin.issue_grant(CLIENT_ID, &["222"], &scopes),
         ];
         let dir = tempfile::tempdir().unwrap();
-        let (port, admin_port) = opts.ports.unwrap_or_else(|| (free_port(), free_port()));
+        let sockets = opts
+            .ports
+            .is_none()
+            .then(|| std::sync::Arc::new(Sockets::bind()));
+        let (port, admin_port) = opts
+            .ports
+            .unwrap_or_else(|| sockets.as_ref().map_or((0, 0), |s| s.ports()));
         let config = dir.path().join("proxy.toml");
         let text = format!(
             r#"
 [server]
 listen = "127.0.0.1:{port}"
 admin_listen = "127.0.0.1:{admin_port}"
-threads = 2
 {server_extra}
 
 [upstream]
@@ -170,25 +259,9 @@ methods = ["GET"]
                 "path = \"tokens.db\""
             },
             store_extra = opts.store,
-            // Pingora waits out the grace period when a test stops an in-process server.
-            server_extra = if opts.server.contains("shutdown_grace_secs") {
-                opts.server.clone()
-            } else {
-                format!("shutdown_grace_secs = 1\n{}", opts.server)
-            },
-            // The tests expire and revoke tokens seconds after they were issued, which Meraki
-            // does not do; the grace for freshly issued tokens has tests of its own, which set it.
-            tok_extra = if opts.tokens.contains("rejected_grace_secs") {
-                opts.tokens.clone()
-            } else {
-                format!("rejected_grace_secs = 0\n{}", opts.tokens)
-            },
-            rate_extra = if opts.rate_limits.is_empty() {
-                "organization_rps = 100000\norganization_burst = 100000\nsource_rps = 1000000"
-                    .to_string()
-            } else {
-                opts.rate_limits.clone()
-            },
+            server_extra = opts.server,
+            tok_extra = opts.tokens,
+            rate_extra = opts.rate_limits,
             more_clients = opts.clients,
             alice = sha256_hex(ALICE_KEY),
             bob = sha256_hex(BOB_KEY),
@@ -202,12 +275,23 @@ methods = ["GET"]
             admin_port,
             initial_refresh,
             store_url: opts.store_url,
+            sockets,
         }
     }
 
     /// Runs the binary with this configuration and the client secret in its environment.
     pub fn command(&self, args: &[&str]) -> Command {
         self.command_with(&self.config, args)
+    }
+
+    /// `run` of the binary, serving this scenario's sockets.
+    pub fn serving_command(&self) -> Command {
+        let mut c = self.command(&["run"]);
+        self.sockets
+            .as_ref()
+            .expect("this scenario's server runs in-process")
+            .pass_to(&mut c);
+        c
     }
 
     /// Runs the binary with another configuration file.
@@ -271,7 +355,8 @@ methods = ["GET"]
     /// Starts instance `i` of a fleet sharing this scenario's store: a configuration of its
     /// own (`proxy-i.toml`: its own ports and audit log `audit-i.jsonl`), `env` added.
     pub async fn start_instance(&self, i: usize, env: &[(&str, &str)]) -> ProxyProcess {
-        let (port, admin_port) = (free_port(), free_port());
+        let sockets = Sockets::bind();
+        let (port, admin_port) = sockets.ports();
         let text = std::fs::read_to_string(&self.config)
             .unwrap()
             .replace(
@@ -295,6 +380,7 @@ methods = ["GET"]
         let stderr = std::fs::File::create(&log).unwrap();
         let stdout = stderr.try_clone().unwrap();
         let mut cmd = self.command_with(&config, &["run"]);
+        sockets.pass_to(&mut cmd);
         cmd.envs(env.iter().copied()).stdout(stdout).stderr(stderr);
         let p = ProxyProcess {
             child: cmd.spawn().unwrap(),
@@ -302,6 +388,7 @@ methods = ["GET"]
             admin_port,
             log,
             tls: false,
+            _sockets: Some(std::sync::Arc::new(sockets)),
         };
         p.wait_ready().await;
         p
@@ -312,16 +399,15 @@ methods = ["GET"]
         read_jsonl(&self.dir.path().join(format!("audit-{i}.jsonl")))
     }
 
-    /// Starts the proxy and waits until both listeners answer.
+    /// Starts the proxy on this scenario's sockets and waits until both listeners answer.
     pub async fn start(&self) -> ProxyProcess {
-        let log = self
-            .dir
-            .path()
-            .join(format!("proxy-{}.log", Instant::now().elapsed().as_nanos()));
+        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = self.dir.path().join(format!("proxy-{n}.log"));
         let stderr = std::fs::File::create(&log).unwrap();
         let stdout = stderr.try_clone().unwrap();
         let child = self
-            .command(&["run"])
+            .serving_command()
             .stdout(stdout)
             .stderr(stderr)
             .spawn()
@@ -333,6 +419,7 @@ methods = ["GET"]
             admin_port: self.admin_port,
             log,
             tls: text.contains("\ntls_cert_file"),
+            _sockets: self.sockets.clone(),
         };
         p.wait_ready().await;
         p
@@ -444,6 +531,8 @@ pub struct ProxyProcess {
     pub log: PathBuf,
     /// The proxy listener speaks TLS.
     pub tls: bool,
+    /// The sockets it serves, kept open while it runs.
+    pub _sockets: Option<std::sync::Arc<Sockets>>,
 }
 
 impl ProxyProcess {

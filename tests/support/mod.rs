@@ -8,4 +8,5 @@ pub mod inproc;
 pub mod pg;
 pub mod pki;
 pub mod python;
+pub mod raw;
 pub mod standin;

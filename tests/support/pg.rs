@@ -37,7 +37,8 @@ impl PgCluster {
             .unwrap();
         let as_postgres = nix::unistd::Uid::effective().is_root();
         let mut c = PgCluster {
-            port: super::harness::free_port(),
+            // Chosen when the server first starts (PostgreSQL binds its own port).
+            port: 0,
             bin: bin_dir(),
             dir,
             as_postgres,
@@ -66,9 +67,23 @@ impl PgCluster {
                 "UTF8",
             ],
         );
-        c.start_server();
+        c.start_on_a_free_port();
         c.psql("postgres", "CREATE DATABASE meraki_proxy");
         c
+    }
+
+    /// Starts the server on a port below the ephemeral range that no one else holds: a port is
+    /// tried by PostgreSQL itself (no bind-and-release race); one in use is another try.
+    fn start_on_a_free_port(&mut self) {
+        let mut last = String::new();
+        for _ in 0..20 {
+            self.port = rand::random::<u16>() % 10_000 + 20_000;
+            match self.try_start_server() {
+                Ok(()) => return,
+                Err(why) => last = why,
+            }
+        }
+        panic!("PostgreSQL did not start on any of 20 ports: {last}");
     }
 
     fn data(&self) -> PathBuf {
@@ -154,15 +169,21 @@ impl PgCluster {
 
     /// Starts (again) the server, waiting until it accepts connections.
     pub fn start_server(&mut self) {
+        if let Err(why) = self.try_start_server() {
+            panic!("{why}");
+        }
+    }
+
+    fn try_start_server(&mut self) -> Result<(), String> {
         let log = self.dir.path().join("server.log");
         let opts = format!(
             "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off -c max_connections=200",
             self.port,
             self.dir.path().display()
         );
-        self.run(
-            "pg_ctl",
-            &[
+        let out = self
+            .command(&self.bin.join("pg_ctl"))
+            .args([
                 "start",
                 "-w",
                 "-t",
@@ -173,14 +194,24 @@ impl PgCluster {
                 log.to_str().unwrap(),
                 "-o",
                 &opts,
-            ],
-        );
+            ])
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return Err(format!(
+                "pg_ctl start on port {} failed: {}",
+                self.port,
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ));
+        }
         self.running = true;
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(Instant::now() < deadline, "PostgreSQL did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
+        Ok(())
     }
 
     /// Stops the server (fast shutdown: sessions are closed).

@@ -477,6 +477,12 @@ impl Standin {
         self.lock().api_delay = d;
     }
 
+    /// From now on every access token, however new, is refused with 401 at `path` (below
+    /// `/api/v1`, exact), as at an operation the grant lacks the OAuth scope for.
+    pub fn refuse_every_token_at(&self, path: &str) {
+        self.lock().refused_paths.push(path.to_owned());
+    }
+
     /// While `down`, the token endpoint answers every call (counted) with 503
     /// `temporarily_unavailable`, as an authorization server in an outage does.
     pub fn set_token_endpoint_down(&self, down: bool) {
@@ -582,6 +588,11 @@ impl Standin {
     /// POSTs to `/oauth/revoke`, whatever the outcome.
     pub fn revocations(&self) -> usize {
         self.lock().revocations
+    }
+
+    /// How many `/api/v1` requests have been received on either listener.
+    pub fn request_count(&self) -> usize {
+        self.lock().requests.len()
     }
 
     /// Every `/api/v1` request received on either listener, in arrival order.
@@ -754,6 +765,9 @@ struct Inner {
     access_ttl: u64,
     token_delay: Duration,
     api_delay: Duration,
+    /// Paths (below `/api/v1`) where every access token is refused with 401, as Meraki does
+    /// at an operation the grant lacks the OAuth scope for.
+    refused_paths: Vec<String>,
     /// The token endpoint answers 503 to everything (an outage).
     token_down: bool,
     faults: Faults,
@@ -784,6 +798,7 @@ impl Inner {
             access_ttl: DEFAULT_ACCESS_TTL_SECS,
             token_delay: Duration::ZERO,
             api_delay: Duration::ZERO,
+            refused_paths: Vec::new(),
             token_down: false,
             faults: Faults::default(),
             rate: None,
@@ -1445,6 +1460,9 @@ fn handle_api(
 
     let path = uri.path();
     let rest = path.strip_prefix("/api/v1").unwrap_or_default();
+    if s.refused_paths.iter().any(|p| p == rest) {
+        return api_error(StatusCode::UNAUTHORIZED, "Invalid API key");
+    }
     // "" → [], "/organizations/1" → ["organizations", "1"]; empty segments are kept, so
     // `//` or a trailing `/` do not match a route.
     let segments: Vec<&str> = rest.split('/').skip(1).collect();

@@ -2,21 +2,38 @@
 //! The request path only moves what it knows into a [`RequestEntry`] (reference counts, no
 //! formatting) and enqueues it; timestamps and JSON are made on the writer thread. Never holds a
 //! secret: tokens appear only as 8-hex-character fingerprints, client keys not at all.
+//!
+//! Integrity (docs/audit-integrity.md): [`chain`] gives every line `seq` and `prev` and signs
+//! checkpoints; [`sink`] writes whole lines only; the writer holds records in bounded memory
+//! while the sink fails, and [`Audit::refusal`] turns new requests away meanwhile
+//! (`on_failure = "refuse"`); [`verify`] walks the files.
+//!
+//! Sinks: the file (or standard output) and, if configured, [`syslog`]. Each has its own writer
+//! thread, queue, chain and [`Health`]; a request is refused while any of them fails.
 
-use crate::config::Client;
+pub mod chain;
+pub mod sink;
+pub mod syslog;
+pub mod verify;
+mod writer;
+
+use crate::config::{AuditConfig, Client, OnFailure};
+use crate::refusal::Refusal;
 use crate::token::events::TokenEvent;
 use http::HeaderValue;
 use serde::Serialize;
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+pub use writer::Health;
+use writer::{Msg, Writer};
 
-/// Records queued beyond this make writers wait: audit completeness over latency.
+/// Records queued for the writer at most; beyond, a record is lost (counted) rather than the
+/// request thread made to wait.
 const QUEUE: usize = 65_536;
 
 /// A proxy request id: random, 16 hex digits on the wire and in the audit log.
@@ -83,6 +100,9 @@ pub struct RequestEntry {
     pub identity: Option<&'static str>,
     /// The subject of the connection's TLS client certificate (mutual TLS), if it sent one.
     pub client_certificate: Option<Arc<str>>,
+    /// What was wrong, from a fixed set, when `reason` alone does not say: what the HTTP parser
+    /// refused (`malformed_request`), the phase a client was too slow in (`request_timeout`).
+    pub detail: Option<&'static str>,
 }
 
 impl RequestEntry {
@@ -120,6 +140,7 @@ impl RequestEntry {
             user_agent: self.user_agent.as_ref().and_then(|v| v.to_str().ok()),
             identity: self.identity,
             client_certificate: self.client_certificate.as_deref(),
+            detail: self.detail,
         };
         serde_json::to_writer(&mut *out, &record)
     }
@@ -157,6 +178,8 @@ struct RequestRecord<'a> {
     user_agent: Option<&'a str>,
     identity: Option<&'static str>,
     client_certificate: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'static str>,
 }
 
 /// A TLS event on the proxy listener: a client certificate refused in the handshake.
@@ -196,7 +219,8 @@ struct TokenRecord<'a> {
     time: String,
     kind: &'static str,
     /// `grant_added`, `token_refreshed`, `refresh_failed`, `needs_reauthorization`,
-    /// `commit_failed`, `short_token_lifetime`, `grant_revoked`.
+    /// `commit_failed`, `short_token_lifetime`, `grant_revoked`, `operation_refused`,
+    /// `operation_refusal_forgotten`, `token_probed`.
     event: &'static str,
     integration: &'a str,
     /// The requesting organization, or every organization of the grant.
@@ -209,6 +233,9 @@ struct TokenRecord<'a> {
     token_fingerprint: Option<&'a str>,
     expires_at: Option<String>,
     token_call_ms: Option<f64>,
+    /// The operation a refusal is remembered (or forgotten) at.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    operation: Option<&'a str>,
     detail: Option<String>,
 }
 
@@ -224,7 +251,18 @@ impl<'a> TokenRecord<'a> {
                 e.detail.as_deref().unwrap_or(""),
                 retry_in.as_millis()
             )),
+            K::RefusalForgotten { why, .. } => Some(format!("forgotten: {why}")),
+            K::Probed { verdict } => Some(format!(
+                "GET /organizations with the token: {}",
+                verdict.as_str()
+            )),
             _ => e.detail.clone(),
+        };
+        let operation = match &e.kind {
+            K::OperationRefused { operation, .. } | K::RefusalForgotten { operation, .. } => {
+                Some(&**operation)
+            }
+            _ => None,
         };
         TokenRecord {
             time: now_rfc3339(),
@@ -245,6 +283,7 @@ impl<'a> TokenRecord<'a> {
             token_fingerprint: e.fingerprint.as_deref(),
             expires_at: (e.expires_at > 0).then(|| rfc3339(e.expires_at)),
             token_call_ms: e.call_duration.map(|d| d.as_secs_f64() * 1000.0),
+            operation,
             detail,
         }
     }
@@ -287,44 +326,79 @@ impl<'a> ServerRecord<'a> {
     }
 }
 
-/// How often the writer thread wakes to write what was queued. A sleeping writer is never woken
-/// by a request (no futex, no context switch per record), and a batch costs one `write()`.
-const BATCH_INTERVAL: Duration = Duration::from_millis(20);
+/// The reason of a request refused because the audit log cannot be written.
+pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
+/// Seconds a client refused for an unwritable audit log is told to wait.
+const REFUSED_RETRY_AFTER_SECS: u64 = 5;
 
-enum Msg {
-    Line(String),
-    Request(Box<RequestEntry>),
-    Flush(SyncSender<()>),
-}
-
-/// The audit log.
-pub struct Audit {
+/// One sink's writer thread, as the request path sees it.
+struct Lane {
     tx: SyncSender<Msg>,
     reopen: Arc<AtomicBool>,
-    written: Arc<AtomicU64>,
+    health: Arc<Health>,
+}
+
+impl Lane {
+    fn start(writer: Writer) -> io::Result<Lane> {
+        let health = writer.health();
+        let (tx, rx) = sync_channel(QUEUE);
+        let reopen = Arc::new(AtomicBool::new(false));
+        let r = reopen.clone();
+        std::thread::Builder::new()
+            .name(format!("audit-{}", health.label))
+            .spawn(move || writer.run(rx, r))?;
+        Ok(Lane { tx, reopen, health })
+    }
+
+    /// Never waits: a request thread must not stall on the disk or the network. A full queue
+    /// (the writer is far behind) loses the record, counted.
+    fn enqueue(&self, msg: Msg) {
+        if self.tx.try_send(msg).is_err() {
+            self.health.lose();
+        }
+    }
+}
+
+/// The audit log: its file (or standard output), and the syslog sink if configured.
+pub struct Audit {
+    /// The file's lane first.
+    lanes: Vec<Lane>,
+    on_failure: OnFailure,
 }
 
 impl Audit {
-    /// Opens the log (`None`: standard output) and starts its writer thread.
+    /// Opens the log (`None`: standard output) with the default settings.
     pub fn open(path: Option<&Path>) -> io::Result<Audit> {
-        let sink = Sink::open(path.map(Path::to_path_buf))?;
-        let (tx, rx) = sync_channel(QUEUE);
-        let reopen = Arc::new(AtomicBool::new(false));
-        let written = Arc::new(AtomicU64::new(0));
-        let (r, w) = (reopen.clone(), written.clone());
-        std::thread::Builder::new()
-            .name("audit-writer".into())
-            .spawn(move || writer(sink, rx, r, w))?;
-        Ok(Audit {
-            tx,
-            reopen,
-            written,
-        })
+        Audit::start(path, AuditConfig::default())
+    }
+
+    /// Opens the log (`None`: standard output) and starts its writer thread.
+    pub fn start(path: Option<&Path>, config: AuditConfig) -> io::Result<Audit> {
+        let on_failure = config.on_failure;
+        let mut lanes = Vec::with_capacity(2);
+        if let Some(syslog) = &config.syslog {
+            // Built before the file's writer takes the configuration; started after it.
+            let writer = Writer::syslog(syslog, config.clone())?;
+            lanes.push(Lane::start(Writer::open(
+                path.map(Path::to_path_buf),
+                config,
+            )?)?);
+            lanes.push(Lane::start(writer)?);
+        } else {
+            lanes.push(Lane::start(Writer::open(
+                path.map(Path::to_path_buf),
+                config,
+            )?)?);
+        }
+        Ok(Audit { lanes, on_failure })
     }
 
     /// Queues a request record.
     pub fn request(&self, entry: RequestEntry) {
-        self.enqueue(Msg::Request(Box::new(entry)));
+        let entry = Arc::new(entry);
+        for lane in &self.lanes {
+            lane.enqueue(Msg::Request(entry.clone()));
+        }
     }
 
     /// Queues a token event's record.
@@ -344,143 +418,144 @@ impl Audit {
 
     fn send(&self, line: serde_json::Result<String>) {
         match line {
-            Ok(l) => self.enqueue(Msg::Line(l)),
+            Ok(l) => {
+                let line: Arc<str> = l.into();
+                for lane in &self.lanes {
+                    lane.enqueue(Msg::Line(line.clone()));
+                }
+            }
             Err(e) => tracing::error!(error = %e, "could not serialize an audit record"),
         }
     }
 
-    fn enqueue(&self, msg: Msg) {
-        match self.tx.try_send(msg) {
-            Ok(()) => {}
-            Err(TrySendError::Full(msg)) => {
-                // The disk is slower than the traffic: wait rather than drop a record.
-                let _ = self.tx.send(msg);
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                tracing::error!("audit writer is gone; record lost")
-            }
+    /// The refusal for a new request while the log cannot be written (`on_failure = "refuse"`):
+    /// nothing is forwarded that could not be recorded.
+    pub fn refusal(&self) -> Option<Refusal> {
+        if self.on_failure != OnFailure::Refuse {
+            return None;
         }
-    }
-
-    /// Waits until every record queued so far is written and flushed (bounded: 5 s).
-    pub fn flush(&self) {
-        let (ack, done) = sync_channel(1);
-        if self.tx.send(Msg::Flush(ack)).is_ok() {
-            let _ = done.recv_timeout(Duration::from_secs(5));
-        }
-    }
-
-    /// Reopens the file at its path (after log rotation moved it), before the next write.
-    pub fn reopen(&self) {
-        self.reopen.store(true, Ordering::SeqCst);
-    }
-
-    /// Records written and flushed to the sink so far.
-    pub fn written(&self) -> u64 {
-        self.written.load(Ordering::Acquire)
-    }
-}
-
-enum Sink {
-    Stdout(io::Stdout),
-    File { path: PathBuf, out: BufWriter<File> },
-}
-
-impl Sink {
-    fn open(path: Option<PathBuf>) -> io::Result<Sink> {
-        Ok(match path {
-            None => Sink::Stdout(io::stdout()),
-            Some(path) => {
-                let f = OpenOptions::new().create(true).append(true).open(&path)?;
-                Sink::File {
-                    path,
-                    out: BufWriter::new(f),
-                }
-            }
+        let failing = self.lanes.iter().find(|l| l.health.problem().is_some())?;
+        failing.health.refused.inc();
+        Some(Refusal {
+            status: 503,
+            reason: AUDIT_UNAVAILABLE,
+            message: "The proxy cannot write its audit log; the request was not sent to Meraki. Retry later.".into(),
+            upstream: Some(crate::refusal::upstream::NOT_SENT),
+            retry_after: Some(REFUSED_RETRY_AFTER_SECS),
         })
     }
 
-    /// Writes one line: `write` puts the record straight into the file's buffer (or into
-    /// standard output under its lock), then the newline.
-    fn write_line(
-        &mut self,
-        write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
-    ) -> io::Result<()> {
-        match self {
-            Sink::Stdout(s) => {
-                let mut l = s.lock();
-                write(&mut l)?;
-                l.write_all(b"\n")
-            }
-            Sink::File { out, .. } => {
-                write(out)?;
-                out.write_all(b"\n")
-            }
+    /// The file sink's health (the first sink).
+    pub fn health(&self) -> &Health {
+        &self.lanes[0].health
+    }
+
+    /// Every sink's health, the file's first: readiness, the status page and the metrics read
+    /// them.
+    pub fn healths(&self) -> impl Iterator<Item = &Health> {
+        self.lanes.iter().map(|l| &*l.health)
+    }
+
+    /// The metrics of every sink.
+    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        self.healths().flat_map(Health::collectors).collect()
+    }
+
+    /// Waits until every record queued so far was tried and, if written, synced (bounded: 5 s).
+    pub fn flush(&self) {
+        self.ask(Msg::Flush);
+    }
+
+    /// Writes what is queued, then the shutdown checkpoint, and syncs (bounded: 5 s). Records
+    /// queued later start a new run in the log.
+    pub fn close(&self) {
+        self.ask(Msg::Seal);
+    }
+
+    /// Asks every writer at once, then waits for each (bounded: 5 s in all).
+    fn ask(&self, msg: fn(SyncSender<()>) -> Msg) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let waits: Vec<_> = self
+            .lanes
+            .iter()
+            .filter_map(|lane| {
+                let (ack, done) = sync_channel(1);
+                lane.tx.send(msg(ack)).is_ok().then_some(done)
+            })
+            .collect();
+        for done in waits {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let _ = done.recv_timeout(left);
         }
     }
 
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Sink::Stdout(s) => s.flush(),
-            Sink::File { out, .. } => out.flush(),
+    /// Reopens the file at its path (after log rotation moved it), before the next write; the
+    /// old file ends with a rotation checkpoint.
+    pub fn reopen(&self) {
+        for lane in &self.lanes {
+            lane.reopen.store(true, Ordering::SeqCst);
         }
+    }
+
+    /// Records written to the file sink so far (checkpoints and the writer's notes not counted).
+    pub fn written(&self) -> u64 {
+        self.health().written.load(Ordering::Acquire)
     }
 }
 
-fn writer(mut sink: Sink, rx: Receiver<Msg>, reopen: Arc<AtomicBool>, written: Arc<AtomicU64>) {
-    loop {
-        std::thread::sleep(BATCH_INTERVAL);
-        if reopen.swap(false, Ordering::SeqCst) {
-            let _ = sink.flush();
-            if let Sink::File { path, .. } = &sink {
-                match Sink::open(Some(path.clone())) {
-                    Ok(s) => sink = s,
-                    Err(e) => {
-                        tracing::error!(error = %e, "could not reopen the audit log; still writing to the old file")
-                    }
-                }
-            }
-        }
-        // Records written to the buffer since the last flush; `written` counts only flushed ones,
-        // so a reader that sees the count also sees the lines in the file.
-        let mut unflushed = 0u64;
-        loop {
-            match rx.try_recv() {
-                Ok(Msg::Line(line)) => match sink.write_line(|w| w.write_all(line.as_bytes())) {
-                    Ok(()) => unflushed += 1,
-                    Err(e) => tracing::error!(error = %e, "audit write failed"),
-                },
-                Ok(Msg::Request(entry)) => match sink.write_line(|w| Ok(entry.write_json(w)?)) {
-                    Ok(()) => unflushed += 1,
-                    Err(e) => tracing::error!(error = %e, "audit write failed"),
-                },
-                Ok(Msg::Flush(ack)) => {
-                    flush(&mut sink, &mut unflushed, &written);
-                    let _ = ack.try_send(());
-                }
-                Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                    flush(&mut sink, &mut unflushed, &written);
-                    return;
-                }
-            }
-        }
-        if unflushed > 0 {
-            flush(&mut sink, &mut unflushed, &written);
-        }
+/// The audit sinks' part of `/readyz`: whether they all write, and a JSON object naming the
+/// first that fails (or the file's, when none fails); with a syslog sink, `sinks` lists each.
+pub fn readiness_of(audit: &Audit) -> (bool, serde_json::Value) {
+    let each: Vec<(bool, serde_json::Value)> = audit.healths().map(readiness).collect();
+    let ready = each.iter().all(|(ok, _)| *ok);
+    let first = each
+        .iter()
+        .find(|(ok, _)| !ok)
+        .unwrap_or(&each[0])
+        .1
+        .clone();
+    if each.len() == 1 {
+        return (ready, first);
+    }
+    let mut v = first;
+    v["sinks"] = each.into_iter().map(|(_, v)| v).collect();
+    (ready, v)
+}
+
+/// The status page's banners: one per failing sink.
+pub fn banners(audit: &Audit) -> Vec<String> {
+    audit.healths().filter_map(banner).collect()
+}
+
+/// The audit sink's part of `/readyz`: whether it writes, and a JSON object naming it.
+pub fn readiness(h: &Health) -> (bool, serde_json::Value) {
+    match h.problem() {
+        None => (true, serde_json::json!({ "sink": h.sink, "state": "ok" })),
+        Some(error) => (
+            false,
+            serde_json::json!({
+                "sink": h.sink,
+                "state": "failing",
+                "error": error,
+                "since": h.failing_since().map(rfc3339),
+                "records_held": h.records_held.get(),
+                "records_lost": h.records_lost.get(),
+            }),
+        ),
     }
 }
 
-/// Flushes the sink and, once the lines are in the file, counts them as written.
-fn flush(sink: &mut Sink, unflushed: &mut u64, written: &AtomicU64) {
-    match sink.flush() {
-        Ok(()) => {
-            written.fetch_add(*unflushed, Ordering::Release);
-        }
-        Err(e) => tracing::error!(error = %e, "audit flush failed"),
-    }
-    *unflushed = 0;
+/// The status page's banner while the audit sink fails.
+pub fn banner(h: &Health) -> Option<String> {
+    let error = h.problem()?;
+    Some(format!(
+        "The audit sink {} cannot be written ({error}). Records held in memory: {}; lost: {}. New requests are refused with 503 unless [audit] on_failure = \"serve\".",
+        h.sink,
+        h.records_held.get(),
+        h.records_lost.get()
+    ))
 }
+
 pub use crate::clock::{now_rfc3339, rfc3339, system_rfc3339};
 
 #[cfg(test)]
@@ -518,6 +593,7 @@ mod tests {
             user_agent: Some(HeaderValue::from_static("curl/8")),
             identity: Some("key"),
             client_certificate: None,
+            detail: None,
         };
         audit.request(entry());
         wait_for(|| audit.written() == 1);
@@ -527,8 +603,35 @@ mod tests {
         wait_for(|| audit.written() == 2);
         let new = std::fs::read_to_string(&path).unwrap();
         let old = std::fs::read_to_string(dir.path().join("audit.jsonl.1")).unwrap();
-        assert_eq!((old.lines().count(), new.lines().count()), (1, 1));
+        // The old file: the run's start checkpoint, the record, the rotation checkpoint.
+        let events = |text: &str| -> Vec<String> {
+            text.lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    format!("{}:{}", v["kind"], v["cause"]).replace('"', "")
+                })
+                .collect()
+        };
+        assert_eq!(
+            events(&old),
+            ["audit:start", "request:null", "audit:rotation"]
+        );
+        assert_eq!(events(&new), ["request:null"]);
+        let files = [dir.path().join("audit.jsonl.1"), path.clone()];
+        let open = verify::verify_files(&files, None).unwrap();
+        assert!(
+            matches!(
+                open.finding.as_ref().map(|f| &f.problem),
+                Some(verify::Problem::MissingTail { after: 3 })
+            ),
+            "{open}"
+        );
+        audit.close();
+        let sealed = verify::verify_files(&files, None).unwrap();
+        assert_eq!(sealed.finding, None, "{sealed}");
+        assert_eq!((sealed.runs, sealed.checkpoints), (1, 3));
         let v: serde_json::Value = serde_json::from_str(new.lines().next().unwrap()).unwrap();
+        assert_eq!(v["seq"], 3);
         assert_eq!(v["status"], 200);
         assert_eq!(v["time"], "2023-11-14T22:13:20Z");
         assert_eq!(v["request_id"], "00abcdef01234567");
@@ -572,6 +675,7 @@ mod tests {
             user_agent: None,
             identity: None,
             client_certificate: None,
+            detail: None,
         };
         let mut json = Vec::new();
         entry.write_json(&mut json).unwrap();
@@ -584,6 +688,53 @@ mod tests {
         let fp = v["token_fingerprint"].as_str().unwrap();
         assert_eq!(fp.len(), 8);
         assert_eq!(Some(fp), token.fingerprint().map(|f| &**f));
+    }
+
+    #[test]
+    fn records_go_to_the_file_and_to_syslog() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let config = AuditConfig {
+            syslog: Some(crate::config::SyslogConfig {
+                target: crate::config::SyslogTarget::Tcp {
+                    host: "127.0.0.1".into(),
+                    port: listener.local_addr().unwrap().port(),
+                },
+                facility: 4,
+                app_name: "test".into(),
+            }),
+            ..AuditConfig::default()
+        };
+        let audit = Audit::start(Some(&path), config).unwrap();
+        audit.server_event(&ServerRecord::new("config_reloaded", "sighup"));
+        let (mut peer, _) = listener.accept().unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = String::new();
+        let mut buf = [0u8; 4096];
+        while !got.contains("config_reloaded") {
+            let n = peer.read(&mut buf).unwrap();
+            assert!(n > 0, "{got}");
+            got.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+        }
+        assert!(
+            got.contains(
+                " server [meraki-proxy@32473 seq=\"1\" event=\"config_reloaded\"] {\"seq\":1,"
+            ),
+            "{got}"
+        );
+        wait_for(|| {
+            std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .contains("config_reloaded")
+        });
+        let (ready, v) = readiness_of(&audit);
+        assert!(ready, "{v}");
+        assert_eq!(
+            v["sinks"][1]["sink"],
+            format!("syslog tcp://{}", listener.local_addr().unwrap())
+        );
     }
 
     fn wait_for(f: impl Fn() -> bool) {

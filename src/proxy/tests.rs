@@ -15,6 +15,7 @@ use crate::secret::Secret;
 use crate::testing::Authority;
 use crate::token::{Grants, Settings, SqliteStore};
 use crate::upstream::Upstream;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 const ALICE: &str = "alice-key-0123456789";
@@ -94,6 +95,7 @@ operations = ["getOrganization", "wireless:read"]
         .import("netops", &["111".into()], Secret::new(authority.issue()))
         .await
         .unwrap();
+    grants.set_probe(authority.clone());
     let outbound = Arc::new(crate::tls::Outbound::from_config(&config.upstream).unwrap());
     let upstream = Arc::new(
         Upstream::new(
@@ -171,12 +173,19 @@ async fn received(session: Session, mut client: DuplexStream) -> String {
 
 impl Rig {
     fn audit(&self) -> Vec<serde_json::Value> {
+        self.audit_all()
+            .into_iter()
+            .filter(|v: &serde_json::Value| v["kind"] == "request")
+            .collect()
+    }
+
+    /// Every audit record, token events included.
+    fn audit_all(&self) -> Vec<serde_json::Value> {
         self.proxy.audit.flush();
         std::fs::read_to_string(&self.audit_path)
             .unwrap_or_default()
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
-            .filter(|v: &serde_json::Value| v["kind"] == "request")
             .collect()
     }
 
@@ -333,7 +342,6 @@ fn upstream_response(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {
 #[tokio::test(start_paused = true)]
 async fn a_401_refreshes_once_and_asks_pingora_to_retry() {
     let rig = rig().await;
-    tokio::time::advance(Duration::from_secs(31)).await;
     let (mut s, _c, mut ctx) = admitted(&rig).await;
     let before = ctx.forward.as_ref().unwrap().token.generation;
     let mut resp = upstream_response(401, &[]);
@@ -354,9 +362,36 @@ async fn a_401_refreshes_once_and_asks_pingora_to_retry() {
     assert_eq!(rig.authority.calls(), 2);
 }
 
+/// Issue 19: a token refused the moment it was issued is refreshed like any other; when the
+/// token minted for that 401 is refused at the same operation again, the retry's 401 passes
+/// through marked and the next request's 401 there does not refresh.
 #[tokio::test(start_paused = true)]
-async fn a_401_on_a_token_issued_moments_ago_passes_through_marked() {
+async fn a_401_at_an_operation_that_refuses_every_token_passes_through_marked() {
     let rig = rig().await;
+    let (mut s, _c, mut ctx) = admitted(&rig).await;
+    let mut resp = upstream_response(401, &[]);
+    let e = rig
+        .proxy
+        .upstream_response_filter(&mut s, &mut resp, &mut ctx)
+        .await
+        .unwrap_err();
+    assert!(
+        e.retry(),
+        "a token 0 s old is refreshed and the request retried"
+    );
+    assert_eq!(rig.authority.calls(), 2, "the import and one refresh");
+    let mut resp = upstream_response(401, &[("content-type", "application/json")]);
+    rig.proxy
+        .upstream_response_filter(&mut s, &mut resp, &mut ctx)
+        .await
+        .unwrap();
+    assert_eq!(resp.headers["x-proxy-upstream"], "rejected-401");
+    rig.proxy.logging(&mut s, None, &mut ctx).await;
+    assert_eq!(
+        rig.audit().last().unwrap()["reason"],
+        "refused_at_operation"
+    );
+
     let (mut s, _c, mut ctx) = admitted(&rig).await;
     let mut resp = upstream_response(401, &[("content-type", "application/json")]);
     rig.proxy
@@ -364,9 +399,46 @@ async fn a_401_on_a_token_issued_moments_ago_passes_through_marked() {
         .await
         .unwrap();
     assert_eq!(resp.headers["x-proxy-upstream"], "rejected-401");
-    assert_eq!(rig.authority.calls(), 1, "no refresh");
+    assert_eq!(
+        rig.authority.calls(),
+        2,
+        "no refresh: the probe says the token works"
+    );
     rig.proxy.logging(&mut s, None, &mut ctx).await;
-    assert_eq!(rig.audit()[0]["reason"], "fresh_token_rejected");
+    let audit = rig.audit_all();
+    let last = audit.iter().rev().find(|r| r["kind"] == "request").unwrap();
+    assert_eq!(last["reason"], "refused_at_operation");
+    assert_eq!(last["retried_after_401"], false);
+    assert!(
+        audit
+            .iter()
+            .any(|r| r["event"] == "operation_refused"
+                && r["operation"] == "getOrganizationNetworks"),
+        "{audit:#?}"
+    );
+    let metrics = rig.proxy.metrics.render();
+    // The first request's retry was refused again; the second passed through without one.
+    for (outcome, n) in [("rejected_again", 1), ("refused_at_operation", 1)] {
+        let line = format!(
+            r#"meraki_proxy_upstream_401_retries_total{{integration="netops",outcome="{outcome}"}} {n}"#
+        );
+        assert!(metrics.contains(&line), "{line}\n{metrics}");
+    }
+    assert!(
+        metrics.contains(r#"meraki_proxy_refused_operations{grant="1",integration="netops"} 1"#)
+    );
+
+    // Meraki serves the operation again: a 2xx there forgets it.
+    let (mut s, _c, mut ctx) = admitted(&rig).await;
+    let mut resp = upstream_response(200, &[]);
+    rig.proxy
+        .upstream_response_filter(&mut s, &mut resp, &mut ctx)
+        .await
+        .unwrap();
+    let metrics = rig.proxy.metrics.render();
+    assert!(
+        metrics.contains(r#"meraki_proxy_refused_operations{grant="1",integration="netops"} 0"#)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -387,7 +459,7 @@ async fn redirects_are_followed_to_allowed_hosts_only() {
         .unwrap_err();
     assert!(e.retry());
     assert_eq!(
-        ctx.redirect.as_ref().unwrap().path_and_query,
+        ctx.upstream.redirect.as_ref().unwrap().path_and_query,
         "/api/v1/organizations/111/networks?x=1"
     );
     let mut resp = upstream_response(307, &[("location", "https://evil.test/api/v1/x")]);
@@ -435,7 +507,7 @@ async fn a_client_runs_only_its_operations() {
     let rig = rig().await;
     let (done, ctx, _) = rig.filter(&get("/api/v1/organizations/111", CAROL)).await;
     assert!(!done, "getOrganization is carol's");
-    assert_eq!(ctx.operation, Some("getOrganization"));
+    assert_eq!(ctx.operation(), Some("getOrganization"));
     let (done, _, got) = rig
         .filter(&get("/api/v1/organizations/111/networks", CAROL))
         .await;
