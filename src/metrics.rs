@@ -41,6 +41,10 @@ pub struct Metrics {
     bucket_tokens: GaugeVec,
     bucket_rps: GaugeVec,
     queued: IntGaugeVec,
+    rate_share: GaugeVec,
+    rate_demand: GaugeVec,
+    source_share: prometheus::Gauge,
+    fleet_exchanges: IntCounterVec,
     connections_open: IntGauge,
     connections_refused: IntCounterVec,
     malformed: IntCounterVec,
@@ -330,6 +334,42 @@ impl Metrics {
                 "Requests waiting for their turn now, by organization.",
                 &["organization"],
             )?,
+            rate_share: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "meraki_proxy_rate_share",
+                        "This instance's part of the organization's rate budget (1 alone; in a fleet, divided by demand every 250 ms), by organization.",
+                    ),
+                    &["organization"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            rate_demand: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "meraki_proxy_rate_demand_rps",
+                        "Requests/s the organization was asked for in the last second, at this instance (of=\"instance\") and in the whole fleet (of=\"fleet\"), at the last exchange.",
+                    ),
+                    &["organization", "of"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            source_share: {
+                let g = prometheus::Gauge::new(
+                    "meraki_proxy_rate_source_share",
+                    "This instance's part of the source address's rate budget (1 alone, or when [rate_limits] source_shared = false).",
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            fleet_exchanges: counter(
+                &r,
+                "meraki_proxy_fleet_exchanges_total",
+                "Demand exchanges with the fleet through the store, by outcome (ok; failed or slow: the instance took the even split of the fleet it last saw).",
+                &["outcome"],
+            )?,
             shaper: OnceLock::new(),
             registry: r,
         })
@@ -397,7 +437,17 @@ impl Metrics {
                 self.bucket_tokens.with_label_values(&org).set(o.tokens);
                 self.bucket_rps.with_label_values(&org).set(o.rps);
                 self.queued.with_label_values(&org).set(o.queued as i64);
+                self.rate_share.with_label_values(&org).set(o.share);
+                if o.instances > 1 {
+                    self.rate_demand
+                        .with_label_values(&[&*o.org, "instance"])
+                        .set(o.asked_here);
+                    self.rate_demand
+                        .with_label_values(&[&*o.org, "fleet"])
+                        .set(o.asked_fleet);
+                }
             }
+            self.source_share.set(shaper.source_share());
         }
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
@@ -545,6 +595,11 @@ impl Metrics {
     }
 
     /// Instances alive on the shared store.
+    /// One demand exchange with the fleet: `ok`, `failed` or `slow`.
+    pub fn fleet_exchange(&self, outcome: &str) {
+        self.fleet_exchanges.with_label_values(&[outcome]).inc();
+    }
+
     pub fn instances(&self, n: usize) {
         self.instances.set(n as i64);
     }

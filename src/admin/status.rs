@@ -202,6 +202,18 @@ impl Admin {
             } else {
                 format!("{:.1}/s", o.rps)
             };
+            // In a fleet: this instance's part, by the fleet's division by demand.
+            let budget = if o.instances > 1 {
+                format!(
+                    "{budget}<br><span class=\"fleet-share\">{:.0}% of the organization's budget, by demand: {:.1}/s asked here, {:.1}/s by the fleet of {}</span>",
+                    100.0 * o.share,
+                    o.asked_here,
+                    o.asked_fleet,
+                    o.instances
+                )
+            } else {
+                budget
+            };
             let shares = o
                 .clients
                 .iter()

@@ -174,6 +174,9 @@ pub struct RateLimits {
     pub max_wait_ms: Option<u64>,
     /// Requests of one client waiting for one organization at most.
     pub queue_per_client: Option<usize>,
+    /// Whether the instances of a fleet send from one address (NAT: one source budget for the
+    /// fleet, divided by demand) or each from its own (default true).
+    pub source_shared: Option<bool>,
 }
 
 /// `[[integrations]]`

@@ -80,6 +80,9 @@ pub struct RateLimits {
     pub max_wait: Duration,
     /// Requests one client may have waiting for one organization.
     pub queue_per_client: usize,
+    /// Whether a fleet's instances share one source address, hence one source budget
+    /// (divided by demand like an organization's), or each has its own.
+    pub source_shared: bool,
 }
 
 impl Default for RateLimits {
@@ -93,6 +96,7 @@ impl Default for RateLimits {
             source_rps: 100.0,
             max_wait: Duration::from_millis(2000),
             queue_per_client: 64,
+            source_shared: true,
         }
     }
 }

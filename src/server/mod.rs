@@ -16,8 +16,11 @@
 //! - `tasks`: the background services: upstream DNS, grant keep-alive, store sync, SIGHUP, and
 //!   what a reload reports to the audit log and metrics.
 //! - `drain`: shutdown: the binary's [`Signals`] and the drain of in-flight requests.
+//! - `fleet`: the `fleet-shares` service: the demand exchange through the store every 250 ms
+//!   and this instance's part of Meraki's budgets (`crate::shaping::fleet`).
 
 mod drain;
+mod fleet;
 mod prebound;
 mod tasks;
 mod wiring;

@@ -2,7 +2,6 @@
 
 use crate::audit::Audit;
 use crate::config::Config;
-use crate::metrics::Metrics;
 use crate::observe::Observer;
 use crate::reload::Live;
 use crate::shaping::Shaper;
@@ -76,11 +75,9 @@ impl BackgroundService for GrantKeeper {
 /// Keeps this instance in step with others sharing the store: re-reads the grants when the
 /// store announces a change (PostgreSQL's LISTEN/NOTIFY) and every `every` (heartbeat, unstored
 /// rotations, a full re-read: the safety net for missed notifications).
+/// (The fleet's division of Meraki's budget is `super::fleet`'s, every 250 ms.)
 pub(super) struct StoreSync {
     pub(super) grants: Arc<Grants>,
-    pub(super) metrics: Arc<Metrics>,
-    /// Takes one live instance's share of each organization's rate budget.
-    pub(super) shaper: Shaper,
     pub(super) every: Duration,
 }
 
@@ -108,11 +105,7 @@ impl BackgroundService for StoreSync {
                     }
                 }
                 _ = tick.tick() => match self.grants.sync().await {
-                    Ok(live) => {
-                        self.metrics.instances(live);
-                        // Meraki's budget is the organization's, whichever instance spends it.
-                        self.shaper.set_share(1.0 / live.max(1) as f64);
-                    }
+                    Ok(_) => {}
                     Err(e) => tracing::warn!(error = %crate::report::chain(&e), "store sync failed; serving from memory"),
                 },
             }

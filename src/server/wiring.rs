@@ -317,9 +317,15 @@ pub fn build(launch: Launch) -> Result<(Server, ShutdownBox), StartError> {
         "store-sync",
         StoreSync {
             grants: grants.clone(),
-            metrics: metrics.clone(),
-            shaper: shaper.clone(),
             every: config.store_sync,
+        },
+    ));
+    server.add_service(background_service(
+        "fleet-shares",
+        super::fleet::FleetShares {
+            store: grants.store().clone(),
+            shaper: shaper.clone(),
+            metrics: metrics.clone(),
         },
     ));
     server.add_service(background_service(

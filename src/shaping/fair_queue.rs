@@ -20,6 +20,36 @@ pub(super) struct Lane {
     pub(super) recent_at: Instant,
     pub(super) granted: Window,
     pub(super) throttled: Window,
+    /// Demand for the fleet's division (`super::fleet`): this cycle's requests asked for and
+    /// sent, the three cycles before, and whether one waited or was refused this cycle.
+    pub(super) cycle: Cycle,
+}
+
+/// Requests asked for and sent in the current exchange cycle and the three before it.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Cycle {
+    pub(super) asked: u32,
+    pub(super) got: u32,
+    pub(super) past: [(u32, u32); 3],
+    pub(super) hungry: bool,
+}
+
+impl Cycle {
+    /// The last four cycles' totals (asked, got) and hunger; starts a new cycle.
+    pub(super) fn roll(&mut self) -> (u32, u32, bool) {
+        let asked = self.asked + self.past.iter().map(|p| p.0).sum::<u32>();
+        let got = self.got + self.past.iter().map(|p| p.1).sum::<u32>();
+        let hungry = self.hungry;
+        self.past = [(self.asked, self.got), self.past[0], self.past[1]];
+        self.asked = 0;
+        self.got = 0;
+        self.hungry = false;
+        (asked, got, hungry)
+    }
+
+    pub(super) fn idle(&self) -> bool {
+        self.asked == 0 && self.got == 0 && !self.hungry && self.past.iter().all(|p| *p == (0, 0))
+    }
 }
 
 impl Lane {
@@ -32,6 +62,7 @@ impl Lane {
             recent_at: now,
             granted: Window::default(),
             throttled: Window::default(),
+            cycle: Cycle::default(),
         }
     }
 
@@ -49,6 +80,8 @@ impl Lane {
 /// One organization's bucket and queues.
 pub(super) struct Org {
     pub(super) bucket: Bucket,
+    /// This instance's part of the organization's budget (1.0 alone; see `super::fleet`).
+    pub(super) share: f64,
     /// AIMD's factor on the configured rate, in [`MIN_FACTOR`, 1].
     pub(super) factor: f64,
     pub(super) last_decrease: Option<Instant>,
@@ -64,7 +97,19 @@ pub(super) struct Org {
 
 pub(super) struct Inner {
     pub(super) limits: RateLimits,
+    /// The share of organizations the fleet's division does not name, and of new ones.
     pub(super) share: f64,
+    /// The fleet's division per organization (empty alone).
+    pub(super) shares: HashMap<Arc<str>, f64>,
+    pub(super) source_share: f64,
+    /// Demand on the source budget, per exchange cycle.
+    pub(super) source_cycle: Cycle,
+    /// When the last four cycles began (oldest first): the demand's time window.
+    pub(super) rolled: VecDeque<Instant>,
+    /// The fleet's last division as the status page shows it: per organization, requests/s
+    /// asked here and by the fleet, and the fleet's size.
+    pub(super) fleet_demand: HashMap<String, (f64, f64)>,
+    pub(super) instances: usize,
     pub(super) source: Bucket,
     pub(super) orgs: HashMap<Arc<str>, Org>,
     pub(super) queued: usize,
@@ -80,26 +125,33 @@ pub(super) struct Inner {
 }
 
 impl Inner {
-    pub(super) fn org_depth(&self) -> f64 {
-        (self.limits.organization_burst * self.share - HEADROOM).max(1.0)
+    pub(super) fn org_depth(&self, share: f64) -> f64 {
+        (self.limits.organization_burst * share - HEADROOM).max(1.0)
     }
 
-    pub(super) fn org_rate(&self, factor: f64) -> f64 {
-        self.limits.organization_rps * self.share * factor
+    pub(super) fn org_rate(&self, share: f64, factor: f64) -> f64 {
+        self.limits.organization_rps * share * factor
+    }
+
+    /// The share of `org` by the fleet's division.
+    pub(super) fn share_of(&self, org: &str) -> f64 {
+        self.shares.get(org).copied().unwrap_or(self.share)
     }
 
     pub(super) fn source_params(&self) -> (f64, f64) {
-        let rate = self.limits.source_rps * self.share;
+        let rate = self.limits.source_rps * self.source_share;
         ((rate * SOURCE_DEPTH_SECS).max(1.0), rate)
     }
 
     pub(super) fn org_mut(&mut self, org: &str, now: Instant) -> &mut Org {
         if !self.orgs.contains_key(org) {
-            let bucket = Bucket::full(self.org_depth(), self.org_rate(1.0), now);
+            let share = self.share_of(org);
+            let bucket = Bucket::full(self.org_depth(share), self.org_rate(share, 1.0), now);
             self.orgs.insert(
                 Arc::from(org),
                 Org {
                     bucket,
+                    share,
                     factor: 1.0,
                     last_decrease: None,
                     vtime: 0.0,
@@ -141,6 +193,7 @@ impl Inner {
                 if let Some(org) = self.orgs.get_mut(key) {
                     let n = dispatch(org, &mut self.source, now, slot, 1);
                     self.queued -= n;
+                    self.source_cycle.got += n as u32;
                     if n > 0 {
                         progress = true;
                         self.last_served = Some(key.clone());
@@ -218,6 +271,7 @@ pub(super) fn dispatch(
             org.bucket.tokens -= 1.0;
             source.tokens -= 1.0;
             org.vtime = org.vtime.max(w.tag);
+            lane.cycle.got += 1;
             lane.granted.add(slot);
             org.granted.add(slot);
             org.granted_total += 1;

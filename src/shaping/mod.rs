@@ -56,9 +56,11 @@
 
 mod bucket;
 mod fair_queue;
+pub mod fleet;
 mod snapshots;
 mod waiter;
 
+pub use fleet::{Demand, Shares};
 pub use snapshots::{ClientSnapshot, LaneSnapshot, OrgSnapshot};
 pub use waiter::Waiting;
 
@@ -196,6 +198,12 @@ impl Shaper {
         let mut inner = Inner {
             limits,
             share: 1.0,
+            shares: HashMap::new(),
+            source_share: 1.0,
+            source_cycle: fair_queue::Cycle::default(),
+            rolled: VecDeque::from([now; 4]),
+            fleet_demand: HashMap::new(),
+            instances: 1,
             source: Bucket::full(1.0, 1.0, now),
             orgs: HashMap::new(),
             queued: 0,
@@ -230,32 +238,93 @@ impl Shaper {
         self.rescale(&mut g);
     }
 
-    /// The fraction of every budget this instance may use: 1.0 alone; with several instances
-    /// sharing Meraki's budget, e.g. one over the number of live instances (not built yet: see
-    /// the module documentation).
-    pub fn set_share(&self, share: f64) {
-        let mut g = self.shared.lock();
-        g.share = if share.is_finite() {
-            share.clamp(0.001, 1.0)
-        } else {
-            1.0
+    /// The parts of every budget this instance may use, by the fleet's division
+    /// ([`fleet::allocate`]); alone, 1.0 of each (the default).
+    pub fn set_shares(&self, shares: &Shares) {
+        let clamp = |s: f64| {
+            if s.is_finite() {
+                s.clamp(0.001, 1.0)
+            } else {
+                1.0
+            }
         };
+        let mut g = self.shared.lock();
+        g.share = clamp(shares.default);
+        g.source_share = clamp(shares.source);
+        g.shares = shares
+            .orgs
+            .iter()
+            .map(|(k, v)| (Arc::from(k.as_str()), clamp(*v)))
+            .collect();
+        g.fleet_demand.clone_from(&shares.demand);
+        g.instances = shares.instances;
         self.rescale(&mut g);
+    }
+
+    /// This instance's part of the source budget.
+    pub fn source_share(&self) -> f64 {
+        self.shared.lock().source_share
+    }
+
+    /// What this instance's clients asked for in the last second, for the fleet's division;
+    /// starts a new exchange cycle. Called every [`fleet::CYCLE`] by the fleet service only.
+    pub fn demand(&self) -> Demand {
+        let mut g = self.shared.lock();
+        let now = Instant::now();
+        let secs = now
+            .saturating_duration_since(g.rolled[0])
+            .as_secs_f64()
+            .clamp(fleet::CYCLE.as_secs_f64(), 4.0 * fleet::CYCLE.as_secs_f64());
+        g.rolled.pop_front();
+        g.rolled.push_back(now);
+        let mut out = Demand::default();
+        let (asked, got, hungry) = g.source_cycle.roll();
+        out.source_asked = f64::from(asked) / secs;
+        out.source_rps = f64::from(got) / secs;
+        out.source_hungry = hungry;
+        for (org, o) in g.orgs.iter_mut() {
+            let mut clients = Vec::new();
+            for (client, lane) in o.lanes.iter_mut() {
+                if lane.cycle.idle() {
+                    continue;
+                }
+                let (asked, got, hungry) = lane.cycle.roll();
+                clients.push(fleet::ClientDemand {
+                    client: client.to_string(),
+                    rps: f64::from(got) / secs,
+                    asked: f64::from(asked) / secs,
+                    weight: lane.weight,
+                    hungry,
+                });
+            }
+            if !clients.is_empty() {
+                out.orgs.insert(org.to_string(), clients);
+            }
+        }
+        out
     }
 
     fn rescale(&self, g: &mut Inner) {
         let now = Instant::now();
         let (depth, rate) = g.source_params();
         g.source.set(depth, rate, now);
-        let org_depth = g.org_depth();
-        let rates: Vec<(Arc<str>, f64)> = g
+        let params: Vec<(Arc<str>, f64, f64, f64)> = g
             .orgs
             .iter()
-            .map(|(k, o)| (k.clone(), g.org_rate(o.factor)))
+            .map(|(k, o)| {
+                let share = g.share_of(k);
+                (
+                    k.clone(),
+                    share,
+                    g.org_depth(share),
+                    g.org_rate(share, o.factor),
+                )
+            })
             .collect();
-        for (k, rate) in rates {
+        for (k, share, depth, rate) in params {
             if let Some(o) = g.orgs.get_mut(&k) {
-                o.bucket.set(org_depth, rate, now);
+                o.share = share;
+                o.bucket.set(depth, rate, now);
             }
         }
         if !g.limits.enabled {
@@ -286,6 +355,7 @@ impl Shaper {
         let weight = f64::from(weight.max(1));
         let inner = &mut *g;
         inner.source.refill(now);
+        inner.source_cycle.asked += 1;
         let source_free = inner.source.has(1.0) && !inner.source_blocked;
         // The common case: nobody waits for this organization and its bucket has a token.
         let start = {
@@ -298,22 +368,28 @@ impl Shaper {
             }
             let lane = o.lanes.get_mut(client).expect("inserted above");
             lane.weight = weight;
+            lane.cycle.asked += 1;
             let start = lane.finish.max(vtime);
             if go {
                 lane.finish = start + 1.0 / weight;
                 lane.arrived(now);
+                lane.cycle.got += 1;
                 lane.granted.add(slot);
                 o.bucket.tokens -= 1.0;
                 o.vtime = start;
                 o.granted.add(slot);
                 o.granted_total += 1;
                 inner.source.tokens -= 1.0;
+                inner.source_cycle.got += 1;
                 return Ticket::Go(Turn {
                     waited: Duration::ZERO,
                 });
             }
             start
         };
+        if !source_free {
+            inner.source_cycle.hungry = true;
+        }
         let others = inner.others(org);
         let source_blocked = inner.source_blocked;
         let Inner {
@@ -321,6 +397,7 @@ impl Shaper {
             source,
             queued,
             next_id,
+            source_cycle,
             ..
         } = inner;
         let org_key = orgs.get_key_value(org).map(|(k, _)| k.clone());
@@ -342,6 +419,7 @@ impl Shaper {
             o.throttled_total += 1;
             if let Some(lane) = o.lanes.get_mut(client) {
                 lane.throttled.add(slot);
+                lane.cycle.hungry = true;
             }
             return Ticket::Refused(Throttled {
                 org: org_key,
@@ -360,6 +438,7 @@ impl Shaper {
             });
         };
         lane.queue.push_back(Waiter { id, tag: start, tx });
+        lane.cycle.hungry = true;
         lane.finish = start + 1.0 / weight;
         lane.arrived(now);
         o.queued += 1;
@@ -371,6 +450,7 @@ impl Shaper {
             // Tokens may have come while nobody looked: serve what can go (perhaps this one).
             let n = dispatch(o, source, now, slot, usize::MAX);
             *queued -= n;
+            source_cycle.got += n as u32;
         }
         self.ensure_dispatcher(&mut g);
         drop(g);
@@ -421,7 +501,7 @@ impl Shaper {
         }
         let mut g = self.shared.lock();
         let now = Instant::now();
-        let configured = g.org_rate(1.0);
+        let configured = g.org_rate(g.share_of(org), 1.0);
         let o = g.org_mut(org, now);
         let was_slowed = o.factor < 1.0;
         if status == 429 {

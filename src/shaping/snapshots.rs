@@ -41,6 +41,13 @@ pub struct OrgSnapshot {
     pub org: Arc<str>,
     /// The configured rate (× share), requests/s.
     pub configured_rps: f64,
+    /// This instance's part of the organization's budget (1.0 alone).
+    pub share: f64,
+    /// Requests/s asked for here and by the whole fleet, at the last exchange (0 alone).
+    pub asked_here: f64,
+    pub asked_fleet: f64,
+    /// Live instances at the last exchange.
+    pub instances: usize,
     /// The rate now, after slowing for upstream 429s.
     pub rps: f64,
     pub depth: f64,
@@ -110,7 +117,8 @@ impl Shaper {
         let now = Instant::now();
         let slot = self.shared.slot(now);
         let per_min = (60 / SLOT_SECS) as usize;
-        let configured = g.org_rate(1.0);
+        let g = &mut *g;
+        let (limits, instances, fleet_demand) = (g.limits, g.instances, &g.fleet_demand);
         let mut out: Vec<OrgSnapshot> = g
             .orgs
             .iter_mut()
@@ -129,9 +137,14 @@ impl Shaper {
                     })
                     .collect();
                 clients.sort_by(|a, b| a.client.cmp(&b.client));
+                let (asked_here, asked_fleet) = fleet_demand.get(&**k).copied().unwrap_or_default();
                 OrgSnapshot {
                     org: k.clone(),
-                    configured_rps: configured,
+                    configured_rps: limits.organization_rps * o.share,
+                    share: o.share,
+                    asked_here,
+                    asked_fleet,
+                    instances,
                     rps: o.bucket.rate,
                     depth: o.bucket.depth,
                     tokens: o.bucket.tokens,

@@ -363,7 +363,7 @@ async fn charges_and_share_and_turning_off() {
 
     // Half the budget (two instances).
     let s = shaper();
-    s.set_share(0.5);
+    s.set_shares(&Shares::even(2));
     for _ in 0..4 {
         go(s.request("1", "a", 1));
     }

@@ -67,6 +67,11 @@ CREATE TABLE IF NOT EXISTS mop_instances (
     started_at bigint NOT NULL,
     last_seen bigint NOT NULL
 );
+CREATE UNLOGGED TABLE IF NOT EXISTS mop_demand (
+    name text PRIMARY KEY,
+    at timestamptz NOT NULL,
+    doc text NOT NULL
+);
 CREATE OR REPLACE FUNCTION mop_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_notify('meraki_proxy_grants', '');
@@ -529,6 +534,38 @@ impl Store for PgStore {
             .await?
             .get(0);
         Ok(live.max(1) as usize)
+    }
+
+    async fn exchange_demand(
+        &self,
+        document: &str,
+    ) -> Result<Option<Vec<(String, String)>>, StoreError> {
+        // One statement: publish, drop day-old rows, read the others' fresh rows. The clock is
+        // the database's, so instances' clocks need not agree; an instance whose sessions are
+        // all closed (it died) is left out at once, a hung one once its row is a second old.
+        // The CTE's reads see the table as it was before this statement: this row is not read.
+        let c = self.conn().await?;
+        let rows = c
+            .query(
+                "WITH up AS (
+                     INSERT INTO mop_demand (name, at, doc) VALUES ($1, clock_timestamp(), $2)
+                     ON CONFLICT (name) DO UPDATE SET at = excluded.at, doc = excluded.doc
+                 ), old AS (
+                     DELETE FROM mop_demand WHERE at < clock_timestamp() - interval '1 day'
+                 )
+                 SELECT d.name, d.doc FROM mop_demand d
+                 WHERE d.name <> $1
+                   AND d.at > clock_timestamp() - interval '1 second'
+                   AND EXISTS (SELECT 1 FROM pg_stat_activity a
+                               WHERE a.application_name = left('mop:' || d.name, 63))",
+                &[&&*self.instance, &document],
+            )
+            .await?;
+        Ok(Some(
+            rows.iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect(),
+        ))
     }
 
     async fn watch(&self, changed: &(dyn Fn() + Send + Sync)) {

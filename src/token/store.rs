@@ -75,6 +75,17 @@ pub trait Store: Send + Sync {
     async fn alive(&self, name: &str) -> Result<bool, StoreError>;
     /// Records that this instance is alive; how many instances are, itself included.
     async fn heartbeat(&self) -> Result<usize, StoreError>;
+    /// Publishes this instance's demand document (`crate::shaping::Demand`, as JSON) and returns
+    /// the fresh documents (under a second old) of the other live instances, by name: the fleet's
+    /// division of Meraki's budget (`crate::server::fleet`). `None`: the store serves one instance
+    /// (the embedded store), which has nobody to share with.
+    async fn exchange_demand(
+        &self,
+        document: &str,
+    ) -> Result<Option<Vec<(String, String)>>, StoreError> {
+        let _ = document;
+        Ok(None)
+    }
     /// Calls `changed` whenever another instance changes a grant (PostgreSQL's LISTEN/NOTIFY),
     /// for as long as the future is polled. Returns at once when the store cannot tell (the
     /// embedded store): the caller polls.

@@ -60,6 +60,7 @@ impl Validator<'_> {
             source_rps,
             max_wait,
             queue_per_client,
+            source_shared: raw.source_shared.unwrap_or(d.source_shared),
         })
     }
 }
