@@ -448,3 +448,181 @@ async fn activity_is_recorded_per_client() {
     tokio::time::advance(Duration::from_secs(301)).await;
     assert_eq!(s.clients()[0].requests_5m, 0);
 }
+
+fn shares(default: f64, orgs: &[(&str, f64)]) -> Shares {
+    Shares {
+        default,
+        orgs: orgs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+        source: 1.0,
+        demand: HashMap::new(),
+        instances: 2,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_per_organization_share_sets_only_that_organizations_bucket() {
+    let s = shaper();
+    s.set_shares(&shares(1.0, &[("1", 0.5)]));
+    // Half of organization 1's budget: 10 × 0.5 − the headroom = 4 at once, then 5/s.
+    for _ in 0..4 {
+        go(s.request("1", "a", 1));
+    }
+    let w = waiting(s.request("1", "a", 1));
+    assert_eq!(w.wait().await.unwrap().waited, Duration::from_millis(200));
+    // Organization 2 keeps the default, the whole budget.
+    for _ in 0..9 {
+        go(s.request("2", "a", 1));
+    }
+    let snap = s.organizations();
+    assert_eq!(snap[0].share, 0.5);
+    assert_eq!(snap[1].share, 1.0);
+    assert_eq!(snap[0].configured_rps, 5.0);
+    // A later division that no longer names organization 1 gives it the default.
+    s.set_shares(&shares(0.25, &[]));
+    assert!(s.organizations().iter().all(|o| o.share == 0.25));
+}
+
+#[tokio::test(start_paused = true)]
+async fn demand_reports_each_clients_rate_and_hunger_over_the_last_second() {
+    let s = shaper();
+    for _ in 0..5 {
+        go(s.request("1", "light", 1));
+    }
+    // The heavy client finds the bucket empty: its requests wait (hungry).
+    for _ in 0..4 {
+        go(s.request("2", "heavy", 3));
+    }
+    let held: Vec<Waiting> = (0..5)
+        .map(|_| match s.request("2", "heavy", 3) {
+            Ticket::Go(_) => None,
+            Ticket::Wait(w) => Some(w),
+            Ticket::Refused(e) => panic!("{e}"),
+        })
+        .flatten()
+        .collect();
+    assert!(!held.is_empty());
+    tokio::time::advance(Duration::from_millis(250)).await;
+    let d = s.demand();
+    let light = &d.orgs["1"][0];
+    assert_eq!(light.client, "light");
+    assert!((light.rps - 20.0).abs() < 1e-6, "{light:?}");
+    assert!((light.asked - 20.0).abs() < 1e-6, "{light:?}");
+    assert!(!light.hungry);
+    let heavy = &d.orgs["2"][0];
+    assert!(heavy.hungry, "{heavy:?}");
+    assert_eq!(heavy.weight, 3.0);
+    assert!((heavy.asked - 9.0 / 0.25).abs() < 1e-6, "{heavy:?}");
+    assert!(d.source_rps >= 9.0 / 0.25, "{d:?}");
+    drop(held);
+    // A second later, with nothing asked: nobody is published.
+    for _ in 0..4 {
+        tokio::time::advance(Duration::from_millis(250)).await;
+        s.demand();
+    }
+    tokio::time::advance(Duration::from_millis(250)).await;
+    assert!(s.demand().orgs.is_empty());
+}
+
+/// Three shapers ("instances") exchanging their demand every 250 ms through `fleet::allocate`,
+/// in front of a simulated Meraki bucket (10/s, 10 deep): a noisy client (10 tasks back to
+/// back) on instance 0, clients at 2/s on instances 1 and 2.
+#[tokio::test(start_paused = true)]
+async fn three_instances_exchanging_demand_use_the_budget_and_never_exceed_it() {
+    use std::sync::atomic::AtomicBool;
+    let instances: Vec<Shaper> = (0..3).map(|_| shaper()).collect();
+    for s in &instances {
+        s.set_shares(&Shares::even(3));
+    }
+    // Meraki's bucket for the organization.
+    let meraki = Arc::new(Mutex::new((10.0f64, Instant::now(), 0u64)));
+    let spend = {
+        let meraki = meraki.clone();
+        move || {
+            let mut m = meraki.lock().unwrap();
+            let now = Instant::now();
+            m.0 = (m.0 + (now - m.1).as_secs_f64() * 10.0).min(10.0);
+            m.1 = now;
+            if m.0 >= 1.0 {
+                m.0 -= 1.0;
+            } else {
+                m.2 += 1;
+            }
+        }
+    };
+    let start = Instant::now();
+    let end = start + Duration::from_secs(20);
+    let warm = start + Duration::from_secs(2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts: Arc<[AtomicU64; 3]> = Arc::new(Default::default());
+    let mut tasks = Vec::new();
+    for k in 0..10 {
+        let (s, spend, counts) = (instances[0].clone(), spend.clone(), counts.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < end {
+                match s.acquire("o", "noisy", 1).await {
+                    Ok(_) => {
+                        spend();
+                        if Instant::now() >= warm {
+                            counts[0].fetch_add(1, Ordering::Relaxed);
+                        }
+                        // A round trip to Meraki.
+                        tokio::time::sleep(Duration::from_millis(20 + k)).await;
+                    }
+                    Err(t) => tokio::time::sleep(Duration::from_secs(t.retry_after_secs())).await,
+                }
+            }
+        }));
+    }
+    for i in 1..3 {
+        let (s, spend, counts) = (instances[i].clone(), spend.clone(), counts.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut next = Instant::now();
+            while next < end {
+                tokio::time::sleep_until(next).await;
+                if s.acquire("o", &format!("light{i}"), 1).await.is_ok() {
+                    spend();
+                    if Instant::now() >= warm {
+                        counts[i].fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                next += Duration::from_millis(500);
+            }
+        }));
+    }
+    let exchange = {
+        let (instances, stop) = (instances.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(fleet::CYCLE);
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let docs: Vec<(String, Demand)> = instances
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (format!("i{i}"), s.demand()))
+                    .collect();
+                for (i, s) in instances.iter().enumerate() {
+                    s.set_shares(&fleet::allocate(&format!("i{i}"), &docs, 10.0, 100.0, true));
+                }
+            }
+        })
+    };
+    for t in tasks {
+        t.await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    exchange.await.unwrap();
+    let secs = (end - warm).as_secs_f64();
+    let got: Vec<f64> = counts
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed) as f64 / secs)
+        .collect();
+    let used = got.iter().sum::<f64>() / 10.0;
+    let over = meraki.lock().unwrap().2;
+    eprintln!(
+        "served/s {got:?}; budget used {:.1} %; Meraki's 429s {over}",
+        used * 100.0
+    );
+    assert_eq!(over, 0, "the fleet asked Meraki for more than its budget");
+    assert!(used >= 0.90, "budget used {used}");
+    assert!(got[1] >= 1.9 && got[2] >= 1.9, "light clients {got:?}");
+}
