@@ -409,10 +409,12 @@ fn rate_limits_default_to_merakis_figures_and_bad_values_name_the_key() {
     );
     let with = |section: &str| format!("{GOOD}weight = 3\n[rate_limits]\n{section}\n");
     let c = parse(&with(
-        "enabled = false\norganization_rps = 4.5\norganization_burst = 2\nsource_rps = 50\nmax_wait_ms = 500\nqueue_per_client = 8",
+        "enabled = false\norganization_rps = 4.5\norganization_burst = 2\nsource_rps = 50\nmax_wait_ms = 500\nqueue_per_client = 8\nsource_shared = false",
     ))
     .unwrap();
     let r = c.rate_limits;
+    assert!(!r.source_shared);
+    assert!(RateLimits::default().source_shared);
     assert_eq!(
         (
             r.enabled,
@@ -453,6 +455,7 @@ fn rate_limits_default_to_merakis_figures_and_bad_values_name_the_key() {
         ),
         ("queue = 3", "queue", "unknown field"),
         ("enabled = \"yes\"", "enabled", "bool"),
+        ("source_shared = 1", "source_shared", "bool"),
     ] {
         let e = parse(&with(section)).unwrap_err().to_string();
         assert!(e.contains(key) && e.contains(problem), "{section}: {e}");

@@ -34,12 +34,12 @@
 //! dropped while queued (its client went away) leaves its queue; one dropped after being
 //! granted gives its token back.
 //!
-//! **Several instances (future).** Sharing Meraki's budget across instances needs either exact
-//! coordination (a shared bucket: a round trip to the store per request, which SPEC.md rules
-//! out) or a static split: each instance takes a `share` of every budget ([`Shaper::set_share`],
-//! 1.0 for a single instance), e.g. one over the number of live instances registered with a
-//! heartbeat in the store, recomputed as they come and go. A split wastes the idle instances'
-//! share of a contended organization; AIMD on Meraki's 429s corrects the rest.
+//! **Several instances.** Meraki's budget is the organization's whichever instance spends it.
+//! A shared bucket would cost a round trip to the store per request (SPEC.md rules it out), so
+//! each instance has a *share* of every budget, per organization ([`Shaper::set_shares`]; 1.0
+//! alone), set every 250 ms by the fleet's division by demand (`fleet`, driven by the
+//! `fleet-shares` service in `crate::server`): the request path only counts, per client lane,
+//! what was asked and sent in the current cycle ([`Shaper::demand`] reads and rolls them).
 //!
 //! Token-endpoint calls go to the authorization server (`as.meraki.com`), which is not under the
 //! API's per-organization or per-IP budget; they are not shaped (they are single-flight per grant
@@ -49,7 +49,8 @@
 //! organization without waiting.
 //!
 //! A file per part: `bucket` (the token bucket), `fair_queue` (per-client lanes, start-time fair
-//! queueing, the expected wait and the dispatch of waiting requests), `waiter` ([`Waiting`], a
+//! queueing, the expected wait and the dispatch of waiting requests), `fleet` (the fleet's
+//! division of the budgets by demand: pure), `waiter` ([`Waiting`], a
 //! queued request and its cancellation), `snapshots` (counting windows and what the status page
 //! and the metrics read: [`OrgSnapshot`], [`ClientSnapshot`]). The [`Shaper`] itself, its
 //! tickets and refusals, and the dispatcher task are here.
