@@ -6,7 +6,10 @@
 //!    instances' `meraki_proxy_store_operation_duration_seconds{op="lease"}` histograms);
 //! 2. the request path's throughput with the PostgreSQL store and with the embedded one, one
 //!    instance each, same load, same run: the hot path does not touch the database, so they
-//!    should match within noise.
+//!    should match within noise;
+//! 3. the database load of a fleet at its defaults (rate shaping on, the demand exchange every
+//!    250 ms): transactions per second per instance (`pg_stat_database.xact_commit`) and demand
+//!    exchanges per second per instance, under load and whatever the request rate.
 //!
 //! ```text
 //! cargo bench --bench fleet              # 24-s refresh runs, 10-s throughput runs
@@ -189,6 +192,57 @@ async fn throughput(store_url: Option<String>, secs: f64) -> (f64, usize) {
     (ok as f64 / secs, bad)
 }
 
+/// Three instances at their defaults under load for `secs`: (transactions/s per instance,
+/// demand exchanges/s per instance, requests served).
+async fn database_load(pg: &PgCluster, secs: f64) -> (f64, f64, usize, usize) {
+    let db = "bench_dbload";
+    let s = Scenario::new(Options {
+        store_url: Some(pg.create_db(db)),
+        ..Default::default()
+    })
+    .await;
+    s.import().await;
+    let mut procs = Vec::new();
+    for i in 0..3 {
+        procs.push(s.start_instance(i, &[]).await);
+    }
+    let bases: Vec<String> = procs.iter().map(|p| p.base()).collect();
+    let commits = || -> f64 {
+        pg.psql(
+            db,
+            &format!("SELECT xact_commit FROM pg_stat_database WHERE datname = '{db}'"),
+        )
+        .parse()
+        .unwrap_or(0.0)
+    };
+    let exchanges = |m: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with("meraki_proxy_fleet_exchanges_total{outcome=\"ok\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let mut before = 0.0;
+    for p in &procs {
+        before += exchanges(&p.admin("/metrics").await.1);
+    }
+    let c0 = commits();
+    let t0 = Instant::now();
+    let (ok, bad) = load(&bases, 8, secs).await;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let c1 = commits();
+    let mut after = 0.0;
+    for p in &procs {
+        after += exchanges(&p.admin("/metrics").await.1);
+    }
+    // The statistics collector reports with a delay; the psql calls are themselves counted.
+    (
+        (c1 - c0) / 3.0 / elapsed,
+        (after - before) / 3.0 / elapsed,
+        ok,
+        bad,
+    )
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     // `cargo bench` passes --bench; nothing else is taken.
@@ -239,6 +293,16 @@ async fn main() {
         postgres / sqlite
     );
     failed |= e1 > 0 || e2 > 0;
+
+    let db_secs = if quick() { 6.0 } else { 20.0 };
+    println!(
+        "== database load: three instances at their defaults (shaped), 8 connections, {db_secs} s"
+    );
+    let (tps, exchanges, ok, refused) = database_load(&pg, db_secs).await;
+    println!(
+        "transactions/s per instance: {tps:.1}; demand exchanges/s per instance: {exchanges:.2}; requests: {ok} served, {refused} other (local 429s: Meraki's 10/s per organization)"
+    );
+    failed |= exchanges < 1.0;
     if failed {
         eprintln!("fleet bench: errors or invalid_grant answers (see above)");
         std::process::exit(1);

@@ -343,7 +343,7 @@ async fn when_the_noisy_script_moves_to_another_instance_the_budget_follows_it()
 async fn a_killed_instance_and_a_database_outage_never_push_the_fleet_above_merakis_limit() {
     let mut pg = PgCluster::start();
     let s = fleet(&pg, 1, 1).await;
-    let mut procs = vec![
+    let mut procs = [
         s.start_instance(0, &[]).await,
         s.start_instance(1, &[]).await,
         s.start_instance(2, &[]).await,

@@ -142,9 +142,13 @@ fn want(rps: f64, asked: f64, hungry: bool) -> f64 {
     }
 }
 
-/// Divides `total` (a fraction, 1.0) among `n` instances: `active[i]` holds instance i's claims
-/// as (client key, want, weight, asked here); returns each instance's part.
-fn divide(n: usize, active: &[Vec<(String, f64, f64, f64)>]) -> Vec<f64> {
+/// One client's claim at one instance: (client, want as a fraction of the budget, weight,
+/// requests/s asked there).
+type InstanceClaim = (String, f64, f64, f64);
+
+/// Divides the budget (1.0) among `n` instances: `active[i]` holds instance i's claims; returns
+/// each instance's part.
+fn divide(n: usize, active: &[Vec<InstanceClaim>]) -> Vec<f64> {
     let idle = active.iter().filter(|c| c.is_empty()).count();
     let floor = if idle == 0 {
         0.0
@@ -204,7 +208,7 @@ pub fn allocate(
         return Shares::even(n + 1);
     };
     let org_rps = org_rps.max(1e-9);
-    let mut orgs: BTreeMap<&str, Vec<Vec<(String, f64, f64, f64)>>> = BTreeMap::new();
+    let mut orgs: BTreeMap<&str, Vec<Vec<InstanceClaim>>> = BTreeMap::new();
     let mut demand: HashMap<String, (f64, f64)> = HashMap::new();
     for (i, (_, d)) in fleet.iter().enumerate() {
         for (org, clients) in &d.orgs {
@@ -236,7 +240,7 @@ pub fn allocate(
     }
     let source = if source_shared {
         let source_rps = source_rps.max(1e-9);
-        let active: Vec<Vec<(String, f64, f64, f64)>> = fleet
+        let active: Vec<Vec<InstanceClaim>> = fleet
             .iter()
             .map(|(name, d)| {
                 if d.source_rps <= 0.0 && d.source_asked <= 0.0 {

@@ -493,12 +493,11 @@ async fn demand_reports_each_clients_rate_and_hunger_over_the_last_second() {
         go(s.request("2", "heavy", 3));
     }
     let held: Vec<Waiting> = (0..5)
-        .map(|_| match s.request("2", "heavy", 3) {
+        .filter_map(|_| match s.request("2", "heavy", 3) {
             Ticket::Go(_) => None,
             Ticket::Wait(w) => Some(w),
             Ticket::Refused(e) => panic!("{e}"),
         })
-        .flatten()
         .collect();
     assert!(!held.is_empty());
     tokio::time::advance(Duration::from_millis(250)).await;
