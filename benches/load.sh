@@ -6,6 +6,9 @@
 #   bash benches/load.sh            # compare (a) upstream, (b) nginx, (c) pass-through, (d) proxy
 #   bash benches/load.sh scaling    # (d) at 1/32/256 connections, 10/10,000 clients, 1/1,000 grants
 #   QUICK=1 bash benches/load.sh    # CI: 2-second runs, one round; checks every config answers
+#   bash benches/load.sh callgrind  # instructions per request of (c) and (d) under callgrind, by
+#                                   # layer: counts, not seconds, so a busy machine does not move
+#                                   # them (CG_REQUESTS requests on one keep-alive connection, 2000)
 #
 # Settings (environment): DURATION (s, default 10; QUICK: 2), ROUNDS (default 2 in compare mode,
 # 1 in scaling mode; QUICK: 1), CONNS (default 32), PACE_MS (compare mode's paced runs: each
@@ -25,13 +28,13 @@ export PATH="$PATH:/usr/sbin:/sbin"
 
 MODE=${1:-compare}
 case "$MODE" in
-compare | scaling) ;;
+compare | scaling | callgrind) ;;
 -h | --help)
   sed -n '2,22p' "$0"
   exit 0
   ;;
 *)
-  echo "usage: bash benches/load.sh [compare|scaling]" >&2
+  echo "usage: bash benches/load.sh [compare|scaling|callgrind]" >&2
   exit 2
   ;;
 esac
@@ -148,7 +151,7 @@ pick_port() {
 # wait_port PORT PID NAME: until PORT accepts connections (10 s), or fail if PID died.
 wait_port() {
   local i
-  for i in $(seq 100); do
+  for i in $(seq "${WAIT_TRIES:-100}"); do
     port_open "$1" && return 0
     if ! kill -0 "$2" 2>/dev/null; then
       echo "load.sh: $3 exited; its log:" >&2
@@ -773,6 +776,104 @@ scaling() {
   printf '%-50s %12s %10s %10s\n' "configuration" "requests/s" "p50 ms" "p99 ms"
   cat "$sdir/rows"
   echo "peak RSS (VmHWM) of (d): ${hwm[*]}"
+  fail_if_any
+}
+
+# =============================================================================================
+# callgrind: the user-space instructions per request of (c) the pass-through and (d) the proxy,
+# the proxy's split by layer (inclusive counts of its hooks and threads). Valgrind serializes
+# threads and counts instructions, so the figures do not depend on what else the machine runs;
+# the kernel's share (syscalls, TCP) is not counted.
+callgrind() {
+  command -v valgrind >/dev/null 2>&1 || {
+    echo "load.sh: callgrind mode needs valgrind (apt-get install -y valgrind)" >&2
+    exit 1
+  }
+  local n=${CG_REQUESTS:-2000} vg=(valgrind --tool=callgrind --instr-atstart=no --separate-threads=no)
+  # One keep-alive connection, N sequential GETs: prints how many answered 200.
+  cat >"$WORK/client.py" <<'PY'
+import http.client, sys
+port, path, n, key = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+ok = 0
+for _ in range(n):
+    c.request("GET", path, headers={"X-Cisco-Meraki-API-Key": key} if key else {})
+    r = c.getresponse()
+    r.read()
+    ok += r.status == 200
+print(ok)
+PY
+  pick_port
+  local pass_port=$PORT
+  spawn passthrough "${vg[@]}" --callgrind-out-file="$WORK/cg-c.out" \
+    "$PASS_BIN" "127.0.0.1:$pass_port" "127.0.0.1:$UP_PORT" 1
+  local pass_pid=$SPAWNED
+  WAIT_TRIES=600 wait_port "$pass_port" "$pass_pid" passthrough
+  local dir="$WORK/proxy-cg"
+  WORKERS=1 proxy_config "$dir" 1 "\"$ORG\""
+  printf %s "$DEMO_REFRESH" | import_grant "$dir" "$ORG"
+  spawn proxy-cg env RUST_LOG=warn "${vg[@]}" --callgrind-out-file="$WORK/cg-d.out" \
+    "$PROXY_BIN" --config "$dir/proxy.toml" run
+  local proxy_pid=$SPAWNED
+  WAIT_TRIES=600 wait_port "$PROXY_PORT" "$proxy_pid" proxy-cg
+  local c pid port key ok
+  for c in c d; do
+    if [ "$c" = c ]; then pid=$pass_pid port=$pass_port key=""; else pid=$proxy_pid port=$PROXY_PORT key=$KEY; fi
+    python3 "$WORK/client.py" "$port" "$URL_PATH" 200 "$key" >/dev/null # warm-up, not counted
+    callgrind_control -i on "$pid" >/dev/null
+    ok=$(python3 "$WORK/client.py" "$port" "$URL_PATH" "$n" "$key")
+    sleep 1 # the audit writer's batch
+    callgrind_control -i off "$pid" >/dev/null
+    callgrind_control -d "$pid" >/dev/null
+    [ "$ok" = "$n" ] || FAILURES+=("($c) answered $ok of $n requests 200")
+  done
+  # The dumps (callgrind_control -d writes FILE.1; the file without a suffix is the exit's).
+  local fc="$WORK/cg-c.out.1" fd="$WORK/cg-d.out.1"
+  callgrind_annotate --inclusive=yes --threshold=100 "$fd" 2>/dev/null >"$WORK/cg-d.txt"
+  callgrind_annotate --inclusive=yes --threshold=100 "$fc" 2>/dev/null >"$WORK/cg-c.txt"
+  cp "$WORK/cg-d.txt" "$TARGET_DIR/callgrind-d.txt"
+  cp "$WORK/cg-c.txt" "$TARGET_DIR/callgrind-c.txt"
+  # inclusive FILE PATTERN: the largest inclusive count of a function matching PATTERN, per request.
+  inclusive() {
+    awk -v n="$n" -v pat="$2" '
+      /^ *[0-9,]+ \([ 0-9.]+%\)  / && $0 ~ pat && $0 !~ /=>/ { v = $1; gsub(",", "", v); if (v + 0 > best) best = v + 0 }
+      END { printf "%.0f", best / n }' "$1"
+  }
+  local ic id sha
+  ic=$(awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }' "$WORK/cg-c.txt")
+  id=$(awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }' "$WORK/cg-d.txt")
+  sha=$(inclusive "$WORK/cg-d.txt" 'sha2::sha256::compress256( \\[[^]]*\\])? *$')
+  echo
+  echo "Instructions per request (callgrind, user space only; $n sequential requests on one keep-alive connection)"
+  awk -v c="$ic" -v d="$id" -v n="$n" -v sha="$sha" 'BEGIN {
+    printf "(c) Pingora pass-through                          %8.0f\n", c / n
+    printf "(d) meraki-oauth-proxy                            %8.0f\n", d / n
+    printf "    of which SHA-256 (software under valgrind, SHA-NI natively) %8.0f\n", sha
+    printf "(c)/(d)                                           %8.2fx\n", (d > 0 ? c / d : 0)
+    printf "(c)/(d) leaving SHA-256 out                       %8.2fx\n", (d > 0 ? c / (d - sha * n) : 0)
+  }'
+  echo
+  echo "(d) by layer: inclusive instructions per request (indented rows are part of the row above)"
+  local layer pattern
+  while IFS='|' read -r layer pattern; do
+    printf '  %-52s %8s\n' "$layer" "$(inclusive "$WORK/cg-d.txt" "$pattern")"
+  done <<'LAYERS'
+request_filter (identity, admission, route, shaping, token)|ProxyHttp>::request_filter::\{\{closure\}\}( \\[[^]]*\\])? *$
+  identity: key digest and lookup|identity::Identities::by_key( \\[[^]]*\\])? *$
+  route: path parse|route::path::parse( \\[[^]]*\\])? *$
+upstream_request_filter (bearer, Host, path)|ProxyHttp>::upstream_request_filter::\{\{closure\}\}( \\[[^]]*\\])? *$
+upstream_response_filter (answer, Link, request id)|ProxyHttp>::upstream_response_filter::\{\{closure\}\}( \\[[^]]*\\])? *$
+  Link rewrite|forward::rewrite_link_to( \\[[^]]*\\])? *$
+logging (metrics, activity, audit entry)|ProxyHttp>::logging::\{\{closure\}\}( \\[[^]]*\\])? *$
+audit writer thread (JSON, hash chain, write)|audit::writer::Writer::run( \\[[^]]*\\])? *$
+  hash chain (SHA-256 of each record)|audit::chain::Position::frame( \\[[^]]*\\])? *$
+allocator: malloc|_rjem_malloc( \\[[^]]*\\])? *$
+allocator: free|_rjem_sdallocx( \\[[^]]*\\])? *$
+allocator: realloc|_rjem_realloc( \\[[^]]*\\])? *$
+the whole connection task (Pingora's path and the hooks)|connections::Gate<A> as pingora_core::apps::ServerApp>::process_new::\{\{closure\}\}( \\[[^]]*\\])? *$
+LAYERS
+  echo "  (the pass-through's whole connection task: $(inclusive "$WORK/cg-c.txt" 'process_new::\{\{closure\}\}( \\[[^]]*\\])? *$'))"
+  echo "  full reports: $TARGET_DIR/callgrind-d.txt, $TARGET_DIR/callgrind-c.txt"
   fail_if_any
 }
 
