@@ -35,10 +35,25 @@ pub(super) struct Cycle {
 }
 
 impl Cycle {
+    /// A request asked for. Saturating: without a fleet nobody rolls the cycle.
+    pub(super) fn ask(&mut self) {
+        self.asked = self.asked.saturating_add(1);
+    }
+
+    /// `n` requests sent.
+    pub(super) fn sent(&mut self, n: usize) {
+        self.got = self
+            .got
+            .saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+    }
+
     /// The last four cycles' totals (asked, got) and hunger; starts a new cycle.
     pub(super) fn roll(&mut self) -> (u32, u32, bool) {
-        let asked = self.asked + self.past.iter().map(|p| p.0).sum::<u32>();
-        let got = self.got + self.past.iter().map(|p| p.1).sum::<u32>();
+        let sum = |first: u32, f: fn(&(u32, u32)) -> u32| {
+            self.past.iter().map(f).fold(first, u32::saturating_add)
+        };
+        let asked = sum(self.asked, |p| p.0);
+        let got = sum(self.got, |p| p.1);
         let hungry = self.hungry;
         self.past = [(self.asked, self.got), self.past[0], self.past[1]];
         self.asked = 0;
@@ -193,7 +208,7 @@ impl Inner {
                 if let Some(org) = self.orgs.get_mut(key) {
                     let n = dispatch(org, &mut self.source, now, slot, 1);
                     self.queued -= n;
-                    self.source_cycle.got += n as u32;
+                    self.source_cycle.sent(n);
                     if n > 0 {
                         progress = true;
                         self.last_served = Some(key.clone());
@@ -271,7 +286,7 @@ pub(super) fn dispatch(
             org.bucket.tokens -= 1.0;
             source.tokens -= 1.0;
             org.vtime = org.vtime.max(w.tag);
-            lane.cycle.got += 1;
+            lane.cycle.sent(1);
             lane.granted.add(slot);
             org.granted.add(slot);
             org.granted_total += 1;

@@ -356,7 +356,7 @@ impl Shaper {
         let weight = f64::from(weight.max(1));
         let inner = &mut *g;
         inner.source.refill(now);
-        inner.source_cycle.asked += 1;
+        inner.source_cycle.ask();
         let source_free = inner.source.has(1.0) && !inner.source_blocked;
         // The common case: nobody waits for this organization and its bucket has a token.
         let start = {
@@ -369,19 +369,19 @@ impl Shaper {
             }
             let lane = o.lanes.get_mut(client).expect("inserted above");
             lane.weight = weight;
-            lane.cycle.asked += 1;
+            lane.cycle.ask();
             let start = lane.finish.max(vtime);
             if go {
                 lane.finish = start + 1.0 / weight;
                 lane.arrived(now);
-                lane.cycle.got += 1;
+                lane.cycle.sent(1);
                 lane.granted.add(slot);
                 o.bucket.tokens -= 1.0;
                 o.vtime = start;
                 o.granted.add(slot);
                 o.granted_total += 1;
                 inner.source.tokens -= 1.0;
-                inner.source_cycle.got += 1;
+                inner.source_cycle.sent(1);
                 return Ticket::Go(Turn {
                     waited: Duration::ZERO,
                 });
@@ -451,7 +451,7 @@ impl Shaper {
             // Tokens may have come while nobody looked: serve what can go (perhaps this one).
             let n = dispatch(o, source, now, slot, usize::MAX);
             *queued -= n;
-            source_cycle.got += n as u32;
+            source_cycle.sent(n);
         }
         self.ensure_dispatcher(&mut g);
         drop(g);
