@@ -133,10 +133,15 @@ impl fmt::Display for Config {
         if r.enabled {
             writeln!(
                 f,
-                "rate limits: {} requests/s per organization (burst {}), {} requests/s in all; a request waits at most {} ms, {} per client and organization",
+                "rate limits: {} requests/s per organization (burst {}), {} requests/s in all ({}); a request waits at most {} ms, {} per client and organization",
                 r.organization_rps,
                 r.organization_burst,
                 r.source_rps,
+                if r.source_shared {
+                    "shared by a fleet's instances"
+                } else {
+                    "per instance"
+                },
                 r.max_wait.as_millis(),
                 r.queue_per_client
             )?;
