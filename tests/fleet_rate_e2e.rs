@@ -76,6 +76,49 @@ async fn fleet(pg: &PgCluster, carol_weight: u32, dave_weight: u32) -> Scenario 
     s
 }
 
+/// The three instances of the fleet, at their defaults.
+async fn three(s: &Scenario) -> [ProxyProcess; 3] {
+    [
+        s.start_instance(0, &[]).await,
+        s.start_instance(1, &[]).await,
+        s.start_instance(2, &[]).await,
+    ]
+}
+
+/// [`noisy`] pinned to one instance.
+fn noisy_at(
+    p: &ProxyProcess,
+    key: &'static str,
+    workers: usize,
+    until: Instant,
+    tally: &Arc<Tally>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    noisy(
+        Arc::new(std::sync::Mutex::new(p.base())),
+        key,
+        workers,
+        until,
+        tally.clone(),
+    )
+}
+
+/// A light script at 2 requests/s on organization 111, pinned to one instance.
+fn light_at(
+    p: &ProxyProcess,
+    key: &'static str,
+    until: Instant,
+    tally: &Arc<Tally>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    light(
+        vec![p.base()],
+        key,
+        |_| "/organizations/111/networks".to_owned(),
+        2,
+        until,
+        tally.clone(),
+    )
+}
+
 /// What one script got.
 #[derive(Default)]
 struct Tally {
@@ -205,38 +248,13 @@ async fn join(tasks: Vec<tokio::task::JoinHandle<()>>) {
 async fn a_noisy_script_on_one_instance_gets_what_light_scripts_on_the_others_leave() {
     let pg = PgCluster::start();
     let s = fleet(&pg, 1, 1).await;
-    let procs = [
-        s.start_instance(0, &[]).await,
-        s.start_instance(1, &[]).await,
-        s.start_instance(2, &[]).await,
-    ];
+    let procs = three(&s).await;
     let t0 = Instant::now();
     let until = t0 + Duration::from_secs(20);
     let (n, l1, l2): (Arc<Tally>, Arc<Tally>, Arc<Tally>) = Default::default();
-    let mut tasks = noisy(
-        Arc::new(std::sync::Mutex::new(procs[0].base())),
-        CAROL_KEY,
-        10,
-        until,
-        n.clone(),
-    );
-    let path = |_| "/organizations/111/networks".to_owned();
-    tasks.extend(light(
-        vec![procs[1].base()],
-        DAVE_KEY,
-        path,
-        2,
-        until,
-        l1.clone(),
-    ));
-    tasks.extend(light(
-        vec![procs[2].base()],
-        ERIN_KEY,
-        path,
-        2,
-        until,
-        l2.clone(),
-    ));
+    let mut tasks = noisy_at(&procs[0], CAROL_KEY, 10, until, &n);
+    tasks.extend(light_at(&procs[1], DAVE_KEY, until, &l1));
+    tasks.extend(light_at(&procs[2], ERIN_KEY, until, &l2));
     // Mid-run, instance 0 shows its share by demand.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let (_, page) = procs[0].admin("/").await;
@@ -293,25 +311,13 @@ async fn a_noisy_script_on_one_instance_gets_what_light_scripts_on_the_others_le
 async fn when_the_noisy_script_moves_to_another_instance_the_budget_follows_it() {
     let pg = PgCluster::start();
     let s = fleet(&pg, 1, 1).await;
-    let procs = [
-        s.start_instance(0, &[]).await,
-        s.start_instance(1, &[]).await,
-        s.start_instance(2, &[]).await,
-    ];
+    let procs = three(&s).await;
     let t0 = Instant::now();
     let until = t0 + Duration::from_secs(20);
     let (n, l1): (Arc<Tally>, Arc<Tally>) = Default::default();
     let base = Arc::new(std::sync::Mutex::new(procs[0].base()));
     let mut tasks = noisy(base.clone(), CAROL_KEY, 10, until, n.clone());
-    let path = |_| "/organizations/111/networks".to_owned();
-    tasks.extend(light(
-        vec![procs[1].base()],
-        DAVE_KEY,
-        path,
-        2,
-        until,
-        l1.clone(),
-    ));
+    tasks.extend(light_at(&procs[1], DAVE_KEY, until, &l1));
     tokio::time::sleep_until((t0 + Duration::from_secs(10)).into()).await;
     let moved = Instant::now();
     *base.lock().unwrap() = procs[2].base();
@@ -343,37 +349,19 @@ async fn when_the_noisy_script_moves_to_another_instance_the_budget_follows_it()
 async fn a_killed_instance_and_a_database_outage_never_push_the_fleet_above_merakis_limit() {
     let mut pg = PgCluster::start();
     let s = fleet(&pg, 1, 1).await;
-    let mut procs = [
-        s.start_instance(0, &[]).await,
-        s.start_instance(1, &[]).await,
-        s.start_instance(2, &[]).await,
-    ];
+    let mut procs = three(&s).await;
     let t0 = Instant::now();
     let until = t0 + Duration::from_secs(22);
     let (n0, n1, l2): (Arc<Tally>, Arc<Tally>, Arc<Tally>) = Default::default();
-    let mut tasks = noisy(
-        Arc::new(std::sync::Mutex::new(procs[0].base())),
-        CAROL_KEY,
-        6,
-        until,
-        n0.clone(),
-    );
-    tasks.extend(noisy(
-        Arc::new(std::sync::Mutex::new(procs[1].base())),
+    let mut tasks = noisy_at(&procs[0], CAROL_KEY, 6, until, &n0);
+    tasks.extend(noisy_at(
+        &procs[1],
         DAVE_KEY,
         6,
         t0 + Duration::from_secs(6),
-        n1.clone(),
+        &n1,
     ));
-    let path = |_| "/organizations/111/networks".to_owned();
-    tasks.extend(light(
-        vec![procs[2].base()],
-        ERIN_KEY,
-        path,
-        2,
-        until,
-        l2.clone(),
-    ));
+    tasks.extend(light_at(&procs[2], ERIN_KEY, until, &l2));
     tokio::time::sleep_until((t0 + Duration::from_secs(6)).into()).await;
     let killed = Instant::now();
     procs[1].kill9();
@@ -429,28 +417,12 @@ async fn a_killed_instance_and_a_database_outage_never_push_the_fleet_above_mera
 async fn weights_hold_across_instances_beside_a_script_walking_fifty_organizations() {
     let pg = PgCluster::start();
     let s = fleet(&pg, 1, 3).await;
-    let procs = [
-        s.start_instance(0, &[]).await,
-        s.start_instance(1, &[]).await,
-        s.start_instance(2, &[]).await,
-    ];
+    let procs = three(&s).await;
     let t0 = Instant::now();
     let until = t0 + Duration::from_secs(20);
     let (c, d, w): (Arc<Tally>, Arc<Tally>, Arc<Tally>) = Default::default();
-    let mut tasks = noisy(
-        Arc::new(std::sync::Mutex::new(procs[0].base())),
-        CAROL_KEY,
-        8,
-        until,
-        c.clone(),
-    );
-    tasks.extend(noisy(
-        Arc::new(std::sync::Mutex::new(procs[1].base())),
-        DAVE_KEY,
-        8,
-        until,
-        d.clone(),
-    ));
+    let mut tasks = noisy_at(&procs[0], CAROL_KEY, 8, until, &c);
+    tasks.extend(noisy_at(&procs[1], DAVE_KEY, 8, until, &d));
     let bases: Vec<String> = procs.iter().map(|p| p.base()).collect();
     tasks.extend(light(
         bases,
