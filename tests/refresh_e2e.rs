@@ -192,7 +192,7 @@ async fn short_lived_tokens_are_refreshed_once_per_half_lifetime() {
 #[tokio::test]
 async fn an_operation_refused_whatever_the_token_costs_one_token_call() {
     let (s, _p) = ready(Options::default(), 3600).await;
-    let refused = "/organizations/111/admins";
+    let refused = "/organizations/111/actionBatches";
     s.standin.refuse_every_token_at(refused);
     let before = s.standin.token_calls();
     for i in 0..30 {
@@ -266,7 +266,7 @@ async fn an_operation_refused_whatever_the_token_costs_one_token_call() {
 #[tokio::test]
 async fn a_dead_token_is_refreshed_for_a_script_that_calls_only_the_refused_operation() {
     let (s, _p) = ready(Options::default(), 3600).await;
-    let refused = "/organizations/111/admins";
+    let refused = "/organizations/111/actionBatches";
     s.standin.refuse_every_token_at(refused);
     let before = s.standin.token_calls();
     assert_eq!(s.status(refused, ALICE_KEY).await, 401);

@@ -14,6 +14,7 @@
 mod connections;
 mod ctx;
 mod guard;
+mod proxy_protocol;
 mod record;
 mod respond;
 mod retry;
@@ -21,6 +22,7 @@ mod steps;
 
 pub use connections::Gate;
 pub use ctx::Ctx;
+pub use proxy_protocol::PreTls;
 
 use crate::admission::{self, Action, Admission, State};
 use crate::audit::Audit;
@@ -106,8 +108,12 @@ impl ProxyHttp for MerakiProxy {
         }
         let cert = crate::tls::peer_cert(session.digest());
         ctx.client_cert = cert.map(|c| c.subject.clone());
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
         let Admission { seen, verdict } =
-            admission::admit(&self.state, session.req_header(), cert).await;
+            admission::admit(&self.state, session.req_header(), peer, cert).await;
         ctx.seen = seen;
         match verdict {
             Err(r) => self.refuse(session, ctx, r).await,
