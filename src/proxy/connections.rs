@@ -1,7 +1,9 @@
 //! The proxy listener's connections: counted in all and per peer address, and held to
 //! `[server] max_connections` (beyond it a new connection gets a 503 and is closed at once) and
 //! `max_connections_per_peer` (beyond it the connection is served only to answer its requests
-//! 429). [`Gate`] wraps Pingora's HTTP application and sees each connection begin and end;
+//! 429). With `[server] proxy_protocol` on the plain listener, the gate reads each connection's
+//! PROXY header first (`proxy_protocol.rs`; meanwhile the connection counts against
+//! `max_connections` only, and its peer is then the header's source). [`Gate`] wraps Pingora's HTTP application and sees each connection begin and end;
 //! the hooks learn about the connection they serve through a task-local, as Pingora serves an
 //! HTTP/1 connection's requests one after another in the task that accepted it.
 

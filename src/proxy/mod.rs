@@ -6,7 +6,10 @@
 //!   list, check an action batch, wait the request's turn);
 //! - `retry.rs`: Meraki's answer and the attempts it leads to (401, redirects, faults);
 //! - `respond.rs`: what the proxy writes itself (the one refusal → response mapping);
-//! - `record.rs`: the metrics and the audit record of every request.
+//! - `record.rs`: the metrics and the audit record of every request;
+//! - `connections.rs`: the connection gate (limits, and the PROXY protocol header on the plain
+//!   listener); `proxy_protocol.rs`: reading PROXY v1/v2 headers (also before the TLS
+//!   handshake).
 //!
 //! Admission is [`crate::admission`], the wire rules [`crate::forward`], refusals
 //! [`crate::refusal`].

@@ -149,11 +149,11 @@ impl Grant {
             return;
         }
         let (set, unknown) = ScopeSet::parse_list(scope);
-        if !unknown.is_empty() {
+        let bits = set.bits() | SCOPES_KNOWN;
+        // The store's copy is read again at every sync: say it once per change.
+        if self.scopes.swap(bits, Ordering::Relaxed) != bits && !unknown.is_empty() {
             tracing::warn!(grant = %self.label(), unknown = ?unknown, "the token response names scopes this proxy does not know; they are left out of the scope check");
         }
-        self.scopes
-            .store(set.bits() | SCOPES_KNOWN, Ordering::Relaxed);
     }
 
     /// The integration this grant belongs to, as currently configured.
