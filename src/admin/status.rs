@@ -294,7 +294,7 @@ fn scopes_section(b: &mut String, grants: &[Arc<crate::token::Grant>]) {
         };
         let _ = write!(
             b,
-            "<tr data-grant=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr data-grant-scopes=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             g.id,
             g.id,
             escape(&g.integration().name),
