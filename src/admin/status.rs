@@ -263,19 +263,6 @@ impl Admin {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::escape;
-
-    #[test]
-    fn escape_covers_html_metacharacters() {
-        assert_eq!(
-            escape("<a href=\"x\">'&'</a>"),
-            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
-        );
-    }
-}
-
 /// Each grant's OAuth scopes and where they come from: what the proxy checks every operation's
 /// required scope against (403 `missing_scope` when the grant lacks it).
 fn scopes_section(b: &mut String, grants: &[Arc<crate::token::Grant>]) {
@@ -303,4 +290,17 @@ fn scopes_section(b: &mut String, grants: &[Arc<crate::token::Grant>]) {
         );
     }
     b.push_str("</table>");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape;
+
+    #[test]
+    fn escape_covers_html_metacharacters() {
+        assert_eq!(
+            escape("<a href=\"x\">'&'</a>"),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
+    }
 }
