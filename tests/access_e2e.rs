@@ -857,3 +857,67 @@ async fn a_reload_changes_a_clients_addresses_under_load() {
         );
     }
 }
+
+/// With PROXY protocol, a connection still waiting for its header counts against
+/// `max_connections`: three silent connections fill a listener of three, a fourth is answered
+/// 503 at once; once they give up (the header deadline), the listener serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_waiting_for_their_proxy_header_count_against_max_connections() {
+    // Set here: a listener of three connections, headers due within 2 s.
+    let s = Scenario::new(Options {
+        server: "trusted_proxies = [\"127.0.0.2/32\"]\nmax_connections = 3\nmax_connections_per_peer = 3\nheader_timeout_secs = 2".into(),
+        ..Options::default()
+    })
+    .await;
+    s.import().await;
+    let p = s.start().await;
+    let text = std::fs::read_to_string(&s.config).unwrap().replace(
+        "trusted_proxies = [\"127.0.0.2/32\"]",
+        "trusted_proxies = [\"127.0.0.2/32\"]\nproxy_protocol = true",
+    );
+    std::fs::write(&s.config, text).unwrap();
+    reload(&s, &p).await;
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(connect_from("127.0.0.2", "127.0.0.1".parse().unwrap(), p.port).await);
+    }
+    let fourth = answer_of_a_full_listener(&p).await;
+    assert_eq!(status_of(&fourth), 503, "{fourth}");
+    drop(silent);
+    // The listener takes connections again: a header and a request are served.
+    let header = format!("PROXY TCP4 198.51.100.7 127.0.0.1 40001 {}\r\n", p.port);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = send(
+            "127.0.0.2",
+            p.port,
+            header.as_bytes(),
+            "/organizations/111/networks",
+            ALICE_KEY,
+            "",
+        )
+        .await;
+        if status_of(&r) == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not served again: {r}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A fourth connection's answer while three wait for their headers (they are accepted by the
+/// kernel at once but counted by the proxy only once its gate sees them: retried, bounded).
+async fn answer_of_a_full_listener(p: &ProxyProcess) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut c = connect_from("127.0.0.2", "127.0.0.1".parse().unwrap(), p.port).await;
+        let r = read_until(&mut c, Duration::from_secs(1), Duration::from_secs(5)).await;
+        if !r.is_empty() {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the listener never reported full"
+        );
+    }
+}
