@@ -41,6 +41,7 @@ fn client(i: usize, key: &str) -> Arc<Client> {
         methods: None,
         operations: None,
         weight: 1,
+        source_addresses: None,
     })
 }
 
@@ -291,6 +292,7 @@ fn entry(who: &Arc<Client>, org: &Arc<str>) -> RequestEntry {
         bytes_in: 0,
         bytes_out: 1536,
         source: Some(([127, 0, 0, 1], 51234).into()),
+        client_address: None,
         user_agent: Some(HeaderValue::from_static(
             "python-meraki/1.53.0 MyInventoryScript/2.1 Acme",
         )),
@@ -373,9 +375,85 @@ fn config() -> Criterion {
         .measurement_time(Duration::from_secs(2))
 }
 
+/// Issue 24's two checks per request: the client's address against its `source_addresses`
+/// (with the address rule of `source.rs`: the peer, or `X-Forwarded-For` behind a trusted
+/// proxy), and the operation's OAuth scope against the grant's.
+fn access_checks(c: &mut Criterion) {
+    use meraki_oauth_proxy::admission::{check_scope, check_source};
+    use meraki_oauth_proxy::scope::{Scope, ScopeSet};
+    use meraki_oauth_proxy::source::{client_address, Cidrs};
+    use std::net::IpAddr;
+    let mut g = c.benchmark_group("access_checks");
+    let cidrs = |list: &[&str]| Cidrs(list.iter().map(|c| c.parse().unwrap()).collect());
+    let anywhere = client(0, KEY);
+    let restricted = Arc::new(Client {
+        name: "restricted".into(),
+        keys: vec![],
+        cert: None,
+        integration: "netops".into(),
+        organizations: vec![ORG.into()],
+        methods: None,
+        operations: None,
+        weight: 1,
+        source_addresses: Some(cidrs(&["10.1.0.0/16", "192.0.2.0/24", "2001:db8::/48"])),
+    });
+    let trusted = cidrs(&["10.0.0.0/24"]);
+    let none = Cidrs::default();
+    let peer: IpAddr = "192.0.2.77".parse().unwrap();
+    let direct = HeaderMap::new();
+    let mut forwarded = HeaderMap::new();
+    forwarded.insert(
+        "x-forwarded-for",
+        HeaderValue::from_static("203.0.113.9, 192.0.2.77, 10.0.0.6"),
+    );
+    let lb: IpAddr = "10.0.0.5".parse().unwrap();
+    assert_eq!(client_address(lb, &forwarded, &trusted), peer);
+    g.bench_function("source_no_rule", |b| {
+        b.iter(|| {
+            let ip = client_address(black_box(peer), black_box(&direct), &none);
+            check_source(black_box(&anywhere), ip).is_ok()
+        })
+    });
+    g.bench_function("source_direct_3_cidrs", |b| {
+        b.iter(|| {
+            let ip = client_address(black_box(peer), black_box(&direct), &trusted);
+            check_source(black_box(&restricted), ip).is_ok()
+        })
+    });
+    g.bench_function("source_x_forwarded_for", |b| {
+        b.iter(|| {
+            let ip = client_address(black_box(lb), black_box(&forwarded), &trusted);
+            check_source(black_box(&restricted), ip).is_ok()
+        })
+    });
+    let table = meraki_oauth_proxy::endpoints::EndpointTable::builtin();
+    let op = table.by_operation_id("updateNetwork").unwrap();
+    let write: ScopeSet = [
+        "dashboard:general:config:read",
+        "dashboard:general:config:write",
+    ]
+    .iter()
+    .map(|s| Scope::parse(s).unwrap())
+    .collect();
+    let read: ScopeSet = [Scope::parse("dashboard:general:config:read").unwrap()]
+        .into_iter()
+        .collect();
+    assert!(check_scope(op, Some(write), "netops").is_ok());
+    assert!(check_scope(op, Some(read), "netops").is_err());
+    g.bench_function("scope_granted", |b| {
+        b.iter(|| check_scope(black_box(op), black_box(Some(write)), "netops").is_ok())
+    });
+    // The refusal's fields are built (one String); its message is formatted once per refused
+    // request, outside this figure.
+    g.bench_function("scope_refused", |b| {
+        b.iter(|| check_scope(black_box(op), black_box(Some(read)), "netops").is_err())
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = hot_path;
     config = config();
-    targets = identity, routing, endpoints, resolver, headers, metrics, audit, shaping
+    targets = identity, routing, endpoints, resolver, headers, metrics, audit, shaping, access_checks
 }
 criterion_main!(hot_path);

@@ -1,6 +1,9 @@
 //! Admission: SPEC.md's steps 1–4 as plain functions, testable without a socket. A request is
-//! identified ([`crate::identity`]), routed to an organization ([`crate::route`]), authorized
-//! (the client's organizations and methods) and given an access token ([`crate::token`]), or
+//! identified ([`crate::identity`]), checked against the addresses it may call from
+//! ([`check_source`], the address from [`crate::source`]), routed to an organization
+//! ([`crate::route`]), authorized (the client's organizations, methods and operations, and the
+//! OAuth scope the operation needs: [`check_scope`]) and given an access token
+//! ([`crate::token`]), or
 //! refused with a [`Refusal`] that says only what the client may know. Either way, [`Seen`]
 //! holds what it learnt, for the audit record.
 
@@ -15,6 +18,7 @@ use crate::upstream::Upstream;
 use bytes::Bytes;
 use http::header::USER_AGENT;
 use pingora::http::RequestHeader;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 /// Everything admission and the hooks need, built once by [`crate::server`].
@@ -44,6 +48,9 @@ pub struct Seen {
     pub operation: Option<&'static Operation>,
     /// The expiry of the key used, when it has one (a key being rotated out).
     pub key_expires_at: Option<i64>,
+    /// The client's address as [`crate::source`] decides it (the peer, or `X-Forwarded-For`
+    /// behind a trusted proxy).
+    pub client_address: Option<IpAddr>,
 }
 
 /// Admission's answer: what it learnt, and what to do or why not.
@@ -157,15 +164,84 @@ impl Refuse for MethodNotAllowed {
     }
 }
 
-/// Identify → route → authorize → token, on a connection that presented `cert` (mutual TLS:
-/// verified by the handshake against the client CA), if any.
+/// A client used from an address outside its `source_addresses`.
+#[derive(Debug, thiserror::Error)]
+#[error("client {client} may not be used from {address}")]
+pub struct SourceRefused {
+    pub client: String,
+    pub address: IpAddr,
+}
+
+impl Refuse for SourceRefused {
+    fn status(&self) -> u16 {
+        403
+    }
+    fn reason(&self) -> &'static str {
+        "source_address"
+    }
+}
+
+/// An operation that needs an OAuth scope the grant was not given.
+#[derive(Debug, thiserror::Error)]
+#[error("operation {operation} needs the OAuth scope {scope}, which integration {integration} was not granted")]
+pub struct MissingScope {
+    pub operation: &'static str,
+    pub scope: crate::scope::Scope,
+    pub integration: String,
+}
+
+impl Refuse for MissingScope {
+    fn status(&self) -> u16 {
+        403
+    }
+    fn reason(&self) -> &'static str {
+        "missing_scope"
+    }
+}
+
+/// The client may be used from `address` (`[[clients]] source_addresses`; none: anywhere).
+#[inline]
+pub fn check_source(client: &Client, address: IpAddr) -> Result<(), SourceRefused> {
+    if client.may_call_from(address) {
+        Ok(())
+    } else {
+        Err(SourceRefused {
+            client: client.name.clone(),
+            address,
+        })
+    }
+}
+
+/// The grant holds the scope `op` needs, when Meraki's index lists one and the grant's scopes
+/// are known (Meraki's token response, else the integration's `scopes`); otherwise there is
+/// nothing to check.
+#[inline]
+pub fn check_scope(
+    op: &'static Operation,
+    scopes: Option<crate::scope::ScopeSet>,
+    integration: &str,
+) -> Result<(), MissingScope> {
+    match (op.scope, scopes) {
+        (Some(need), Some(held)) if !held.contains(need) => Err(MissingScope {
+            operation: &op.operation_id,
+            scope: need,
+            integration: integration.to_owned(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Identify → route → authorize → token, for a request from the connection peer `peer` on a
+/// connection that presented `cert` (mutual TLS: verified by the handshake against the client
+/// CA), if any.
 pub async fn admit(
     state: &State,
     req: &RequestHeader,
+    peer: Option<IpAddr>,
     cert: Option<&crate::tls::PeerCert>,
 ) -> Admission {
     let mut seen = Seen::default();
-    let verdict = decide(state, req, cert, &mut seen).await;
+    let verdict = decide(state, req, peer, cert, &mut seen).await;
     Admission { seen, verdict }
 }
 
@@ -173,13 +249,16 @@ pub async fn admit(
 async fn decide(
     state: &State,
     req: &RequestHeader,
+    peer: Option<IpAddr>,
     cert: Option<&crate::tls::PeerCert>,
     seen: &mut Seen,
 ) -> Result<Action, Refusal> {
+    let snapshot = state.live.snapshot();
+    seen.client_address = peer
+        .map(|p| crate::source::client_address(p, &req.headers, &snapshot.config.trusted_proxies));
     if !is_api_method(&req.method) {
         return Err(Refusal::from(&NotAnApiMethod(req.method.clone())));
     }
-    let snapshot = state.live.snapshot();
     let mtls = crate::identity::Mtls::of(&snapshot.config);
     let caller = match snapshot.identities.identify_on(&req.headers, mtls, cert) {
         Ok(c) => c,
@@ -191,6 +270,15 @@ async fn decide(
     seen.client = Some(client.clone());
     if key_expires_at.is_some() && caller.expired(crate::clock::now_unix()) {
         return Err(Refusal::from(&crate::identity::IdentityError::Expired));
+    }
+    if client.source_addresses.is_some() {
+        // Without a peer address (not a TCP connection) the rule cannot hold: refused.
+        let address = seen
+            .client_address
+            .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
+        if let Err(e) = check_source(&client, address) {
+            return Err(Refusal::from(&e));
+        }
     }
     let method = &req.method;
     if !client.may_use(method) {
@@ -269,6 +357,12 @@ async fn decide(
         Ok(g) => g,
         Err(e) => return Err(Refusal::from(&e)),
     };
+    // Before the token: a refusal costs no refresh and no upstream call.
+    if let Some(op) = operation {
+        if let Err(e) = check_scope(op, grant.scopes(), &client.integration) {
+            return Err(Refusal::from(&e));
+        }
+    }
     let token = match state.grants.token(&grant, &org).await {
         Ok(t) => t,
         Err(e) => return Err(Refusal::from(&e)),
@@ -341,4 +435,88 @@ pub async fn check_batch(
 /// The script's User-Agent, if it is text.
 pub fn user_agent(req: &RequestHeader) -> Option<&str> {
     req.headers.get(USER_AGENT).and_then(|v| v.to_str().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scope::{Scope, ScopeSet};
+
+    fn client(addresses: Option<&[&str]>) -> Client {
+        Client {
+            name: "carol".into(),
+            keys: vec![],
+            cert: None,
+            integration: "netops".into(),
+            organizations: vec!["1".into()],
+            methods: None,
+            operations: None,
+            weight: 1,
+            source_addresses: addresses
+                .map(|a| crate::source::Cidrs(a.iter().map(|c| c.parse().unwrap()).collect())),
+        }
+    }
+
+    #[test]
+    fn a_client_is_refused_outside_its_source_addresses_with_the_address_named() {
+        let c = client(Some(&["10.1.2.0/24", "2001:db8::/48"]));
+        assert!(check_source(&c, "10.1.2.3".parse().unwrap()).is_ok());
+        assert!(check_source(&c, "2001:db8::1".parse().unwrap()).is_ok());
+        let e = check_source(&c, "10.1.3.3".parse().unwrap()).unwrap_err();
+        let r = Refusal::from(&e);
+        assert_eq!((r.status, r.reason), (403, "source_address"));
+        assert_eq!(r.message, "client carol may not be used from 10.1.3.3");
+        assert!(check_source(&client(None), "192.0.2.1".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn an_operation_needing_a_scope_the_grant_lacks_is_refused_in_merakis_words() {
+        let table = EndpointTable::builtin();
+        let update = table.by_operation_id("updateNetwork").unwrap();
+        assert_eq!(
+            update.scope.unwrap().name(),
+            "dashboard:general:config:write"
+        );
+        let read: ScopeSet = [Scope::parse("dashboard:general:config:read").unwrap()]
+            .into_iter()
+            .collect();
+        let e = check_scope(update, Some(read), "readonly").unwrap_err();
+        let r = Refusal::from(&e);
+        assert_eq!((r.status, r.reason), (403, "missing_scope"));
+        assert_eq!(
+            r.message,
+            "operation updateNetwork needs the OAuth scope dashboard:general:config:write, which integration readonly was not granted"
+        );
+        let get = table.by_operation_id("getNetwork").unwrap();
+        assert!(check_scope(get, Some(read), "readonly").is_ok());
+        assert!(
+            check_scope(update, None, "readonly").is_ok(),
+            "scopes unknown: no check"
+        );
+        let unscoped = table.operations().find(|o| o.scope.is_none()).unwrap();
+        assert!(check_scope(unscoped, Some(ScopeSet::EMPTY), "x").is_ok());
+    }
+
+    #[test]
+    fn the_table_column_is_merakis_index() {
+        let index = include_str!("../data/meraki-api-oauth-scopes.tsv");
+        let mut scoped = 0;
+        let table = EndpointTable::builtin();
+        for line in index.lines().filter(|l| !l.starts_with('#')).skip(1) {
+            let f: Vec<&str> = line.split('\t').collect();
+            if let Some(op) = table.by_operation_id(f[0]) {
+                assert_eq!(
+                    op.scope.map(|s| s.name()).unwrap_or_default(),
+                    f[4],
+                    "{}",
+                    f[0]
+                );
+                assert_eq!(op.method.as_str(), f[1], "{}", f[0]);
+            }
+        }
+        for op in table.operations() {
+            scoped += usize::from(op.scope.is_some());
+        }
+        assert_eq!(scoped, 844);
+    }
 }

@@ -36,7 +36,7 @@ const BUILTIN: &str = include_str!("endpoints/meraki-api-v1.tsv");
 const VERSION_PREFIX: &str = "# meraki-sdk ";
 
 /// The second line.
-const HEADER: &str = "method\tpath\toperation\ttags";
+const HEADER: &str = "method\tpath\toperation\ttags\tscope";
 
 /// One operation of the Dashboard API.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +49,8 @@ pub struct Operation {
     pub operation_id: String,
     /// The tags: product family first, then usually `configure`, `monitor` or `liveTools`.
     pub tags: Vec<String>,
+    /// The OAuth scope Meraki's API index says the operation requires (`None`: none listed).
+    pub scope: Option<crate::scope::Scope>,
     /// Each parameter's name and the index of the segment it stands for.
     params: Vec<(String, usize)>,
 }
@@ -118,11 +120,14 @@ pub enum TableErrorKind {
     #[error("expected `# meraki-sdk <version> <count> operations ...`")]
     BadVersionLine,
     /// The second line is not the column header.
-    #[error("expected the header `method<TAB>path<TAB>operation<TAB>tags`")]
+    #[error("expected the header `method<TAB>path<TAB>operation<TAB>tags<TAB>scope`")]
     BadHeader,
-    /// A row without exactly four tab-separated fields.
-    #[error("expected 4 tab-separated fields, found {0}")]
+    /// A row without exactly five tab-separated fields.
+    #[error("expected 5 tab-separated fields, found {0}")]
     FieldCount(usize),
+    /// A scope that is not one of Meraki's.
+    #[error("unknown OAuth scope {0:?}")]
+    BadScope(String),
     /// A method that is not an HTTP method token.
     #[error("invalid method {0:?}")]
     BadMethod(String),
@@ -393,11 +398,18 @@ fn version_line(line: &str) -> Option<(&str, usize)> {
     (words.next()? == "operations").then_some((version, count))
 }
 
-/// One row: `method<TAB>template<TAB>operationId<TAB>tag,tag,...`.
+/// One row: `method<TAB>template<TAB>operationId<TAB>tag,tag,...<TAB>scope` (scope empty when
+/// Meraki's index lists none).
 fn row(line: &str) -> Result<Operation, TableErrorKind> {
     let fields: Vec<&str> = line.split('\t').collect();
-    let &[method, template, operation_id, tags] = fields.as_slice() else {
+    let &[method, template, operation_id, tags, scope] = fields.as_slice() else {
         return Err(TableErrorKind::FieldCount(fields.len()));
+    };
+    let scope = match scope {
+        "" => None,
+        s => Some(
+            crate::scope::Scope::parse(s).ok_or_else(|| TableErrorKind::BadScope(s.to_owned()))?,
+        ),
     };
     let method = Method::from_bytes(method.as_bytes())
         .map_err(|_| TableErrorKind::BadMethod(method.to_owned()))?;
@@ -417,6 +429,7 @@ fn row(line: &str) -> Result<Operation, TableErrorKind> {
         template: template.to_owned(),
         operation_id: operation_id.to_owned(),
         tags,
+        scope,
         params,
     })
 }
@@ -633,8 +646,8 @@ mod tests {
 
         // Whatever the order of the rows.
         let table = table(&[
-            "GET\t/organizations/{organizationId}/{x}\tgetX\torganizations",
-            "GET\t/organizations/{organizationId}/networks\tgetNetworks\torganizations",
+            "GET\t/organizations/{organizationId}/{x}\tgetX\torganizations\t",
+            "GET\t/organizations/{organizationId}/networks\tgetNetworks\torganizations\t",
         ])
         .unwrap();
         assert_eq!(
@@ -679,7 +692,7 @@ mod tests {
 
     #[test]
     fn parse_errors_name_their_line() {
-        let err = table(&["GET\t/a\tgetA\ta", "FO O\t/b\tgetB\tb"]).unwrap_err();
+        let err = table(&["GET\t/a\tgetA\ta\t", "FO O\t/b\tgetB\tb\t"]).unwrap_err();
         assert_eq!(err.line, 4);
         assert_eq!(err.kind, TableErrorKind::BadMethod("FO O".to_owned()));
         assert!(
@@ -691,7 +704,7 @@ mod tests {
         assert_eq!(err, TableErrorKind::FieldCount(3).at(3));
 
         for template in ["a", "/a/", "/a//b", "/a/{}", "/a/x{y}", "/a/{y"] {
-            let err = table(&[&format!("GET\t{template}\tgetA\ta")]).unwrap_err();
+            let err = table(&[&format!("GET\t{template}\tgetA\ta\t")]).unwrap_err();
             assert_eq!(err.line, 3, "{template}");
             assert!(
                 matches!(err.kind, TableErrorKind::BadTemplate { .. }),
@@ -699,21 +712,21 @@ mod tests {
             );
         }
         assert_eq!(
-            table(&["GET\t/a\t\ta"]).unwrap_err().kind,
+            table(&["GET\t/a\t\ta\t"]).unwrap_err().kind,
             TableErrorKind::EmptyOperationId
         );
         assert!(matches!(
-            table(&["GET\t/a\tgetA\ta,,b"]).unwrap_err().kind,
+            table(&["GET\t/a\tgetA\ta,,b\t"]).unwrap_err().kind,
             TableErrorKind::EmptyTag(_)
         ));
 
-        let err = table(&["GET\t/a/{x}\tgetA\ta", "GET\t/a/{y}\tgetB\ta"]).unwrap_err();
+        let err = table(&["GET\t/a/{x}\tgetA\ta\t", "GET\t/a/{y}\tgetB\ta\t"]).unwrap_err();
         assert_eq!(err.line, 4);
         assert!(matches!(
             err.kind,
             TableErrorKind::DuplicateRoute { first: 3, .. }
         ));
-        let err = table(&["GET\t/a\tgetA\ta", "PUT\t/a\tgetA\ta"]).unwrap_err();
+        let err = table(&["GET\t/a\tgetA\ta\t", "PUT\t/a\tgetA\ta\t"]).unwrap_err();
         assert_eq!(
             err,
             TableErrorKind::DuplicateOperation {
@@ -738,7 +751,7 @@ mod tests {
             EndpointTable::parse("# meraki-sdk 1.0 0 operations\nmethod\tpath\n").unwrap_err(),
             TableErrorKind::BadHeader.at(2)
         );
-        let text = format!("# meraki-sdk 1.0 2 operations\n{HEADER}\nGET\t/a\tgetA\ta\n");
+        let text = format!("# meraki-sdk 1.0 2 operations\n{HEADER}\nGET\t/a\tgetA\ta\t\n");
         assert_eq!(
             EndpointTable::parse(&text).unwrap_err(),
             TableErrorKind::CountMismatch {

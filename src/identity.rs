@@ -326,6 +326,7 @@ mod tests {
             methods: None,
             operations: None,
             weight: 1,
+            source_addresses: None,
         })
     }
 

@@ -9,11 +9,16 @@
 //!   the summary `check` prints; [`reload`] holds the live one and swaps in a new one on SIGHUP
 //!   or `POST /admin/reload`.
 //! - [`identity`]: who is calling: the proxy client key, matched by SHA-256 digest.
+//! - [`source`]: where the client calls from: the connection's peer, or `X-Forwarded-For`
+//!   behind `[server] trusted_proxies` (PROXY protocol headers: `proxy/proxy_protocol.rs`),
+//!   checked against `[[clients]] source_addresses`.
 //! - [`route`]: which organization the request acts on: path normalization (`route/path.rs`,
 //!   pure and fuzzed), and the cached lookup of networks and devices (`route/resolver.rs`, made
 //!   through [`lookup`], the proxy's own API client).
 //! - [`admission`]: identify → route → authorize → token, as one plain function (`admit`) that
-//!   answers `Admitted` or a refusal; testable without a socket.
+//!   answers `Admitted` or a refusal; testable without a socket. Authorizing includes the
+//!   client's source addresses (`check_source`) and the OAuth scope the operation needs
+//!   (`check_scope`, with Meraki's scopes as bits: [`scope`]).
 //! - [`token`]: grants and their tokens, split by job: the grant (its single-flight lock and what
 //!   Meraki's answers taught about it), the grant map, the refresh engine (single flight,
 //!   refresh points, the 401 rule decided by evidence, backoff, commit before use), the
@@ -39,7 +44,8 @@
 //!   the pre-bound listener adapter, the background tasks, and the drain on shutdown.
 //! - [`cli`]: the command line.
 //! - [`endpoints`]: Meraki's API operations (method, path template, operationId, tags),
-//!   generated from the official SDK by `scripts/gen-endpoint-table.py`.
+//!   generated from the official SDK by `scripts/gen-endpoint-table.py`, with the OAuth scope
+//!   each needs joined from Meraki's API index (`data/meraki-api-oauth-scopes.tsv`).
 //! - [`tls`]: TLS both ways, a file per job: PEM reading (size-capped), one trust policy for
 //!   every outbound connection (and every HTTP client of the proxy's own), the classification of
 //!   handshake failures, the listener's certificate (reloadable) and mutual TLS. It reads no
@@ -71,10 +77,12 @@ pub mod refusal;
 pub mod reload;
 pub mod report;
 pub mod route;
+pub mod scope;
 pub mod seal;
 pub mod secret;
 pub mod server;
 pub mod shaping;
+pub mod source;
 pub mod tls;
 pub mod token;
 pub mod upstream;

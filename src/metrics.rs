@@ -54,7 +54,7 @@ pub struct Metrics {
 }
 
 /// The limits a connection can be refused by (`[server] max_connections`, `max_connections_per_peer`).
-pub const CONNECTION_LIMITS: &[&str] = &["listener", "peer"];
+pub const CONNECTION_LIMITS: &[&str] = &["listener", "peer", "proxy_protocol"];
 /// The phases a client can time out in (`[server] *_timeout_secs`).
 pub const TIMEOUT_PHASES: &[&str] = &["header", "body", "request"];
 

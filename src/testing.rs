@@ -203,6 +203,7 @@ pub fn integration() -> Arc<Integration> {
         client_secret: Secret::new("secret"),
         redirect_uri: None,
         scopes: vec![],
+        scope_set: crate::scope::ScopeSet::EMPTY,
     })
 }
 

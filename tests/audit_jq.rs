@@ -14,6 +14,7 @@ use support::harness::*;
 
 const HMAC_KEY: &str = "audit-hmac-key-5ecret-0123456789abcdef";
 const DOC: &str = "docs/audit-fields.md";
+const CAROL_KEY: &str = "carol-proxy-key-3c9d1e0f";
 
 /// The doc's checked blocks: (name, shell text).
 fn checked_blocks(doc: &str) -> Vec<(String, String)> {
@@ -67,7 +68,15 @@ async fn the_documented_jq_queries_answer_what_the_doc_says() {
         println!("skipped: jq is not installed (apt-get install jq)");
         return;
     }
-    let s = Scenario::new(Options::default()).await;
+    // carol may call only from 127.0.0.2: the test's requests (from 127.0.0.1) are refused.
+    let s = Scenario::new(Options {
+        clients: format!(
+            "[[clients]]\nname = \"carol\"\nkey_sha256 = \"{}\"\nintegration = \"netops\"\norganizations = [\"111\"]\nsource_addresses = [\"127.0.0.2/32\"]\n",
+            support::harness::sha256_hex(CAROL_KEY)
+        ),
+        ..Options::default()
+    })
+    .await;
     let key_file = s.dir.path().join("audit.key");
     std::fs::write(&key_file, HMAC_KEY).unwrap();
     let text = std::fs::read_to_string(&s.config).unwrap().replace(
@@ -100,10 +109,21 @@ async fn the_documented_jq_queries_answer_what_the_doc_says() {
     for _ in 0..2 {
         assert_eq!(send(Method::GET, "/organizations", "not-a-key").await, 401);
     }
-    s.standin.refuse_every_token_at("/organizations/111/admins");
+    // The grant holds dashboard:general:config:*; getOrganizationAdmins needs
+    // dashboard:iam:config:read.
+    assert_eq!(
+        send(Method::GET, "/organizations/111/admins", ALICE_KEY).await,
+        403
+    );
+    assert_eq!(
+        send(Method::GET, "/organizations/111/networks", CAROL_KEY).await,
+        403
+    );
+    s.standin
+        .refuse_every_token_at("/organizations/111/actionBatches");
     for _ in 0..3 {
         assert_eq!(
-            send(Method::GET, "/organizations/111/admins", ALICE_KEY).await,
+            send(Method::GET, "/organizations/111/actionBatches", ALICE_KEY).await,
             401
         );
     }
@@ -120,6 +140,7 @@ async fn the_documented_jq_queries_answer_what_the_doc_says() {
         [
             "writes",
             "denials",
+            "access",
             "grant",
             "refused_at_operation",
             "verify"
@@ -150,6 +171,17 @@ async fn the_documented_jq_queries_answer_what_the_doc_says() {
                 );
                 assert!(counts.len() >= 2, "{out}");
             }
+            "access" => {
+                let got = json_lines(&out);
+                assert_eq!(got.len(), 2, "{out}");
+                assert_eq!(got[0]["reason"], "missing_scope", "{out}");
+                assert_eq!(got[0]["client"], "alice", "{out}");
+                assert_eq!(got[0]["operation"], "getOrganizationAdmins", "{out}");
+                assert_eq!(got[0]["client_address"], "127.0.0.1", "{out}");
+                assert_eq!(got[1]["reason"], "source_address", "{out}");
+                assert_eq!(got[1]["client"], "carol", "{out}");
+                assert_eq!(got[1]["client_address"], "127.0.0.1", "{out}");
+            }
             "grant" => {
                 let events: Vec<String> = json_lines(&out)
                     .iter()
@@ -169,7 +201,7 @@ async fn the_documented_jq_queries_answer_what_the_doc_says() {
                 assert_eq!((requests, events), (3, 1), "{out}");
                 assert!(
                     got.iter()
-                        .all(|v| v["operation"] == "getOrganizationAdmins"),
+                        .all(|v| v["operation"] == "getOrganizationActionBatches"),
                     "{out}"
                 );
             }

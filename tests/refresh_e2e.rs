@@ -184,7 +184,8 @@ async fn short_lived_tokens_are_refreshed_once_per_half_lifetime() {
     );
 }
 
-/// Case 3 (issue 19): an operation Meraki refuses whatever the token (a scope the grant lacks),
+/// Case 3 (issue 19): an operation Meraki refuses whatever the token (as for a scope the grant lacks;
+/// `actionBatches` lists no scope, so the proxy's own scope check lets it through),
 /// hit 30 times between other operations, at the shipped defaults: one token call (the first
 /// 401 is refreshed for, the retry's refusal is the evidence), every answer Meraki's 401 marked
 /// and audited, the other operations served; then the grant's token really dies: the expiry
@@ -192,7 +193,7 @@ async fn short_lived_tokens_are_refreshed_once_per_half_lifetime() {
 #[tokio::test]
 async fn an_operation_refused_whatever_the_token_costs_one_token_call() {
     let (s, _p) = ready(Options::default(), 3600).await;
-    let refused = "/organizations/111/admins";
+    let refused = "/organizations/111/actionBatches";
     s.standin.refuse_every_token_at(refused);
     let before = s.standin.token_calls();
     for i in 0..30 {
@@ -223,7 +224,8 @@ async fn an_operation_refused_whatever_the_token_costs_one_token_call() {
             .count()
             == 30
             && audit.iter().any(|r| {
-                r["event"] == "operation_refused" && r["operation"] == "getOrganizationAdmins"
+                r["event"] == "operation_refused"
+                    && r["operation"] == "getOrganizationActionBatches"
             })
     })
     .await;
@@ -234,7 +236,7 @@ async fn an_operation_refused_whatever_the_token_costs_one_token_call() {
     );
     let (_, status_page) = _p.admin("/").await;
     assert!(
-        status_page.contains("getOrganizationAdmins"),
+        status_page.contains("getOrganizationActionBatches"),
         "the status page shows it"
     );
 
@@ -266,7 +268,7 @@ async fn an_operation_refused_whatever_the_token_costs_one_token_call() {
 #[tokio::test]
 async fn a_dead_token_is_refreshed_for_a_script_that_calls_only_the_refused_operation() {
     let (s, _p) = ready(Options::default(), 3600).await;
-    let refused = "/organizations/111/admins";
+    let refused = "/organizations/111/actionBatches";
     s.standin.refuse_every_token_at(refused);
     let before = s.standin.token_calls();
     assert_eq!(s.status(refused, ALICE_KEY).await, 401);

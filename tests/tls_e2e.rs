@@ -926,9 +926,16 @@ async fn split_horizon_meraki_client_and_the_sdk_default_base_url_go_through_the
         s.standin
             .add_network("333", &format!("N_333_{i:04}"), &format!("carol site {i}"));
     }
-    let carol = s
-        .standin
-        .issue_grant(CLIENT_ID, &["333"], &["dashboard:general:config:write"]);
+    let carol = s.standin.issue_grant(
+        CLIENT_ID,
+        &["333"],
+        // The SDK script lists networks (read) and renames one (write); a grant without
+        // read would be refused locally (missing_scope).
+        &[
+            "dashboard:general:config:read",
+            "dashboard:general:config:write",
+        ],
+    );
     let mut text = std::fs::read_to_string(&s.config).unwrap();
     text.push_str(&format!(
         "\n[[clients]]\nname = \"carol\"\nkey_sha256 = \"{}\"\nintegration = \"netops\"\norganizations = [\"333\"]\n",

@@ -115,6 +115,7 @@ impl Admin {
             );
         }
         b.push_str("</table>");
+        scopes_section(&mut b, &grants);
         self.refused_section(&mut b, &grants);
         b.push_str("<h2>Clients</h2><table id=\"clients\"><tr><th>Name</th><th>Integration</th><th>Organizations</th><th>Methods</th></tr>");
         for c in &config.clients {
@@ -272,6 +273,35 @@ impl Admin {
             escape(label)
         )
     }
+}
+
+/// Each grant's OAuth scopes and where they come from: what the proxy checks every operation's
+/// required scope against (403 `missing_scope` when the grant lacks it).
+fn scopes_section(b: &mut String, grants: &[Arc<crate::token::Grant>]) {
+    if grants.is_empty() {
+        return;
+    }
+    b.push_str("<h2>Grant scopes</h2><p class=\"note\">An operation whose OAuth scope (Meraki's API index) the grant lacks is refused by the proxy with 403 <code>missing_scope</code>, without a refresh or an upstream call.</p><table id=\"grant-scopes\"><tr><th>Grant</th><th>Integration</th><th>Scopes</th><th>From</th></tr>");
+    for g in grants {
+        let (scopes, from) = match g.scopes() {
+            None => (
+                "-".to_owned(),
+                "unknown: no scope is checked (Meraki named none, the integration lists none)",
+            ),
+            Some(s) if g.scopes_from_meraki() => (s.to_string(), "Meraki's token response"),
+            Some(s) => (s.to_string(), "the integration's configured scopes"),
+        };
+        let _ = write!(
+            b,
+            "<tr data-grant-scopes=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            g.id,
+            g.id,
+            escape(&g.integration().name),
+            escape(&scopes),
+            from
+        );
+    }
+    b.push_str("</table>");
 }
 
 #[cfg(test)]

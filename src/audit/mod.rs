@@ -94,7 +94,12 @@ pub struct RequestEntry {
     pub queue_wait: Option<Duration>,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// The connection's peer: the TCP peer, or the address a trusted load balancer's PROXY
+    /// protocol header gave.
     pub source: Option<SocketAddr>,
+    /// The client's address as `crate::source` decides it (`X-Forwarded-For` believed only
+    /// from `[server] trusted_proxies`): what `source_addresses` is checked against.
+    pub client_address: Option<std::net::IpAddr>,
     pub user_agent: Option<HeaderValue>,
     /// What identified the client: `key`, `certificate`, `certificate+key`.
     pub identity: Option<&'static str>,
@@ -137,6 +142,7 @@ impl RequestEntry {
             bytes_in: self.bytes_in,
             bytes_out: self.bytes_out,
             source: self.source.map(|a| a.to_string()),
+            client_address: self.client_address.map(|a| a.to_string()),
             user_agent: self.user_agent.as_ref().and_then(|v| v.to_str().ok()),
             identity: self.identity,
             client_certificate: self.client_certificate.as_deref(),
@@ -175,6 +181,7 @@ struct RequestRecord<'a> {
     bytes_in: u64,
     bytes_out: u64,
     source: Option<String>,
+    client_address: Option<String>,
     user_agent: Option<&'a str>,
     identity: Option<&'static str>,
     client_certificate: Option<&'a str>,
@@ -590,6 +597,7 @@ mod tests {
             bytes_in: 0,
             bytes_out: 2,
             source: Some(([127, 0, 0, 1], 50000).into()),
+            client_address: Some([198, 51, 100, 7].into()),
             user_agent: Some(HeaderValue::from_static("curl/8")),
             identity: Some("key"),
             client_certificate: None,
@@ -636,6 +644,7 @@ mod tests {
         assert_eq!(v["time"], "2023-11-14T22:13:20Z");
         assert_eq!(v["request_id"], "00abcdef01234567");
         assert_eq!(v["source"], "127.0.0.1:50000");
+        assert_eq!(v["client_address"], "198.51.100.7");
         assert_eq!(v["user_agent"], "curl/8");
         assert_eq!(v["organization"], "123");
         assert_eq!(v["duration_ms"], 1.5);
@@ -672,6 +681,7 @@ mod tests {
             bytes_in: 10,
             bytes_out: 20,
             source: None,
+            client_address: None,
             user_agent: None,
             identity: None,
             client_certificate: None,

@@ -65,6 +65,12 @@ pub struct Server {
     /// The URL(s) clients reach the proxy by, e.g. `"https://api.meraki.com/api/v1"`
     /// (split-horizon): `Link` targets become absolute URLs of it.
     pub public_base_url: Option<OneOrMany>,
+    /// CIDRs of the load balancers and reverse proxies whose `X-Forwarded-For` (and PROXY
+    /// protocol headers) are believed.
+    pub trusted_proxies: Option<Vec<String>>,
+    /// Whether each connection starts with a PROXY protocol v1/v2 header (from an L4 load
+    /// balancer in `trusted_proxies`).
+    pub proxy_protocol: Option<bool>,
 }
 
 /// `[upstream]`
@@ -212,6 +218,8 @@ pub struct Client {
     pub operations: Option<Vec<String>>,
     /// The client's share of a contended organization budget, relative to others (default 1).
     pub weight: Option<u32>,
+    /// CIDRs the client may call from (absent: anywhere).
+    pub source_addresses: Option<Vec<String>>,
 }
 
 /// One string or a list.

@@ -64,6 +64,16 @@ impl fmt::Display for Config {
             "connections: at most {} open, {} per peer address (reloadable)",
             l.max_connections, l.max_connections_per_peer
         )?;
+        if self.trusted_proxies.is_empty() {
+            writeln!(f, "client addresses: the connection's peer (no trusted proxies; X-Forwarded-For ignored) (reloadable)")?;
+        } else {
+            writeln!(
+                f,
+                "client addresses: X-Forwarded-For believed from trusted proxies [{}]; PROXY protocol {} (reloadable)",
+                self.trusted_proxies,
+                if self.proxy_protocol { "required from them" } else { "off" }
+            )?;
+        }
         writeln!(f, "upstream: {}", self.upstream.api_base)?;
         writeln!(f, "token endpoint: {}", self.upstream.token_url)?;
         if let Some(ca) = &self.upstream.ca {
@@ -149,6 +159,7 @@ impl fmt::Display for Config {
             writeln!(f, "rate limits: off (requests are not shaped)")?;
         }
         writeln!(f, "clients ({}):", self.clients.len())?;
+        let mut unserved = Unserved::default();
         for c in &self.clients {
             let methods = match &c.methods {
                 None => "all".to_string(),
@@ -183,7 +194,7 @@ impl fmt::Display for Config {
                 .collect();
             writeln!(
                 f,
-                "  {} keys={}{} integration={} organizations=[{}] methods={} operations=[{}] ({effective} of {} API operations allowed) weight={}",
+                "  {} keys={}{} integration={} organizations=[{}] methods={} operations=[{}] ({effective} of {} API operations allowed) weight={} from={}",
                 c.name,
                 c.keys.len(),
                 if expiring.is_empty() {
@@ -196,8 +207,80 @@ impl fmt::Display for Config {
                 methods,
                 operations,
                 table.len(),
-                c.weight
+                c.weight,
+                c.source_addresses
+                    .as_ref()
+                    .map_or("anywhere".to_owned(), |a| format!("[{a}]"))
             )?;
+            unserved.write(f, self, c)?;
+        }
+        Ok(())
+    }
+}
+
+/// The operations a client may otherwise run that its integration's configured `scopes`
+/// cannot serve, grouped by the scope they need; a client with the same integration,
+/// methods and operations as one listed before says so instead of repeating the list.
+#[derive(Default)]
+struct Unserved {
+    /// (integration, methods, operations) → the first client with them.
+    seen: Vec<(String, String, String, String)>,
+}
+
+impl Unserved {
+    fn write(
+        &mut self,
+        f: &mut fmt::Formatter<'_>,
+        config: &Config,
+        c: &crate::config::Client,
+    ) -> fmt::Result {
+        let Some(it) = config.integration(&c.integration) else {
+            return Ok(());
+        };
+        if it.scope_set.is_empty() {
+            return writeln!(
+                f,
+                "    scopes: integration {} lists none; only Meraki's token responses limit operations",
+                it.name
+            );
+        }
+        let key = (
+            c.integration.clone(),
+            format!("{:?}", c.methods),
+            format!("{:?}", c.operations),
+        );
+        if let Some((_, _, _, first)) = self
+            .seen
+            .iter()
+            .find(|(i, m, o, _)| (i, m, o) == (&key.0, &key.1, &key.2))
+        {
+            return writeln!(
+                f,
+                "    operations its scopes cannot serve: as for client {first}"
+            );
+        }
+        self.seen.push((key.0, key.1, key.2, c.name.clone()));
+        let mut by_scope: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
+        for op in crate::endpoints::EndpointTable::builtin().operations() {
+            if let Some(need) = op.scope {
+                if c.may_use(&op.method) && c.may_run(op) && !it.scope_set.contains(need) {
+                    by_scope
+                        .entry(need.name())
+                        .or_default()
+                        .push(&op.operation_id);
+                }
+            }
+        }
+        let total: usize = by_scope.values().map(Vec::len).sum();
+        if total == 0 {
+            return writeln!(f, "    operations its scopes cannot serve: none");
+        }
+        writeln!(
+            f,
+            "    operations its scopes cannot serve ({total}, refused with 403 missing_scope unless Meraki's token response grants more):"
+        )?;
+        for (scope, ops) in by_scope {
+            writeln!(f, "      {scope} ({}): {}", ops.len(), ops.join(", "))?;
         }
         Ok(())
     }

@@ -544,3 +544,123 @@ fn client_limits_have_defaults_and_bad_values_name_their_key() {
         "{summary}"
     );
 }
+
+#[test]
+fn source_addresses_and_trusted_proxies_are_cidrs_named_by_key() {
+    let c = parse(&GOOD.replace(
+        "methods = [\"get\"]",
+        "methods = [\"get\"]\nsource_addresses = [\"10.1.2.0/24\", \"2001:db8::/48\", \"192.0.2.9\"]",
+    ))
+    .unwrap();
+    let a = c.clients[0].source_addresses.as_ref().unwrap();
+    assert!(a.contains("10.1.2.77".parse().unwrap()));
+    assert!(a.contains("2001:db8:0:1::5".parse().unwrap()));
+    assert!(a.contains("192.0.2.9".parse().unwrap()));
+    assert!(!a.contains("10.1.3.1".parse().unwrap()));
+    assert!(
+        c.to_string()
+            .contains("from=[10.1.2.0/24, 2001:db8::/48, 192.0.2.9/32]"),
+        "{c}"
+    );
+    assert!(c.trusted_proxies.is_empty() && !c.proxy_protocol);
+    let anywhere = parse(GOOD).unwrap();
+    assert!(anywhere.clients[0].source_addresses.is_none());
+    assert!(anywhere.to_string().contains("from=anywhere"));
+
+    let server = |lines: &str| {
+        GOOD.replace(
+            "admin_listen = \"127.0.0.1:9090\"",
+            &format!("admin_listen = \"127.0.0.1:9090\"\n{lines}"),
+        )
+    };
+    let c = parse(&server(
+        "trusted_proxies = [\"10.0.0.0/8\"]\nproxy_protocol = true",
+    ))
+    .unwrap();
+    assert!(c.proxy_protocol);
+    assert!(c.trusted_proxies.contains("10.9.9.9".parse().unwrap()));
+    assert!(c.to_string().contains("X-Forwarded-For believed from trusted proxies [10.0.0.0/8]; PROXY protocol required from them"), "{c}");
+
+    let client = |list: &str| {
+        GOOD.replace(
+            "methods = [\"get\"]",
+            &format!("methods = [\"get\"]\nsource_addresses = {list}"),
+        )
+    };
+    for (text, key, problem) in [
+        (
+            client("[\"10.1.2.0/24\", \"10.1.2.0/33\"]"),
+            "clients[0].source_addresses[1]",
+            "expected an IPv4 or IPv6 network",
+        ),
+        (
+            client("[\"10.1.2.3/24\"]"),
+            "clients[0].source_addresses[0]",
+            "did you mean 10.1.2.0/24?",
+        ),
+        (
+            client("[\"office\"]"),
+            "clients[0].source_addresses[0]",
+            "\"office\"",
+        ),
+        (
+            client("[]"),
+            "clients[0].source_addresses",
+            "at least one network",
+        ),
+        (
+            server("trusted_proxies = [\"fe80::1/10\"]"),
+            "server.trusted_proxies[0]",
+            "did you mean fe80::/10?",
+        ),
+        (
+            server("proxy_protocol = true"),
+            "server.proxy_protocol",
+            "needs server.trusted_proxies",
+        ),
+    ] {
+        let e = err(&text);
+        assert!(
+            e.contains(key) && e.contains(problem),
+            "expected {key}: {problem} in: {e}"
+        );
+    }
+}
+
+#[test]
+fn check_lists_what_the_integrations_scopes_cannot_serve() {
+    let two = GOOD.replace(
+        "methods = [\"get\"]",
+        "methods = [\"get\"]\n[[clients]]\nname = \"twin\"\nkey_sha256 = \"1111111111111111111111111111111111111111111111111111111111111111\"\nintegration = \"netops\"\norganizations = [\"123\"]\nmethods = [\"get\"]",
+    );
+    let text = parse(&two).unwrap().to_string();
+    let backup = &text[text.find("  backup ").unwrap()..text.find("  twin ").unwrap()];
+    assert!(
+        backup.contains("operations its scopes cannot serve ("),
+        "{backup}"
+    );
+    assert!(
+        backup.contains("      dashboard:iam:config:read ("),
+        "{backup}"
+    );
+    assert!(backup.contains("getOrganizationAdmins"), "{backup}");
+    assert!(
+        !backup.contains("createOrganizationAdmin"),
+        "GET only: {backup}"
+    );
+    assert!(
+        !backup.contains("wireless:telemetry:read ("),
+        "the integration holds it: {backup}"
+    );
+    assert!(
+        text.contains("  twin ") && text.contains("as for client backup"),
+        "{text}"
+    );
+    let none = parse(&GOOD.replace(
+        "scopes = [\"dashboard:general:config:read\", \"wireless:telemetry:read\"]",
+        "",
+    ))
+    .unwrap()
+    .to_string();
+    assert!(none.contains("integration netops lists none"), "{none}");
+}

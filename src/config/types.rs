@@ -61,6 +61,11 @@ pub struct Config {
     pub rate_limits: RateLimits,
     /// `[server]`'s timeouts and connection limits for what clients control.
     pub client_limits: ClientLimits,
+    /// `[server] trusted_proxies`: the peers whose `X-Forwarded-For` and PROXY protocol
+    /// headers are believed (`crate::source`).
+    pub trusted_proxies: crate::source::Cidrs,
+    /// `[server] proxy_protocol`: connections start with a PROXY protocol header.
+    pub proxy_protocol: bool,
     pub integrations: Vec<Arc<Integration>>,
     pub clients: Vec<Arc<Client>>,
 }
@@ -197,6 +202,8 @@ pub struct Integration {
     pub client_secret: Secret,
     pub redirect_uri: Option<Url>,
     pub scopes: Vec<String>,
+    /// `scopes` as a set: what a grant holds when Meraki's token response names none.
+    pub scope_set: crate::scope::ScopeSet,
 }
 
 /// A proxy client: who may call, with which key, on which organizations.
@@ -215,6 +222,8 @@ pub struct Client {
     pub operations: Option<Operations>,
     /// The client's share of a contended organization budget, relative to the others'.
     pub weight: u32,
+    /// The addresses the client may call from (`source_addresses`); `None`: anywhere.
+    pub source_addresses: Option<crate::source::Cidrs>,
 }
 
 /// How a client's certificate is recognized: its subject, or one of its DNS names.
@@ -328,6 +337,14 @@ impl Client {
     /// Whether the client may use this method.
     pub fn may_use(&self, method: &http::Method) -> bool {
         self.methods.as_ref().is_none_or(|m| m.contains(method))
+    }
+
+    /// Whether the client may call from `ip` (its address as `crate::source` decides it).
+    #[inline]
+    pub fn may_call_from(&self, ip: std::net::IpAddr) -> bool {
+        self.source_addresses
+            .as_ref()
+            .is_none_or(|c| c.contains(ip))
     }
 
     /// Whether the client may run this operation.

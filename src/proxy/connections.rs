@@ -1,7 +1,9 @@
 //! The proxy listener's connections: counted in all and per peer address, and held to
 //! `[server] max_connections` (beyond it a new connection gets a 503 and is closed at once) and
 //! `max_connections_per_peer` (beyond it the connection is served only to answer its requests
-//! 429). [`Gate`] wraps Pingora's HTTP application and sees each connection begin and end;
+//! 429). With `[server] proxy_protocol` on the plain listener, the gate reads each connection's
+//! PROXY header first (`proxy_protocol.rs`; meanwhile the connection counts against
+//! `max_connections` only, and its peer is then the header's source). [`Gate`] wraps Pingora's HTTP application and sees each connection begin and end;
 //! the hooks learn about the connection they serve through a task-local, as Pingora serves an
 //! HTTP/1 connection's requests one after another in the task that accepted it.
 
@@ -115,6 +117,15 @@ impl Counts {
         })
     }
 
+    /// Counts `ticket`'s connection as `peer`'s (once its PROXY header named the client).
+    pub fn attribute(&self, ticket: &mut Ticket, peer: IpAddr, limits: &ClientLimits) {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let n = t.per_peer.entry(peer).or_insert(0);
+        *n += 1;
+        ticket.over_peer_limit = *n > limits.max_connections_per_peer;
+        ticket.peer = Some(peer);
+    }
+
     /// Connections open now: in all, and from `peer`.
     #[cfg(test)]
     fn open(&self, peer: IpAddr) -> (usize, usize) {
@@ -145,7 +156,13 @@ pub struct Gate<A> {
     /// The limits in force (read per connection: a reload applies to the next one).
     limits: Box<dyn Fn() -> ClientLimits + Send + Sync>,
     metrics: Arc<Metrics>,
+    /// `[server] proxy_protocol` on the plain listener: the trusted proxies when each
+    /// connection must start with a PROXY header (read per connection).
+    proxy_protocol: Option<ProxyProtocolRule>,
 }
+
+/// When connections start with a PROXY header: the trusted proxies, or `None` when not.
+type ProxyProtocolRule = Box<dyn Fn() -> Option<crate::source::Cidrs> + Send + Sync>;
 
 impl<A> Gate<A> {
     /// `app` behind the limits `limits` returns.
@@ -159,7 +176,18 @@ impl<A> Gate<A> {
             counts: Arc::new(Counts::default()),
             limits: Box::new(limits),
             metrics,
+            proxy_protocol: None,
         }
+    }
+
+    /// Reads a PROXY protocol header at the start of each connection while `rule` names the
+    /// trusted proxies (the plain listener; the TLS listener reads it before the handshake).
+    pub fn with_proxy_protocol(
+        mut self,
+        rule: impl Fn() -> Option<crate::source::Cidrs> + Send + Sync + 'static,
+    ) -> Self {
+        self.proxy_protocol = Some(Box::new(rule));
+        self
     }
 }
 
@@ -170,15 +198,35 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Gate<A> {
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let peer = stream
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let tcp_peer = super::proxy_protocol::peer_of(&*stream);
         let limits = (self.limits)();
-        let Ok(ticket) = self.counts.admit(peer, &limits) else {
+        let trusted = self.proxy_protocol.as_ref().and_then(|rule| rule());
+        // With PROXY protocol the peer is known once the header is read; meanwhile the
+        // connection counts against max_connections only.
+        let counted_peer = match trusted {
+            Some(_) => None,
+            None => tcp_peer.map(|a| a.ip()),
+        };
+        let Ok(mut ticket) = self.counts.admit(counted_peer, &limits) else {
             self.metrics.connection_refused("listener");
             refuse_full(&mut stream, limits.max_connections).await;
             return None;
         };
+        if let Some(trusted) = trusted {
+            let expect = super::proxy_protocol::Expect {
+                trusted: &trusted,
+                timeout: limits.header_timeout,
+            };
+            if super::proxy_protocol::accept(&mut *stream, tcp_peer, expect, &self.metrics)
+                .await
+                .is_err()
+            {
+                return None;
+            }
+            if let Some(peer) = super::proxy_protocol::peer_of(&*stream) {
+                self.counts.attribute(&mut ticket, peer.ip(), &limits);
+            }
+        }
         if ticket.over_peer_limit {
             self.metrics.connection_refused("peer");
         }

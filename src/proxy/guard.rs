@@ -85,6 +85,7 @@ impl MerakiProxy {
             bytes_in: 0,
             bytes_out: session.body_bytes_sent() as u64,
             source,
+            client_address: source.map(|s| crate::source::canonical(s.ip())),
             user_agent: None,
             identity: None,
             client_certificate: None,

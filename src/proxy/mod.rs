@@ -6,7 +6,10 @@
 //!   list, check an action batch, wait the request's turn);
 //! - `retry.rs`: Meraki's answer and the attempts it leads to (401, redirects, faults);
 //! - `respond.rs`: what the proxy writes itself (the one refusal → response mapping);
-//! - `record.rs`: the metrics and the audit record of every request.
+//! - `record.rs`: the metrics and the audit record of every request;
+//! - `connections.rs`: the connection gate (limits, and the PROXY protocol header on the plain
+//!   listener); `proxy_protocol.rs`: reading PROXY v1/v2 headers (also before the TLS
+//!   handshake).
 //!
 //! Admission is [`crate::admission`], the wire rules [`crate::forward`], refusals
 //! [`crate::refusal`].
@@ -14,6 +17,7 @@
 mod connections;
 mod ctx;
 mod guard;
+mod proxy_protocol;
 mod record;
 mod respond;
 mod retry;
@@ -21,6 +25,7 @@ mod steps;
 
 pub use connections::Gate;
 pub use ctx::Ctx;
+pub use proxy_protocol::PreTls;
 
 use crate::admission::{self, Action, Admission, State};
 use crate::audit::Audit;
@@ -106,8 +111,12 @@ impl ProxyHttp for MerakiProxy {
         }
         let cert = crate::tls::peer_cert(session.digest());
         ctx.client_cert = cert.map(|c| c.subject.clone());
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
         let Admission { seen, verdict } =
-            admission::admit(&self.state, session.req_header(), cert).await;
+            admission::admit(&self.state, session.req_header(), peer, cert).await;
         ctx.seen = seen;
         match verdict {
             Err(r) => self.refuse(session, ctx, r).await,

@@ -70,6 +70,7 @@ fn entry(session: &Session, ctx: &mut Ctx, status: u16) -> RequestEntry {
             .map_or("", |p| p.as_str())
             .to_owned()
     });
+    let source = session.client_addr().and_then(|a| a.as_inet()).copied();
     RequestEntry {
         at: std::time::SystemTime::now(),
         request_id: ctx.request_id,
@@ -100,7 +101,11 @@ fn entry(session: &Session, ctx: &mut Ctx, status: u16) -> RequestEntry {
         queue_wait: ctx.queue_wait,
         bytes_in: session.body_bytes_read() as u64,
         bytes_out: session.body_bytes_sent() as u64,
-        source: session.client_addr().and_then(|a| a.as_inet()).copied(),
+        source,
+        client_address: ctx
+            .seen
+            .client_address
+            .or_else(|| source.map(|s| crate::source::canonical(s.ip()))),
         user_agent: req.headers.get(USER_AGENT).cloned(),
         identity: ctx.seen.identity.map(|i| i.as_str()),
         client_certificate: ctx.client_cert.take(),

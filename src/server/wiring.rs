@@ -271,11 +271,34 @@ pub fn build(launch: Launch) -> Result<(Server, ShutdownBox), StartError> {
             ),
             move || limits.config().client_limits,
             metrics.clone(),
-        ),
+        )
+        .with_proxy_protocol({
+            // `[server] proxy_protocol` on the plain listener, read per connection.
+            let live = live.clone();
+            let tls = config.tls.is_some();
+            move || {
+                let c = live.config();
+                (c.proxy_protocol && !tls).then(|| c.trusted_proxies.clone())
+            }
+        }),
     );
     match &config.tls {
         None => proxy.add_tcp(&listen),
-        Some(_) => proxy.add_tls_with_settings(&listen, None, inbound_tls(&live, &audit)?),
+        Some(_) => {
+            // On the TLS listener the PROXY header comes before the handshake.
+            let pp = live.clone();
+            proxy
+                .endpoints()
+                .set_pre_tls_callback(Arc::new(crate::proxy::PreTls {
+                    expect: Box::new(move || {
+                        let c = pp.config();
+                        c.proxy_protocol
+                            .then(|| (c.trusted_proxies.clone(), c.client_limits.header_timeout))
+                    }),
+                    metrics: metrics.clone(),
+                }));
+            proxy.add_tls_with_settings(&listen, None, inbound_tls(&live, &audit)?)
+        }
     }
     server.add_service(Prebound::new(
         proxy,

@@ -8,6 +8,7 @@ use super::probe::Probe;
 use super::state::TokenState;
 use super::store::{Rotation, StoredGrant};
 use crate::config::Integration;
+use crate::scope::ScopeSet;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -45,7 +46,13 @@ pub struct Grant {
     /// Operations a generation was minted for that have not answered since (lets the 2xx path
     /// skip the lock once each has).
     minted_count: AtomicUsize,
+    /// The scopes Meraki's last token response named (`scope`), as [`ScopeSet`] bits with
+    /// [`SCOPES_KNOWN`] set; 0 while Meraki has named none.
+    scopes: AtomicU64,
 }
+
+/// Marks [`Grant::scopes`] as Meraki's word (bit 63; scopes use the low 36 bits).
+const SCOPES_KNOWN: u64 = 1 << 63;
 
 /// Per-grant refresh state, behind the grant's single-flight lock.
 #[derive(Default)]
@@ -113,6 +120,39 @@ impl Grant {
             learnt: Mutex::new(Learnt::default()),
             refused_count: AtomicUsize::new(0),
             minted_count: AtomicUsize::new(0),
+            scopes: AtomicU64::new(0),
+        }
+    }
+
+    /// The scopes the grant holds: those Meraki's token response named, else the
+    /// integration's configured `scopes`; `None` when neither says (no scope is checked).
+    #[inline]
+    pub fn scopes(&self) -> Option<ScopeSet> {
+        let bits = self.scopes.load(Ordering::Relaxed);
+        if bits & SCOPES_KNOWN != 0 {
+            return Some(ScopeSet::from_bits(bits));
+        }
+        let configured = self.integration.load().scope_set;
+        (!configured.is_empty()).then_some(configured)
+    }
+
+    /// Whether [`Grant::scopes`] are Meraki's word (else the configuration's).
+    pub fn scopes_from_meraki(&self) -> bool {
+        self.scopes.load(Ordering::Relaxed) & SCOPES_KNOWN != 0
+    }
+
+    /// Takes the `scope` of a token response (or the store's copy of it). A blank one says
+    /// nothing and changes nothing; words that are no scope of Meraki's are logged and left
+    /// out.
+    pub(super) fn learn_scopes(&self, scope: &str) {
+        if scope.trim().is_empty() {
+            return;
+        }
+        let (set, unknown) = ScopeSet::parse_list(scope);
+        let bits = set.bits() | SCOPES_KNOWN;
+        // The store's copy is read again at every sync: say it once per change.
+        if self.scopes.swap(bits, Ordering::Relaxed) != bits && !unknown.is_empty() {
+            tracing::warn!(grant = %self.label(), unknown = ?unknown, "the token response names scopes this proxy does not know; they are left out of the scope check");
         }
     }
 
@@ -173,6 +213,7 @@ impl Grant {
     /// or marked the grant). Never goes back to an older generation. A change of health (a
     /// re-authorization, or a grant marked as needing one) forgets what 401s taught.
     pub(super) fn adopt(&self, stored: &StoredGrant) -> Option<Arc<TokenState>> {
+        self.learn_scopes(&stored.scope);
         let mut adopted = None;
         let mut health_changed = false;
         self.state.rcu(|cur| {

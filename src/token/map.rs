@@ -99,6 +99,7 @@ impl GrantMap {
                         TokenState::from_stored(&g),
                         g.last_used_at.unwrap_or(0),
                     ));
+                    grant.learn_scopes(&g.scope);
                     self.events.token(grant.event(EventKind::Loaded));
                     grant
                 }

@@ -685,6 +685,9 @@ impl Refresher {
             Ok(true) => {
                 let next = Arc::new(TokenState::rotated(&p.rotation, p.from));
                 grant.state.store(next.clone());
+                if let Some(scope) = &p.rotation.scope {
+                    grant.learn_scopes(scope);
+                }
                 let mut e = grant.event(EventKind::Refreshed { rotated: p.rotated });
                 e.organization = org.map(str::to_owned);
                 e.cause = Some(p.cause);

@@ -271,6 +271,7 @@ impl Validator<'_> {
                     ))
                 }
             };
+            let source_addresses = self.source_addresses(i, c.source_addresses.as_ref())?;
             out.push(Arc::new(Client {
                 name: c.name,
                 keys,
@@ -280,6 +281,7 @@ impl Validator<'_> {
                 methods,
                 operations,
                 weight,
+                source_addresses,
             }));
         }
         Ok(out)

@@ -8,21 +8,7 @@ use std::sync::Arc;
 
 /// Scopes Meraki defines (SPEC.md): `dashboard:{general,iam,licensing}:...` and product scopes.
 pub(in crate::config) fn scope_is_known(scope: &str) -> bool {
-    let parts: Vec<&str> = scope.split(':').collect();
-    let (area, rest) = match parts.as_slice() {
-        ["dashboard", area, kind, access] => (*area, [*kind, *access]),
-        [product, kind, access] => (*product, [*kind, *access]),
-        _ => return false,
-    };
-    let area_ok = if parts[0] == "dashboard" {
-        matches!(area, "general" | "iam" | "licensing")
-    } else {
-        matches!(
-            area,
-            "sdwan" | "switch" | "wireless" | "camera" | "sensor" | "sm"
-        )
-    };
-    area_ok && matches!(rest[0], "config" | "telemetry") && matches!(rest[1], "read" | "write")
+    crate::scope::Scope::parse(scope).is_some()
 }
 
 impl Validator<'_> {
@@ -93,12 +79,18 @@ impl Validator<'_> {
                     ));
                 }
             }
+            let scope_set = it
+                .scopes
+                .iter()
+                .filter_map(|s| crate::scope::Scope::parse(s))
+                .collect();
             out.push(Arc::new(Integration {
                 name: it.name,
                 client_id: it.client_id,
                 client_secret,
                 redirect_uri,
                 scopes: it.scopes,
+                scope_set,
             }));
         }
         Ok(out)

@@ -1,6 +1,7 @@
 //! Validation: [`Validator`] turns the raw file into a [`Config`], one section per file. The
 //! sections run in a fixed order (`validate`), which is the order their errors are reported in.
 
+mod access;
 mod audit;
 mod clients;
 pub(super) mod integrations;
@@ -86,6 +87,7 @@ impl Validator<'_> {
         let admin = self.admin(&raw.server, server.admin_listen)?;
         let rate_limits = self.rate_limits(&raw.rate_limits)?;
         let client_limits = self.client_limits(&raw.server)?;
+        let (trusted_proxies, proxy_protocol) = self.access(&raw.server)?;
         let store = self.store(&raw.store)?;
         let integrations = self.integrations(raw.integrations)?;
         let clients = self.clients(raw.clients, &integrations)?;
@@ -121,6 +123,8 @@ impl Validator<'_> {
             public_origins,
             rate_limits,
             client_limits,
+            trusted_proxies,
+            proxy_protocol,
             integrations,
             clients,
         })
