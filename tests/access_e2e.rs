@@ -860,12 +860,13 @@ async fn a_reload_changes_a_clients_addresses_under_load() {
 
 /// With PROXY protocol, a connection still waiting for its header counts against
 /// `max_connections`: three silent connections fill a listener of three, a fourth is answered
-/// 503 at once; once they give up (the header deadline), the listener serves again.
+/// 503 at once; once they are gone, the listener serves again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_waiting_for_their_proxy_header_count_against_max_connections() {
-    // Set here: a listener of three connections, headers due within 2 s.
+    // Set here: a listener of three connections; a header deadline (10 s) longer than the test
+    // needs, so the silent connections are still held when the fourth comes.
     let s = Scenario::new(Options {
-        server: "trusted_proxies = [\"127.0.0.2/32\"]\nmax_connections = 3\nmax_connections_per_peer = 3\nheader_timeout_secs = 2".into(),
+        server: "trusted_proxies = [\"127.0.0.2/32\"]\nmax_connections = 3\nmax_connections_per_peer = 3\nheader_timeout_secs = 10".into(),
         ..Options::default()
     })
     .await;
@@ -881,6 +882,7 @@ async fn connections_waiting_for_their_proxy_header_count_against_max_connection
     for _ in 0..3 {
         silent.push(connect_from("127.0.0.2", "127.0.0.1".parse().unwrap(), p.port).await);
     }
+    p.wait_open(3).await;
     let fourth = answer_of_a_full_listener(&p).await;
     assert_eq!(status_of(&fourth), 503, "{fourth}");
     drop(silent);

@@ -34,14 +34,6 @@ fn record_of(s: &Scenario, id: &str) -> Option<Value> {
         .find(|r| r["kind"] == "request" && r["request_id"] == id)
 }
 
-async fn metric(p: &ProxyProcess, line_prefix: &str) -> f64 {
-    let (_, text) = p.admin("/metrics").await;
-    text.lines()
-        .filter(|l| l.starts_with(line_prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 async fn started(server: &str) -> (Scenario, ProxyProcess) {
     let s = Scenario::new(Options {
         server: server.into(),
@@ -155,7 +147,7 @@ async fn requests_the_parser_refuses_are_answered_in_merakis_shape_audited_and_c
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    let counted = metric(&p, "meraki_proxy_malformed_requests_total").await;
+    let counted = p.metric("meraki_proxy_malformed_requests_total").await;
     assert_eq!(counted as usize, table.len());
     // Still serving.
     assert_eq!(s.status("/organizations/111", ALICE_KEY).await, 200);
@@ -230,7 +222,8 @@ async fn slowloris_is_answered_408_at_the_header_deadline_while_a_client_is_serv
     })
     .await;
     assert_eq!(
-        metric(&p, "meraki_proxy_client_timeouts_total{phase=\"header\"}").await as usize,
+        p.metric("meraki_proxy_client_timeouts_total{phase=\"header\"}")
+            .await as usize,
         DRIPPERS
     );
 }
@@ -294,11 +287,13 @@ async fn a_stalled_body_is_answered_408_and_a_dripping_one_meets_the_request_dea
     .await;
     assert_eq!(record_of(&s, &id).unwrap()["detail"], "request");
     assert_eq!(
-        metric(&p, "meraki_proxy_client_timeouts_total{phase=\"body\"}").await,
+        p.metric("meraki_proxy_client_timeouts_total{phase=\"body\"}")
+            .await,
         1.0
     );
     assert_eq!(
-        metric(&p, "meraki_proxy_client_timeouts_total{phase=\"request\"}").await,
+        p.metric("meraki_proxy_client_timeouts_total{phase=\"request\"}")
+            .await,
         1.0
     );
     // Nothing went upstream half-read, and the proxy still serves.
@@ -330,16 +325,6 @@ async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
 
 /// Waits until the proxy counts `n` open connections (bounded: 5 s): the listener accepts on
 /// several tasks, so connections opened one after another may be admitted in another order.
-async fn wait_open(p: &ProxyProcess, n: usize) {
-    for _ in 0..250 {
-        if metric(p, "meraki_proxy_connections_open").await as usize >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the proxy never counted {n} open connections");
-}
-
 /// Raises this process's open-file limit to its hard limit (the proxy it spawns inherits it).
 fn raise_nofile(need: u64) {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
@@ -386,8 +371,8 @@ async fn an_idle_flood_is_held_then_let_go_and_memory_comes_back_while_a_client_
         }
     }
     let n = flood.len();
-    wait_open(&p, n).await;
-    let held = metric(&p, "meraki_proxy_connections_open").await;
+    p.wait_open(n).await;
+    let held = p.metric("meraki_proxy_connections_open").await;
     let during = rss_kib(&p);
     eprintln!(
         "{n} idle connections held ({held}); RSS {resting} KiB resting, {during} KiB with them: {:.1} KiB each",
@@ -411,8 +396,7 @@ async fn an_idle_flood_is_held_then_let_go_and_memory_comes_back_while_a_client_
     let mut after = u64::MAX;
     for _ in 0..400 {
         after = rss_kib(&p);
-        if after <= resting + 20 * 1024 && metric(&p, "meraki_proxy_connections_open").await == 0.0
-        {
+        if after <= resting + 20 * 1024 && p.metric("meraki_proxy_connections_open").await == 0.0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -437,7 +421,7 @@ async fn a_peer_over_its_connection_limit_is_answered_429_and_others_are_not() {
     for _ in 0..4 {
         held.push(connect_from([127, 0, 2, 1], p.port).await.unwrap());
     }
-    wait_open(&p, 4).await;
+    p.wait_open(4).await;
     let mut fifth = connect_from([127, 0, 2, 1], p.port).await.unwrap();
     fifth.write_all(get.as_bytes()).await.unwrap();
     let r = read_to_close(&mut fifth, Duration::from_secs(5)).await;
@@ -466,7 +450,8 @@ async fn a_peer_over_its_connection_limit_is_answered_429_and_others_are_not() {
     let n = held[0].read(&mut buf).await.unwrap();
     assert_eq!(status_of(&String::from_utf8_lossy(&buf[..n])), 200);
     assert_eq!(
-        metric(&p, "meraki_proxy_connections_refused_total{limit=\"peer\"}").await,
+        p.metric("meraki_proxy_connections_refused_total{limit=\"peer\"}")
+            .await,
         1.0
     );
     // Once one closes, the address has room again (bounded: until the close is counted).
@@ -491,18 +476,15 @@ async fn a_full_listener_answers_503_at_once() {
     for _ in 0..3 {
         held.push(TcpStream::connect(("127.0.0.1", p.port)).await.unwrap());
     }
-    wait_open(&p, 3).await;
+    p.wait_open(3).await;
     let mut extra = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
     let r = read_to_close(&mut extra, Duration::from_secs(5)).await;
     assert_eq!(status_of(&r), 503, "{r}");
     assert!(errors_body(&r)["errors"][0].is_string(), "{r}");
     assert!(header(&r, "x-proxy-request-id").is_some(), "{r}");
     assert_eq!(
-        metric(
-            &p,
-            "meraki_proxy_connections_refused_total{limit=\"listener\"}"
-        )
-        .await,
+        p.metric("meraki_proxy_connections_refused_total{limit=\"listener\"}")
+            .await,
         1.0
     );
 }
@@ -569,7 +551,7 @@ async fn memory_per_connection() {
             }
             conns.push(c);
         }
-        wait_open(&p, N).await;
+        p.wait_open(N).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let with = rss_kib(&p);
         println!(
@@ -602,7 +584,7 @@ async fn memory_per_connection() {
             })
         })
         .collect();
-    wait_open(&p, ACTIVE).await;
+    p.wait_open(ACTIVE).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let with = rss_kib(&p);
     stop.store(true, Ordering::Relaxed);

@@ -191,6 +191,22 @@ impl<A> Gate<A> {
     }
 }
 
+/// Counts a connection in `meraki_proxy_connections_open` while it lives (however the task ends).
+struct Held(prometheus::IntGauge);
+
+impl Held {
+    fn new(gauge: &prometheus::IntGauge) -> Held {
+        gauge.inc();
+        Held(gauge.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 #[async_trait]
 impl<A: ServerApp + Send + Sync + 'static> ServerApp for Gate<A> {
     async fn process_new(
@@ -212,6 +228,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Gate<A> {
             refuse_full(&mut stream, limits.max_connections).await;
             return None;
         };
+        // Open from here, a PROXY header still to come included, until this returns.
+        let _open = Held::new(self.metrics.connections_open());
         if let Some(trusted) = trusted {
             let expect = super::proxy_protocol::Expect {
                 trusted: &trusted,
@@ -234,12 +252,9 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Gate<A> {
             over_peer_limit: ticket.over_peer_limit,
             requests: Cell::new(0),
         };
-        let open = self.metrics.connections_open().clone();
-        open.inc();
         let reused = CONNECTION
             .scope(connection, self.app.process_new(stream, shutdown))
             .await;
-        open.dec();
         drop(ticket);
         reused
     }

@@ -609,6 +609,26 @@ impl ProxyProcess {
             .unwrap();
         (r.status().as_u16(), r.text().await.unwrap())
     }
+
+    /// The sum of the `/metrics` lines starting with `line_prefix`.
+    pub async fn metric(&self, line_prefix: &str) -> f64 {
+        let (_, text) = self.admin("/metrics").await;
+        text.lines()
+            .filter(|l| l.starts_with(line_prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Waits (bounded: 5 s) until the proxy counts at least `n` open client connections.
+    pub async fn wait_open(&self, n: usize) {
+        for _ in 0..250 {
+            if self.metric("meraki_proxy_connections_open").await as usize >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the proxy never counted {n} open connections");
+    }
 }
 
 impl Drop for ProxyProcess {
