@@ -14,6 +14,8 @@
 //!   through [`lookup`], the proxy's own API client).
 //! - [`admission`]: identify → route → authorize → token, as one plain function (`admit`) that
 //!   answers `Admitted` or a refusal; testable without a socket.
+//! - [`orglist`]: `GET /organizations`, answered from one cached listing per grant, filtered
+//!   to the client's organizations and paginated like Meraki's.
 //! - [`token`]: grants and their tokens, split by job: the grant (its single-flight lock and what
 //!   Meraki's answers taught about it), the grant map, the refresh engine (single flight,
 //!   refresh points, the 401 rule decided by evidence, backoff, commit before use), the
@@ -66,6 +68,7 @@ pub mod identity;
 pub mod lookup;
 pub mod metrics;
 pub mod observe;
+pub mod orglist;
 pub mod proxy;
 pub mod refusal;
 pub mod reload;

@@ -42,6 +42,8 @@ const MAX_API_BODY: usize = 256 << 20;
 const DEFAULT_PER_PAGE: u64 = 1000;
 const MIN_PER_PAGE: u64 = 3;
 const MAX_PER_PAGE: u64 = 100_000;
+/// `GET /organizations`: default and largest `perPage` (Meraki's documented 9,000).
+const ORGANIZATIONS_PER_PAGE: u64 = 9000;
 /// Cursors of the `first` and `last` links: like Meraki's, they sort before and after every id.
 const FIRST_CURSOR: &str = "0000000000000000";
 const LAST_CURSOR: &str = "zzzzzzzzzzzzzzzz";
@@ -1472,13 +1474,21 @@ fn handle_api(
 
     match (segments.as_slice(), read) {
         (["organizations"], true) => {
-            let list: Vec<Value> = s
+            // Paginated like Meraki's: perPage 3 to 9,000, 9,000 by default.
+            let visible: std::collections::HashSet<&String> = orgs.iter().collect();
+            let items = s
                 .orgs
                 .keys()
-                .filter(|id| orgs.contains(id))
-                .map(|id| s.org_json(id))
+                .filter(|id| visible.contains(id))
+                .map(|id| (id.clone(), s.org_json(id)))
                 .collect();
-            json_response(StatusCode::OK, &Value::Array(list))
+            paginated_with(
+                items,
+                query,
+                &self_url,
+                ORGANIZATIONS_PER_PAGE,
+                ORGANIZATIONS_PER_PAGE,
+            )
         }
         (["organizations", org_id], true) if s.org_visible(&orgs, org_id) => {
             json_response(StatusCode::OK, &s.org_json(org_id))
@@ -1695,8 +1705,19 @@ fn action_batch(s: &mut Inner, org_id: &str, body: &[u8]) -> Response {
 /// decoded or re-encoded on the way is refused); `first` and `last` use sentinel values. Query
 /// parameters other than the paging ones are echoed in the links exactly as received.
 fn paginated(items: Vec<(String, Value)>, query: Option<&str>, self_url: &str) -> Response {
+    paginated_with(items, query, self_url, DEFAULT_PER_PAGE, MAX_PER_PAGE)
+}
+
+/// [`paginated`] with an endpoint's own default and largest `perPage`.
+fn paginated_with(
+    items: Vec<(String, Value)>,
+    query: Option<&str>,
+    self_url: &str,
+    default_per_page: u64,
+    max_per_page: u64,
+) -> Response {
     let bad_request = |message: &str| api_error(StatusCode::BAD_REQUEST, message);
-    let mut per_page = DEFAULT_PER_PAGE;
+    let mut per_page = default_per_page;
     let mut starting_after = None;
     let mut ending_before = None;
     let mut echoed: Vec<&str> = Vec::new();
@@ -1708,10 +1729,10 @@ fn paginated(items: Vec<(String, Value)>, query: Option<&str>, self_url: &str) -
         let (key, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
         match key {
             "perPage" => match raw_value.parse::<u64>() {
-                Ok(n) if (MIN_PER_PAGE..=MAX_PER_PAGE).contains(&n) => per_page = n,
+                Ok(n) if (MIN_PER_PAGE..=max_per_page).contains(&n) => per_page = n,
                 _ => {
                     return bad_request(&format!(
-                        "'perPage' must be an integer between {MIN_PER_PAGE} and {MAX_PER_PAGE}"
+                        "'perPage' must be an integer between {MIN_PER_PAGE} and {max_per_page}"
                     ))
                 }
             },

@@ -4,6 +4,7 @@
 mod audit;
 mod clients;
 pub(super) mod integrations;
+mod metrics;
 mod rate_limits;
 mod server;
 mod store;
@@ -85,6 +86,7 @@ impl Validator<'_> {
         let tokens = self.tokens(&raw.tokens)?;
         let admin = self.admin(&raw.server, server.admin_listen)?;
         let rate_limits = self.rate_limits(&raw.rate_limits)?;
+        let metrics = self.metrics(&raw.metrics)?;
         let client_limits = self.client_limits(&raw.server)?;
         let store = self.store(&raw.store)?;
         let integrations = self.integrations(raw.integrations)?;
@@ -121,6 +123,7 @@ impl Validator<'_> {
             public_origins,
             rate_limits,
             client_limits,
+            metrics,
             integrations,
             clients,
         })
