@@ -401,24 +401,33 @@ impl Metrics {
             self.store_errors.with_label_values(&[op]);
             self.store_duration.with_label_values(&[op]);
         }
-        // Named ones at zero only when all are named; otherwise "other" (and the names as
-        // they come).
-        let orgs_on = m.per_organization == Detail::On;
-        let clients_on = m.per_client == Detail::On;
-        if !orgs_on {
+        // The first clients and organizations of the configuration take the free places, so
+        // a proxy with no more of them than places names them all from the start; the named
+        // ones' series start at zero, and "other"'s.
+        self.clients
+            .seed(config.clients.iter().map(|c| c.name.as_str()));
+        self.orgs.seed(
+            config
+                .clients
+                .iter()
+                .flat_map(|c| c.organizations.iter().map(String::as_str)),
+        );
+        if m.per_organization != Detail::On {
             self.upstream_429.with_label_values(&[OTHER]);
             self.queue_wait.with_label_values(&[OTHER]);
         }
-        if !orgs_on || !clients_on {
+        if m.per_organization != Detail::On || m.per_client != Detail::On {
             self.rate_limited.with_label_values(&[OTHER, OTHER]);
         }
         for c in &config.clients {
+            let client_named = self.clients.named(&c.name);
             for org in &c.organizations {
-                if orgs_on {
-                    self.upstream_429.with_label_values(&[org]);
-                    self.queue_wait.with_label_values(&[org]);
+                if !self.orgs.named(org) {
+                    continue;
                 }
-                if orgs_on && clients_on {
+                self.upstream_429.with_label_values(&[org]);
+                self.queue_wait.with_label_values(&[org]);
+                if client_named {
                     self.rate_limited.with_label_values(&[&c.name, org]);
                 }
             }

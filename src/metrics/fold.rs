@@ -120,6 +120,26 @@ impl Chooser {
         }
     }
 
+    /// Gives the first of `names` the places still free (Top): with no more names than places,
+    /// every one is named from the start, as with [`Detail::On`].
+    pub fn seed<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        if self.detail() != Detail::Top {
+            return;
+        }
+        let top = self.top.load(Ordering::Relaxed);
+        let _scores = self.scores.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut chosen = HashSet::clone(&self.chosen.load());
+        for name in names {
+            if chosen.len() >= top {
+                break;
+            }
+            if !chosen.contains(name) {
+                chosen.insert(Arc::from(name));
+            }
+        }
+        self.chosen.store(Arc::new(chosen));
+    }
+
     /// Whether `name` has series of its own now (without taking a place).
     pub fn named(&self, name: &str) -> bool {
         match self.detail() {
@@ -197,6 +217,14 @@ impl Chooser {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seeded_names_take_the_free_places_first() {
+        let c = Chooser::new(Detail::Top, 2);
+        c.seed(["x", "y", "z"]);
+        assert!(c.named("x") && c.named("y") && !c.named("z"));
+        assert_eq!(c.seen("a"), "other");
+    }
 
     #[test]
     fn on_names_all_and_off_names_none() {
