@@ -19,6 +19,7 @@
 //! cargo bench --bench scale                          # the four sizes
 //! QUICK=1 cargo bench --bench scale                  # CI: 10x10 and 200x1000
 //! SIZES=10x10,2000x20000,10x10,2000x20000 cargo bench --bench scale
+//! PERF_RECORD=/tmp SIZES=10x10,2000x20000 cargo bench --bench scale   # perf record of each load
 //! ```
 //!
 //! Rate shaping is set out of the way (`harness::UNSHAPED`): the load is far above Meraki's 10
@@ -239,9 +240,24 @@ async fn run_size(orgs_n: usize, keys: usize, requests: usize) -> Row {
     // CPU per request: a warm-up, then the measured load.
     let orgs = Arc::new(orgs);
     let _ = load(s.base(), keys, orgs.clone(), requests / 10).await;
+    let perf = std::env::var("PERF_RECORD").ok().map(|dir| {
+        let data = format!("{dir}/perf-{orgs_n}x{keys}.data");
+        std::process::Command::new("perf")
+            .args(["record", "-F", "1999", "-g", "-o", &data, "-p", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("perf")
+    });
     let cpu0 = cpu(pid);
     let (ok, errors) = load(s.base(), keys, orgs.clone(), requests).await;
     let cpu_used = cpu(pid).saturating_sub(cpu0);
+    if let Some(mut perf) = perf {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &perf.id().to_string()])
+            .status();
+        let _ = perf.wait();
+    }
     let rss = rss_mib(pid);
 
     let metrics = http()

@@ -166,6 +166,34 @@ async fn a_401_on_the_listing_refreshes_once_and_the_listing_is_answered() {
     assert_eq!(s.standin.request_count(), 2);
 }
 
+#[tokio::test]
+async fn a_listing_is_cached_until_meraki_answers_404_for_one_of_its_organizations() {
+    let key = "msp-key-404";
+    let s = Scenario::new(Options {
+        clients: format!(
+            "[[clients]]\nname = \"msp\"\nkey_sha256 = \"{}\"\nintegration = \"netops\"\norganizations = [\"400000\", \"400001\", \"400002\"]\n",
+            digest_hex(key)
+        ),
+        ..Options::default()
+    })
+    .await;
+    s.import().await;
+    s.import_many(400_000, 3).await;
+    let _p = s.start().await;
+    s.standin.clear_requests();
+    let all = ["400000", "400001", "400002"].map(String::from).to_vec();
+    assert_eq!(page(&s, "/api/v1/organizations", key).await.0, all);
+    // Deleted at Meraki: the cached listing still has it (no second walk within 30 s)...
+    s.standin.remove_org("400001");
+    assert_eq!(page(&s, "/api/v1/organizations", key).await.0, all);
+    assert_eq!(listings(&s), 1);
+    // ...until Meraki answers 404 for it: the next list walks again and leaves it out.
+    assert_eq!(s.status("/organizations/400001", key).await, 404);
+    let (ids, _) = page(&s, "/api/v1/organizations", key).await;
+    assert_eq!(ids, ["400000", "400002"]);
+    assert_eq!(listings(&s), 2);
+}
+
 fn chromium() -> String {
     std::env::var("CHROMIUM").unwrap_or_else(|_| "chromium".into())
 }

@@ -420,6 +420,12 @@ impl Standin {
         self.lock().orgs.insert(org_id.to_owned(), name.to_owned());
     }
 
+    /// Removes an organization (as if deleted in the Dashboard): `GET /organizations/{id}`
+    /// answers 404 and the list leaves it out.
+    pub fn remove_org(&self, org_id: &str) {
+        self.lock().orgs.remove(org_id);
+    }
+
     /// Adds (or replaces) a network of `org_id`, with Meraki's default time zone and no tags.
     pub fn add_network(&self, org_id: &str, network_id: &str, name: &str) {
         self.lock().networks.insert(
