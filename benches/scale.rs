@@ -243,7 +243,16 @@ async fn run_size(orgs_n: usize, keys: usize, requests: usize) -> Row {
     let perf = std::env::var("PERF_RECORD").ok().map(|dir| {
         let data = format!("{dir}/perf-{orgs_n}x{keys}.data");
         std::process::Command::new("perf")
-            .args(["record", "-F", "1999", "-g", "-o", &data, "-p", &pid.to_string()])
+            .args([
+                "record",
+                "-F",
+                "1999",
+                "-g",
+                "-o",
+                &data,
+                "-p",
+                &pid.to_string(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

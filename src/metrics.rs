@@ -405,6 +405,14 @@ impl Metrics {
         // a proxy with no more of them than places names them all from the start; the named
         // ones' series start at zero, and "other"'s.
         self.clients
+            .know(config.clients.iter().map(|c| c.name.as_str()));
+        self.orgs.know(
+            config
+                .clients
+                .iter()
+                .flat_map(|c| c.organizations.iter().map(String::as_str)),
+        );
+        self.clients
             .seed(config.clients.iter().map(|c| c.name.as_str()));
         self.orgs.seed(
             config

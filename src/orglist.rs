@@ -274,16 +274,18 @@ pub fn parse_query(query: Option<&str>) -> Result<PageQuery, String> {
     };
     for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match &*k {
-            "perPage" => q.per_page = v
-                .trim()
-                .parse::<usize>()
-                .ok()
-                .filter(|n| (MIN_PER_PAGE..=MAX_PER_PAGE).contains(n))
-                .ok_or_else(|| {
-                    format!(
+            "perPage" => {
+                q.per_page = v
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (MIN_PER_PAGE..=MAX_PER_PAGE).contains(n))
+                    .ok_or_else(|| {
+                        format!(
                         "'perPage' must be an integer between {MIN_PER_PAGE} and {MAX_PER_PAGE}"
                     )
-                })?,
+                    })?
+            }
             "startingAfter" if !v.is_empty() => q.starting_after = Some(v.into_owned()),
             "endingBefore" if !v.is_empty() => q.ending_before = Some(v.into_owned()),
             _ => {}

@@ -348,7 +348,11 @@ async fn metrics_keep_the_busiest_clients_by_name_and_fold_the_rest() {
     assert!(first.contains("other"), "{first:?}");
     // The first ten clients of the configuration are named from the start (alice, bob and
     // m-00000..07), the rest count as "other".
-    assert_eq!(first.len(), 9, "eight names with requests and other: {first:?}");
+    assert_eq!(
+        first.len(),
+        9,
+        "eight names with requests and other: {first:?}"
+    );
     assert!(first.contains("m-00007") && !first.contains("m-00008"));
     // (That scrape gave the idle alice's and bob's places to two of the others.)
     // m-00010..14 get busy: at the next scrape they replace five quiet ones, whose series go;
@@ -376,7 +380,10 @@ async fn metrics_keep_the_busiest_clients_by_name_and_fold_the_rest() {
     }
     // (A name chosen earlier whose requests all came before shows up now; none is lost.)
     let fourth = named(&scrape().await);
-    assert!(third.is_subset(&fourth) && fourth.len() <= 11, "{third:?} {fourth:?}");
+    assert!(
+        third.is_subset(&fourth) && fourth.len() <= 11,
+        "{third:?} {fourth:?}"
+    );
     let series = text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())

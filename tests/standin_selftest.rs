@@ -433,7 +433,10 @@ async fn the_organization_list_pages_like_merakis_up_to_nine_thousand() {
     assert!(next.starts_with(&s.api_base()), "{next}");
     let page2 = ids(&get(next).await.json().await.unwrap());
     assert_eq!(page2, orgs[9000..]);
-    assert!(!page1.contains(&"999".to_owned()), "only the grant's organizations");
+    assert!(
+        !page1.contains(&"999".to_owned()),
+        "only the grant's organizations"
+    );
     let small = get(format!("{}/organizations?perPage=3", s.api_base())).await;
     assert_eq!(ids(&small.json().await.unwrap()).len(), 3);
     for bad in ["perPage=2", "perPage=9001"] {

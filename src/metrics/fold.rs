@@ -5,11 +5,12 @@
 //! each scrape ([`Chooser::rechoose`]), a name counted as `"other"` replaces the least busy named
 //! one only when it is more than twice as busy (activity: requests per scrape, halved at each
 //! scrape), so the choice is stable under steady traffic and follows a real change. The request
-//! path reads a set behind an [`ArcSwap`] and bumps one atomic counter per name.
+//! path bumps one atomic counter per name in a map of the configured names ([`Chooser::know`],
+//! rebuilt at a reload, never on the request path) and reads the chosen set, both behind an
+//! [`ArcSwap`]: no lock, no shared write but the name's own counter.
 
 use crate::config::Detail;
 use arc_swap::ArcSwap;
-use dashmap::DashMap;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -21,8 +22,8 @@ pub const OTHER: &str = "other";
 pub struct Chooser {
     detail: AtomicU8,
     top: AtomicUsize,
-    /// Requests counted since the last scrape, by name (Top only).
-    counts: DashMap<Arc<str>, AtomicU64>,
+    /// Requests counted since the last scrape, by configured name (Top only).
+    counts: ArcSwap<HashMap<Arc<str>, AtomicU64>>,
     chosen: ArcSwap<HashSet<Arc<str>>>,
     /// Activity by name (decayed at each scrape), and the lock for changing `chosen`.
     scores: Mutex<HashMap<Arc<str>, f64>>,
@@ -50,7 +51,7 @@ impl Chooser {
         Chooser {
             detail: AtomicU8::new(code(detail)),
             top: AtomicUsize::new(top),
-            counts: DashMap::new(),
+            counts: ArcSwap::from_pointee(HashMap::new()),
             chosen: ArcSwap::from_pointee(HashSet::new()),
             scores: Mutex::new(HashMap::new()),
         }
@@ -67,19 +68,25 @@ impl Chooser {
         self.top.store(top, Ordering::Relaxed);
     }
 
+    /// The names whose requests are counted (the configuration's clients or organizations);
+    /// counts of names kept carry over. Others still get a free place, but are not counted.
+    pub fn know<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        let old = self.counts.load();
+        let mut map = HashMap::new();
+        for name in names {
+            if !map.contains_key(name) {
+                let n = old.get(name).map_or(0, |c| c.load(Ordering::Relaxed));
+                map.insert(Arc::from(name), AtomicU64::new(n));
+            }
+        }
+        self.counts.store(Arc::new(map));
+    }
+
     /// One request of `name`: counted, and its label value.
     pub fn seen<'a>(&self, name: &'a str) -> &'a str {
-        if self.detail() == Detail::Top && name != super::NONE {
-            match self.counts.get(name) {
-                Some(c) => {
-                    c.fetch_add(1, Ordering::Relaxed);
-                }
-                None => {
-                    self.counts
-                        .entry(Arc::from(name))
-                        .or_default()
-                        .fetch_add(1, Ordering::Relaxed);
-                }
+        if self.detail() == Detail::Top {
+            if let Some(c) = self.counts.load().get(name) {
+                c.fetch_add(1, Ordering::Relaxed);
             }
         }
         self.label(name)
@@ -160,15 +167,15 @@ impl Chooser {
         for s in scores.values_mut() {
             *s /= 2.0;
         }
-        for entry in self.counts.iter() {
-            let n = entry.value().swap(0, Ordering::Relaxed);
-            *scores.entry(entry.key().clone()).or_default() += n as f64;
+        for (name, count) in self.counts.load().iter() {
+            let n = count.swap(0, Ordering::Relaxed);
+            if n > 0 {
+                *scores.entry(name.clone()).or_default() += n as f64;
+            }
         }
         let mut chosen = HashSet::clone(&self.chosen.load());
         // Names no longer active and not named are forgotten (clients removed by a reload).
         scores.retain(|name, s| *s >= 0.01 || chosen.contains(name));
-        self.counts
-            .retain(|name, c| c.load(Ordering::Relaxed) > 0 || scores.contains_key(name));
         let score = |n: &Arc<str>| scores.get(n).copied().unwrap_or(0.0);
         let mut dropped = Vec::new();
         // Beyond a smaller `top`: the least busy go.
@@ -229,6 +236,7 @@ mod tests {
     #[test]
     fn on_names_all_and_off_names_none() {
         let c = Chooser::new(Detail::On, 2);
+        c.know(["a", "b"]);
         assert_eq!(["a", "b", "c"].map(|n| c.seen(n)), ["a", "b", "c"]);
         let c = Chooser::new(Detail::Off, 2);
         assert_eq!(["a", "b", "-"].map(|n| c.seen(n)), ["other", "other", "-"]);
@@ -237,6 +245,7 @@ mod tests {
     #[test]
     fn the_first_names_keep_theirs_then_only_a_much_busier_one_replaces_the_least_busy() {
         let c = Chooser::new(Detail::Top, 2);
+        c.know(["a", "b", "c"]);
         assert_eq!(
             ["a", "b", "c", "-"].map(|n| c.seen(n)),
             ["a", "b", "other", "-"]

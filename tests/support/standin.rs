@@ -643,7 +643,8 @@ impl Drop for Standin {
 
 struct Grant {
     client_id: String,
-    org_ids: Vec<String>,
+    /// A set: an MSP's grant covers thousands, looked up on every request.
+    org_ids: Arc<std::collections::HashSet<String>>,
     scopes: Vec<String>,
     /// The only refresh token of this grant that the token endpoint accepts.
     refresh_token: String,
@@ -826,7 +827,7 @@ impl Inner {
             id,
             Grant {
                 client_id: client_id.to_owned(),
-                org_ids,
+                org_ids: Arc::new(org_ids.into_iter().collect()),
                 scopes,
                 refresh_token: String::new(),
             },
@@ -880,7 +881,7 @@ impl Inner {
 
     /// The organizations an access token may see, or `None` if it is unknown, expired or its
     /// grant was revoked.
-    fn orgs_of_access_token(&self, token: &str) -> Option<Vec<String>> {
+    fn orgs_of_access_token(&self, token: &str) -> Option<Arc<std::collections::HashSet<String>>> {
         let access = self.access_tokens.get(token)?;
         if Instant::now() >= access.expires_at {
             return None;
@@ -949,8 +950,8 @@ impl Inner {
     }
 
     /// Whether `org_id` exists and the token's grant covers it.
-    fn org_visible(&self, orgs: &[String], org_id: &str) -> bool {
-        self.orgs.contains_key(org_id) && orgs.iter().any(|o| o == org_id)
+    fn org_visible(&self, orgs: &std::collections::HashSet<String>, org_id: &str) -> bool {
+        self.orgs.contains_key(org_id) && orgs.contains(org_id)
     }
 
     /// The organization an API path acts on, for the rate limit.
@@ -1481,11 +1482,10 @@ fn handle_api(
     match (segments.as_slice(), read) {
         (["organizations"], true) => {
             // Paginated like Meraki's: perPage 3 to 9,000, 9,000 by default.
-            let visible: std::collections::HashSet<&String> = orgs.iter().collect();
             let items = s
                 .orgs
                 .keys()
-                .filter(|id| visible.contains(id))
+                .filter(|id| orgs.contains(*id))
                 .map(|id| (id.clone(), s.org_json(id)))
                 .collect();
             paginated_with(
