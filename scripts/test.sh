@@ -60,6 +60,10 @@ export STANDIN_BIN="$target_dir/release/examples/meraki_standin"
 if [ "$(id -u)" -eq 0 ]; then bash scripts/image-test.sh; else sudo -E bash scripts/image-test.sh; fi
 free_disk
 
+echo "== scale benchmark, quick mode (10 and 200 organizations, 10 and 1,000 keys; fails only on errors)"
+QUICK=1 cargo bench --bench scale
+free_disk
+
 echo "== fleet benchmark, quick mode (1 and 3 instances on PostgreSQL; fails only on errors)"
 QUICK=1 cargo bench --bench fleet
 free_disk

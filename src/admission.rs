@@ -15,7 +15,6 @@ use crate::reload::Live;
 use crate::route::{self, Resolver, RouteError, Target};
 use crate::token::{Grant, Grants, TokenState};
 use crate::upstream::Upstream;
-use bytes::Bytes;
 use http::header::USER_AGENT;
 use pingora::http::RequestHeader;
 use std::net::IpAddr;
@@ -30,6 +29,8 @@ pub struct State {
     pub grants: Arc<Grants>,
     pub upstream: Arc<Upstream>,
     pub api: ApiClient,
+    /// The grants' organization listings, for `GET /organizations`.
+    pub orgs: crate::orglist::OrgList,
 }
 
 /// What admission learnt about a request, step by step, whether it admitted it or not: the
@@ -375,41 +376,6 @@ async fn decide(
         upstream_path,
         action_batch: r.is_action_batch(method),
     }))
-}
-
-/// `GET /organizations`: the client's organizations only, each fetched with its grant. Fails
-/// only when none could be fetched.
-pub async fn list_organizations(
-    state: &State,
-    client: &Client,
-    user_agent: Option<&str>,
-) -> Result<Bytes, Refusal> {
-    let mut orgs = Vec::with_capacity(client.organizations.len());
-    let mut failure = None;
-    for org in &client.organizations {
-        match state
-            .api
-            .get_json(client, org, &format!("/organizations/{org}"), user_agent)
-            .await
-        {
-            Ok(Some(v)) => orgs.push(v),
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(client = %client.name, org = %org, error = %e.message, "organization not listed");
-                failure = Some(e);
-            }
-        }
-    }
-    if let (true, Some(e)) = (orgs.is_empty(), failure) {
-        return Err(Refusal {
-            status: e.status,
-            reason: e.reason,
-            message: e.message,
-            upstream: None,
-            retry_after: e.retry_after,
-        });
-    }
-    Ok(Bytes::from(serde_json::Value::Array(orgs).to_string()))
 }
 
 /// Checks that every resource of an action batch body lies in `org`, the batch's organization.

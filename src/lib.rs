@@ -19,6 +19,8 @@
 //!   answers `Admitted` or a refusal; testable without a socket. Authorizing includes the
 //!   client's source addresses (`check_source`) and the OAuth scope the operation needs
 //!   (`check_scope`, with Meraki's scopes as bits: [`scope`]).
+//! - [`orglist`]: `GET /organizations`, answered from one cached listing per grant, filtered
+//!   to the client's organizations and paginated like Meraki's.
 //! - [`token`]: grants and their tokens, split by job: the grant (its single-flight lock and what
 //!   Meraki's answers taught about it), the grant map, the refresh engine (single flight,
 //!   refresh points, the 401 rule decided by evidence, backoff, commit before use), the
@@ -72,6 +74,7 @@ pub mod identity;
 pub mod lookup;
 pub mod metrics;
 pub mod observe;
+pub mod orglist;
 pub mod proxy;
 pub mod refusal;
 pub mod reload;

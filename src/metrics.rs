@@ -1,7 +1,18 @@
 //! Prometheus metrics, prefixed `meraki_proxy_`. Label values come only from the configuration
 //! (integration, client, organization) and small fixed sets (method, status class, result,
-//! reason), so cardinality stays bounded whatever clients send.
+//! reason), so cardinality stays bounded whatever clients send; and per `[metrics]` only the
+//! busiest clients and organizations keep their name, the rest counted as `"other"` ([`fold`]),
+//! so it stays bounded whatever the configuration holds (docs/metrics.md gives the series count).
+//!
+//! A grant's own series (token expiry, re-authorization, token calls) are by grant: unless
+//! `per_organization = "on"`, a grant serving one organization is labelled with it and one
+//! serving several with `organization="grant-<id>"`.
 
+pub mod fold;
+
+pub use fold::{Chooser, OTHER};
+
+use crate::config::{Detail, MetricsConfig};
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -51,6 +62,9 @@ pub struct Metrics {
     client_timeouts: IntCounterVec,
     /// Read at each scrape for the bucket gauges.
     shaper: OnceLock<crate::shaping::Shaper>,
+    /// Which clients and organizations keep their name.
+    clients: Chooser,
+    orgs: Chooser,
 }
 
 /// The limits a connection can be refused by (`[server] max_connections`, `max_connections_per_peer`).
@@ -371,6 +385,8 @@ impl Metrics {
                 &["outcome"],
             )?,
             shaper: OnceLock::new(),
+            clients: Chooser::new(Detail::Top, MetricsConfig::default().top_clients),
+            orgs: Chooser::new(Detail::Top, MetricsConfig::default().top_organizations),
             registry: r,
         })
     }
@@ -394,18 +410,23 @@ impl Metrics {
     /// A request's wait for its turn.
     pub fn queue_wait(&self, org: &str, waited: Duration) {
         self.queue_wait
-            .with_label_values(&[org])
+            .with_label_values(&[self.orgs.label(org)])
             .observe(waited.as_secs_f64());
     }
 
     /// A local 429.
     pub fn rate_limited(&self, client: &str, org: &str) {
-        self.rate_limited.with_label_values(&[client, org]).inc();
+        self.rate_limited
+            .with_label_values(&[self.clients.label(client), self.orgs.label(org)])
+            .inc();
     }
 
     /// Creates, at zero, the series whose label values the configuration already names, so
-    /// dashboards and `increase()` alerts see them before the first event.
+    /// dashboards and `increase()` alerts see them before the first event; takes `[metrics]`.
     pub fn init_labels(&self, config: &crate::config::Config) {
+        let m = &config.metrics;
+        self.clients.set(m.per_client, m.top_clients);
+        self.orgs.set(m.per_organization, m.top_organizations);
         for result in ["applied", "refused"] {
             self.config_reloads.with_label_values(&[result]);
         }
@@ -420,32 +441,82 @@ impl Metrics {
             self.store_errors.with_label_values(&[op]);
             self.store_duration.with_label_values(&[op]);
         }
+        // The first clients and organizations of the configuration take the free places, so
+        // a proxy with no more of them than places names them all from the start; the named
+        // ones' series start at zero, and "other"'s.
+        self.clients
+            .know(config.clients.iter().map(|c| c.name.as_str()));
+        self.orgs.know(
+            config
+                .clients
+                .iter()
+                .flat_map(|c| c.organizations.iter().map(String::as_str)),
+        );
+        self.clients
+            .seed(config.clients.iter().map(|c| c.name.as_str()));
+        self.orgs.seed(
+            config
+                .clients
+                .iter()
+                .flat_map(|c| c.organizations.iter().map(String::as_str)),
+        );
+        if m.per_organization != Detail::On {
+            self.upstream_429.with_label_values(&[OTHER]);
+            self.queue_wait.with_label_values(&[OTHER]);
+        }
+        if m.per_organization != Detail::On || m.per_client != Detail::On {
+            self.rate_limited.with_label_values(&[OTHER, OTHER]);
+        }
         for c in &config.clients {
+            let client_named = self.clients.named(&c.name);
             for org in &c.organizations {
+                if !self.orgs.named(org) {
+                    continue;
+                }
                 self.upstream_429.with_label_values(&[org]);
-                self.rate_limited.with_label_values(&[&c.name, org]);
                 self.queue_wait.with_label_values(&[org]);
+                if client_named {
+                    self.rate_limited.with_label_values(&[&c.name, org]);
+                }
             }
         }
     }
 
-    /// The Prometheus text exposition.
+    /// The Prometheus text exposition. Each scrape first re-chooses the clients and
+    /// organizations that keep their name ([`Chooser::rechoose`]) and drops the series of
+    /// those that lost it.
     pub fn render(&self) -> String {
+        for gone in self.clients.rechoose() {
+            self.drop_client(&gone);
+        }
+        for gone in self.orgs.rechoose() {
+            self.drop_org(&gone);
+        }
         if let Some(shaper) = self.shaper.get() {
+            let mut other_queued = 0i64;
+            let mut others = false;
             for o in shaper.organizations() {
-                let org = [&*o.org];
-                self.bucket_tokens.with_label_values(&org).set(o.tokens);
-                self.bucket_rps.with_label_values(&org).set(o.rps);
-                self.queued.with_label_values(&org).set(o.queued as i64);
-                self.rate_share.with_label_values(&org).set(o.share);
-                if o.instances > 1 {
-                    self.rate_demand
-                        .with_label_values(&[&*o.org, "instance"])
-                        .set(o.asked_here);
-                    self.rate_demand
-                        .with_label_values(&[&*o.org, "fleet"])
-                        .set(o.asked_fleet);
+                if self.orgs.named(&o.org) {
+                    let org = [&*o.org];
+                    self.bucket_tokens.with_label_values(&org).set(o.tokens);
+                    self.bucket_rps.with_label_values(&org).set(o.rps);
+                    self.queued.with_label_values(&org).set(o.queued as i64);
+                    self.rate_share.with_label_values(&org).set(o.share);
+                    if o.instances > 1 {
+                        self.rate_demand
+                            .with_label_values(&[&*o.org, "instance"])
+                            .set(o.asked_here);
+                        self.rate_demand
+                            .with_label_values(&[&*o.org, "fleet"])
+                            .set(o.asked_fleet);
+                    }
+                } else {
+                    others = true;
+                    other_queued += o.queued as i64;
                 }
+            }
+            if others {
+                self.queued.with_label_values(&[OTHER]).set(other_queued);
             }
             self.source_share.set(shaper.source_share());
         }
@@ -454,6 +525,37 @@ impl Metrics {
             tracing::error!(error = %e, "could not encode metrics");
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Drops the series of a client that lost its name.
+    fn drop_client(&self, name: &str) {
+        drop_series(&self.requests, "client", name);
+        drop_series(&self.denials, "client", name);
+        drop_series(&self.expiring_keys, "client", name);
+        drop_series(&self.rate_limited, "client", name);
+    }
+
+    /// Drops the series of an organization that lost its name.
+    fn drop_org(&self, org: &str) {
+        drop_series(&self.requests, "organization", org);
+        drop_series(&self.rate_limited, "organization", org);
+        drop_series(&self.upstream_429, "organization", org);
+        drop_series(&self.queue_wait, "organization", org);
+        drop_series(&self.bucket_tokens, "organization", org);
+        drop_series(&self.bucket_rps, "organization", org);
+        drop_series(&self.queued, "organization", org);
+        drop_series(&self.rate_share, "organization", org);
+        drop_series(&self.rate_demand, "organization", org);
+    }
+
+    /// The `organization` label of a grant's own series: each organization with
+    /// `per_organization = "on"`, else its only one or `grant-<id>`.
+    fn grant_labels(&self, grant: i64, orgs: &[String]) -> Vec<String> {
+        match (self.orgs.detail(), orgs) {
+            (Detail::On, _) => orgs.to_vec(),
+            (_, [one]) => vec![one.clone()],
+            _ => vec![format!("grant-{grant}")],
+        }
     }
 
     /// One answered request.
@@ -469,8 +571,8 @@ impl Metrics {
         self.requests
             .with_label_values(&[
                 integration,
-                client,
-                org,
+                self.clients.seen(client),
+                self.orgs.seen(org),
                 method_label(method),
                 status_class(status),
             ])
@@ -487,10 +589,14 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    /// A token endpoint call's result.
-    pub fn refresh(&self, integration: &str, org: &str, result: &str) {
+    /// A token endpoint call's result, for a grant (its organizations) made for `org`.
+    pub fn refresh(&self, integration: &str, grant: i64, orgs: &[String], org: &str, result: &str) {
+        let label = match self.orgs.detail() {
+            Detail::On => org.to_owned(),
+            _ => self.grant_labels(grant, orgs).swap_remove(0),
+        };
         self.refreshes
-            .with_label_values(&[integration, org, result])
+            .with_label_values(&[integration, &label, result])
             .inc();
     }
 
@@ -503,7 +609,7 @@ impl Metrics {
 
     /// Creates a grant's series at zero.
     pub fn init_grant(&self, integration: &str, grant: i64, orgs: &[String], causes: &[&str]) {
-        for org in orgs {
+        for org in &self.grant_labels(grant, orgs) {
             for result in REFRESH_RESULTS {
                 self.refreshes
                     .with_label_values(&[integration, org, result]);
@@ -528,15 +634,16 @@ impl Metrics {
             .inc();
     }
 
-    /// The expiry and health of a grant, for each organization it serves.
+    /// The expiry and health of a grant (see [`Metrics::grant_labels`]).
     pub fn grant_state(
         &self,
         integration: &str,
+        grant: i64,
         orgs: &[String],
         expires_at: i64,
         needs_reauth: bool,
     ) {
-        for org in orgs {
+        for org in &self.grant_labels(grant, orgs) {
             let labels = [integration, org.as_str()];
             self.token_expiry.with_label_values(&labels).set(expires_at);
             self.grant_needs_reauth
@@ -568,17 +675,23 @@ impl Metrics {
 
     /// A request made with a client key that has an expiry.
     pub fn expiring_key_use(&self, client: &str) {
-        self.expiring_keys.with_label_values(&[client]).inc();
+        self.expiring_keys
+            .with_label_values(&[self.clients.label(client)])
+            .inc();
     }
 
     /// A refused request.
     pub fn denial(&self, client: &str, reason: &str) {
-        self.denials.with_label_values(&[client, reason]).inc();
+        self.denials
+            .with_label_values(&[self.clients.label(client), reason])
+            .inc();
     }
 
     /// An upstream 429.
     pub fn upstream_429(&self, org: &str) {
-        self.upstream_429.with_label_values(&[org]).inc();
+        self.upstream_429
+            .with_label_values(&[self.orgs.label(org)])
+            .inc();
     }
 
     /// An upstream redirect followed.
@@ -646,6 +759,29 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
         if !ok {
             self.store_errors.with_label_values(&[op]).inc();
+        }
+    }
+}
+
+/// Removes every series of `vec` whose `label` is `value`.
+fn drop_series<T: prometheus::core::MetricVecBuilder>(
+    vec: &prometheus::core::MetricVec<T>,
+    label: &str,
+    value: &str,
+) {
+    use prometheus::core::Collector;
+    for family in vec.collect() {
+        for m in family.get_metric() {
+            let pairs = m.get_label();
+            if !pairs
+                .iter()
+                .any(|p| p.name() == label && p.value() == value)
+            {
+                continue;
+            }
+            let labels: std::collections::HashMap<&str, &str> =
+                pairs.iter().map(|p| (p.name(), p.value())).collect();
+            let _ = vec.remove(&labels);
         }
     }
 }

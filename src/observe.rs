@@ -32,15 +32,15 @@ impl EventSink for Observer {
                 m.init_grant(integration, e.grant_id, orgs, &causes);
             }
             EventKind::Refreshed { .. } => {
-                m.refresh(integration, &org, "ok");
+                m.refresh(integration, e.grant_id, orgs, &org, "ok");
                 m.token_call(integration, e.grant_id, cause, "ok");
             }
             EventKind::RefreshFailed { label, .. } => {
-                m.refresh(integration, &org, label);
+                m.refresh(integration, e.grant_id, orgs, &org, label);
                 m.token_call(integration, e.grant_id, cause, label);
             }
             EventKind::NeedsReauth => {
-                m.refresh(integration, &org, "invalid_grant");
+                m.refresh(integration, e.grant_id, orgs, &org, "invalid_grant");
                 m.token_call(integration, e.grant_id, cause, "invalid_grant");
             }
             EventKind::OperationRefused { remembered, .. }
@@ -55,6 +55,7 @@ impl EventSink for Observer {
         }
         m.grant_state(
             integration,
+            e.grant_id,
             orgs,
             e.expires_at,
             e.status == GrantStatus::NeedsReauth,

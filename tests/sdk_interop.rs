@@ -336,6 +336,54 @@ async fn sdk_get_organizations_sees_only_its_own_organizations() {
 }
 
 #[tokio::test]
+async fn sdk_walks_an_msps_organizations_by_the_proxys_links_from_one_listing() {
+    // 251 organizations of one grant, the client's: six pages of 50 for the SDK, one upstream
+    // listing for the proxy (plus the one of alice's own grant).
+    let ids: Vec<String> = (300_000..300_250u64).map(|i| i.to_string()).collect();
+    let orgs = ids
+        .iter()
+        .map(|o| format!("\"{o}\""))
+        .chain(["\"111\"".to_owned()])
+        .collect::<Vec<_>>()
+        .join(", ");
+    let key = "msp-sdk-key-1";
+    let s = Scenario::new(Options {
+        clients: format!(
+            "[[clients]]\nname = \"msp\"\nkey_sha256 = \"{}\"\nintegration = \"netops\"\norganizations = [{orgs}]\n",
+            digest_hex(key)
+        ),
+        ..Options::default()
+    })
+    .await;
+    s.import().await;
+    s.import_many(300_000, 250).await;
+    let _p = s.start().await;
+    s.standin.clear_requests();
+
+    let run = run_script(&s, key, "getOrganizations_all", &[]).await;
+    let got = ids_of(&run.success()["result"], "id");
+    let mut want = ids.clone();
+    want.push("111".into());
+    want.sort();
+    assert_eq!(got, want, "all 251 organizations, in order");
+    assert_unique(&got);
+    assert_client_stayed_on_the_proxy(&run, &s);
+    let pages = run
+        .seen()
+        .into_iter()
+        .filter(|e| e["url"].as_str().unwrap().contains("/organizations"))
+        .count();
+    assert_eq!(pages, 6, "six pages of 50: {:?}", run.seen());
+    let reqs = s.standin.requests();
+    assert_all_through_the_proxy(&reqs, key);
+    let listings: Vec<&str> = reqs.iter().map(|r| r.path_and_query.as_str()).collect();
+    assert_eq!(
+        listings, ["/api/v1/organizations?perPage=9000"; 2],
+        "one listing per grant, nothing per organization"
+    );
+}
+
+#[tokio::test]
 async fn sdk_fetches_every_page_through_the_proxy_with_cursors_untouched() {
     let (s, ids) = with_many_networks(Options::default()).await;
     let _p = started(&s).await;

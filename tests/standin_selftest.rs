@@ -410,6 +410,42 @@ async fn pagination_follows_absolute_links_with_untouched_cursors() {
 }
 
 #[tokio::test]
+async fn the_organization_list_pages_like_merakis_up_to_nine_thousand() {
+    let s = Standin::start().await;
+    s.add_client(CLIENT, SECRET);
+    let orgs: Vec<String> = (0..9005).map(|i| format!("{}", 100_000 + i)).collect();
+    for o in &orgs {
+        s.add_org(o, "Customer");
+    }
+    s.add_org("999", "Not in the grant");
+    let refs: Vec<&str> = orgs.iter().map(String::as_str).collect();
+    let (access, _) = tokens(&s, &s.issue_grant(CLIENT, &refs, SCOPES)).await;
+    let get = |url: String| {
+        let access = access.clone();
+        async move { http().get(url).bearer_auth(access).send().await.unwrap() }
+    };
+    // Default perPage 9000: two pages, the second found by the absolute next link.
+    let first = get(format!("{}/organizations", s.api_base())).await;
+    let l = links(&first);
+    let page1 = ids(&first.json().await.unwrap());
+    assert_eq!(page1.len(), 9000);
+    let next = link(&l, "next").unwrap().to_owned();
+    assert!(next.starts_with(&s.api_base()), "{next}");
+    let page2 = ids(&get(next).await.json().await.unwrap());
+    assert_eq!(page2, orgs[9000..]);
+    assert!(
+        !page1.contains(&"999".to_owned()),
+        "only the grant's organizations"
+    );
+    let small = get(format!("{}/organizations?perPage=3", s.api_base())).await;
+    assert_eq!(ids(&small.json().await.unwrap()).len(), 3);
+    for bad in ["perPage=2", "perPage=9001"] {
+        let r = get(format!("{}/organizations?{bad}", s.api_base())).await;
+        assert_eq!(r.status(), 400, "{bad}");
+    }
+}
+
+#[tokio::test]
 async fn injected_failures_count_down_and_come_before_the_bearer_check() {
     let (s, _) = seeded().await;
     s.fail_next_api(2, 401, r#"{"errors":["Invalid API key"]}"#);

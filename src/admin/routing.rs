@@ -103,7 +103,7 @@ impl ServeHttp for Admin {
             );
         }
         match path.as_str() {
-            "/" => self.status_page().await,
+            "/" => self.status_page(&query).await,
             "/metrics" => respond(200, "text/plain; version=0.0.4", self.metrics.render()),
             "/healthz" => respond(200, "text/plain", "ok\n"),
             "/readyz" => {

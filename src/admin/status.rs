@@ -1,4 +1,10 @@
 //! The status page (`/`): integrations, grants, clients and rate budgets, as HTML.
+//!
+//! Built for thousands of clients: a search (`?q=`: a client's or integration's name, an
+//! organization id, a grant id) and pages of [`PAGE_SIZE`] (`?page=` for clients,
+//! `?grants_page=` for grants), trouble first (grants needing re-authorization, clients without
+//! a grant or refused recently), organization lists cut at [`ORGS_SHOWN`], and the
+//! [`BUSIEST_ORGS`] busiest organizations in the rate table.
 
 use super::*;
 use crate::clock::{describe_expiry, describe_past, now_unix, rfc3339};
@@ -6,7 +12,81 @@ use crate::config::Integration;
 use crate::shaping::Shaper;
 use crate::token::GrantStatus;
 use http::Response;
+use std::collections::HashMap;
 use std::fmt::Write as _;
+
+/// Grants and clients per page.
+pub const PAGE_SIZE: usize = 50;
+/// Organizations listed in a cell before "and N more".
+pub const ORGS_SHOWN: usize = 10;
+/// Organizations in the rate table (the busiest in the last five minutes).
+pub const BUSIEST_ORGS: usize = 50;
+
+/// The first [`ORGS_SHOWN`] organizations, then "and N more".
+pub fn org_cell(orgs: &[String]) -> String {
+    let shown = orgs.len().min(ORGS_SHOWN);
+    let mut out = escape(&orgs[..shown].join(", "));
+    if orgs.len() > shown {
+        let _ = write!(
+            out,
+            " <span class=\"more\">and {} more</span>",
+            orgs.len() - shown
+        );
+    }
+    out
+}
+
+/// The page `page` (from 1) of `n` rows: its range and the number of pages.
+pub fn page_range(n: usize, page: usize) -> (std::ops::Range<usize>, usize, usize) {
+    let pages = n.div_ceil(PAGE_SIZE).max(1);
+    let page = page.clamp(1, pages);
+    let start = (page - 1) * PAGE_SIZE;
+    (start..(start + PAGE_SIZE).min(n), page, pages)
+}
+
+/// A query string for the status page with one parameter changed.
+fn href(query: &HashMap<String, String>, key: &str, value: usize) -> String {
+    let mut pairs: Vec<(&str, String)> = query
+        .iter()
+        .filter(|(k, _)| matches!(k.as_str(), "q" | "page" | "grants_page") && k.as_str() != key)
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    pairs.push((key, value.to_string()));
+    pairs.sort();
+    let mut ser = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        ser.append_pair(k, &v);
+    }
+    format!("/?{}", ser.finish())
+}
+
+/// The pager of a table: "Page X of Y", previous and next.
+fn pager(
+    b: &mut String,
+    id: &str,
+    query: &HashMap<String, String>,
+    key: &str,
+    page: usize,
+    pages: usize,
+    rows: usize,
+) {
+    let _ = write!(b, "<nav class=\"pager\" id=\"{id}\">Page <span class=\"page\">{page}</span> of <span class=\"pages\">{pages}</span> ({rows} in all)");
+    if page > 1 {
+        let _ = write!(
+            b,
+            " · <a rel=\"prev\" href=\"{}\">Previous</a>",
+            escape(&href(query, key, page - 1))
+        );
+    }
+    if page < pages {
+        let _ = write!(
+            b,
+            " · <a rel=\"next\" href=\"{}\">Next</a>",
+            escape(&href(query, key, page + 1))
+        );
+    }
+    b.push_str("</nav>");
+}
 
 /// Escapes text for HTML.
 pub fn escape(s: &str) -> String {
@@ -51,7 +131,17 @@ pub(super) fn error_page(status: u16, title: &str, detail: &str) -> Response<Vec
 
 impl Admin {
     /// The status page: integrations, grants, clients. No secrets; token fingerprints only.
-    pub async fn status_page(&self) -> Response<Vec<u8>> {
+    pub async fn status_page(&self, query: &HashMap<String, String>) -> Response<Vec<u8>> {
+        let q = query
+            .get("q")
+            .map(|q| q.trim().to_lowercase())
+            .unwrap_or_default();
+        let number = |k: &str| {
+            query
+                .get(k)
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(1)
+        };
         let snapshot = self.live.snapshot();
         let config = &snapshot.config;
         let (ready, _) = self.readiness().await;
@@ -85,12 +175,42 @@ impl Admin {
                 self.connect_button(it, "Connect")
             );
         }
-        b.push_str("</table><h2>Grants</h2><table id=\"grants\"><tr><th>Grant</th><th>Integration</th><th>Organizations</th><th>Status</th><th>Access token</th><th>Expires</th><th>Last refresh</th><th>Last use</th></tr>");
-        let grants = self.grants.all();
+        b.push_str("</table>");
+        let _ = write!(
+            b,
+            "<form id=\"search\" method=\"get\" action=\"/\"><input type=\"search\" name=\"q\" value=\"{}\" placeholder=\"client, integration, organization or grant\"> <button type=\"submit\">Search</button>{}</form>",
+            escape(&q),
+            if q.is_empty() { "" } else { " <a href=\"/\">Clear</a>" }
+        );
+        let mut grants = self.grants.all();
+        grants.retain(|g| {
+            q.is_empty()
+                || g.id.to_string() == q
+                || g.integration().name.to_lowercase().contains(&q)
+                || g.organizations.iter().any(|o| o.contains(&q))
+        });
+        // Trouble first: grants that need re-authorization, then by id.
+        grants.sort_by_key(|g| (g.state().status != GrantStatus::NeedsReauth, g.id));
+        let (range, at, pages) = page_range(grants.len(), number("grants_page"));
+        b.push_str("<h2>Grants</h2>");
+        pager(
+            &mut b,
+            "grants-pager",
+            query,
+            "grants_page",
+            at,
+            pages,
+            grants.len(),
+        );
+        b.push_str("<table id=\"grants\"><tr><th>Grant</th><th>Integration</th><th>Organizations</th><th>Status</th><th>Access token</th><th>Expires</th><th>Last refresh</th><th>Last use</th></tr>");
         if grants.is_empty() {
-            b.push_str("<tr><td colspan=\"8\">No grants yet: use a Connect button, or <code>meraki-oauth-proxy grants import</code>.</td></tr>");
+            if q.is_empty() {
+                b.push_str("<tr><td colspan=\"8\">No grants yet: use a Connect button, or <code>meraki-oauth-proxy grants import</code>.</td></tr>");
+            } else {
+                b.push_str("<tr><td colspan=\"8\">No grant matches the search.</td></tr>");
+            }
         }
-        for g in &grants {
+        for g in &grants[range] {
             let st = g.state();
             let status = match st.status {
                 GrantStatus::Ok => "<span class=\"ok\">ok</span>".to_owned(),
@@ -107,7 +227,7 @@ impl Admin {
                 b,
                 "<tr data-grant=\"{id}\"><td>{id}</td><td>{}</td><td>{}</td><td class=\"status\">{status}</td><td><code>{}</code></td><td>{expires}</td><td>{}</td><td>{}</td></tr>",
                 escape(&g.integration().name),
-                escape(&g.organizations.join(", ")),
+                org_cell(&g.organizations),
                 st.fingerprint().map_or("-", |f| &**f),
                 st.issued_at.map(rfc3339).unwrap_or_else(|| "-".into()),
                 describe_past(g.last_used()),
@@ -117,25 +237,89 @@ impl Admin {
         b.push_str("</table>");
         scopes_section(&mut b, &grants);
         self.refused_section(&mut b, &grants);
-        b.push_str("<h2>Clients</h2><table id=\"clients\"><tr><th>Name</th><th>Integration</th><th>Organizations</th><th>Methods</th></tr>");
-        for c in &config.clients {
+        let activity: HashMap<Arc<str>, crate::shaping::ClientSnapshot> = self
+            .shaper
+            .as_ref()
+            .map(|s| {
+                s.clients()
+                    .into_iter()
+                    .map(|a| (a.client.clone(), a))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // Each client's health: 0 a grant needs re-authorization, 1 an organization has no
+        // grant, 2 refused in the last five minutes, 3 ok.
+        let health = |c: &crate::config::Client| -> u8 {
+            let mut worst = 3;
+            for org in &c.organizations {
+                match self.grants.lookup(&c.integration, org) {
+                    Some(g) if g.state().status == GrantStatus::NeedsReauth => return 0,
+                    Some(_) => {}
+                    None => worst = 1,
+                }
+            }
+            let refused = activity
+                .get(c.name.as_str())
+                .is_some_and(|a| a.denied_5m + a.throttled_5m > 0);
+            if worst == 3 && refused {
+                2
+            } else {
+                worst
+            }
+        };
+        let mut clients: Vec<(u8, &Arc<crate::config::Client>)> = config
+            .clients
+            .iter()
+            .filter(|c| {
+                q.is_empty()
+                    || c.name.to_lowercase().contains(&q)
+                    || c.integration.to_lowercase().contains(&q)
+                    || c.organizations.iter().any(|o| o.contains(&q))
+            })
+            .map(|c| (health(c), c))
+            .collect();
+        clients.sort_by(|a, b| (a.0, &a.1.name).cmp(&(b.0, &b.1.name)));
+        let (range, at, pages) = page_range(clients.len(), number("page"));
+        let shown = &clients[range];
+        b.push_str("<h2>Clients</h2>");
+        pager(
+            &mut b,
+            "clients-pager",
+            query,
+            "page",
+            at,
+            pages,
+            clients.len(),
+        );
+        b.push_str("<table id=\"clients\"><tr><th>Name</th><th>Health</th><th>Integration</th><th>Organizations</th><th>Methods</th></tr>");
+        if shown.is_empty() {
+            b.push_str("<tr><td colspan=\"5\">No client matches.</td></tr>");
+        }
+        for (h, c) in shown {
             let methods = c
                 .methods
                 .as_ref()
                 .map(|m| m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", "))
                 .unwrap_or_else(|| "all".into());
+            let health = match h {
+                0 => "<span class=\"bad\">grant needs re-authorization</span>",
+                1 => "<span class=\"bad\">no grant</span>",
+                2 => "<span class=\"bad\">refused recently</span>",
+                _ => "<span class=\"ok\">ok</span>",
+            };
             let _ = write!(
                 b,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                escape(&c.name),
+                "<tr data-client=\"{n}\"><td>{n}</td><td class=\"health\">{health}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 escape(&c.integration),
-                escape(&c.organizations.join(", ")),
-                escape(&methods)
+                org_cell(&c.organizations),
+                escape(&methods),
+                n = escape(&c.name),
             );
         }
         b.push_str("</table>");
+        let page_clients: Vec<&crate::config::Client> = shown.iter().map(|(_, c)| &***c).collect();
         if let Some(shaper) = &self.shaper {
-            self.rate_section(&mut b, shaper);
+            self.rate_section(&mut b, shaper, &page_clients, &activity);
         }
         b.push_str("<p class=\"note\">Tokens are shown as the first 8 hex characters of their SHA-256. <a href=\"/metrics\">Metrics</a> · <a href=\"/readyz\">Readiness</a></p>");
         page(200, "meraki-oauth-proxy", &b)
@@ -173,7 +357,13 @@ impl Admin {
 
     /// Per organization: the budget and how much of it is in use, the queue, each client's
     /// share; per client: its recent requests, denials and local 429s.
-    fn rate_section(&self, b: &mut String, shaper: &Shaper) {
+    fn rate_section(
+        &self,
+        b: &mut String,
+        shaper: &Shaper,
+        clients: &[&crate::config::Client],
+        activity: &HashMap<Arc<str>, crate::shaping::ClientSnapshot>,
+    ) {
         let limits = shaper.limits();
         b.push_str("<h2>Rate limits</h2>");
         if !limits.enabled {
@@ -189,7 +379,15 @@ impl Admin {
             );
         }
         b.push_str("<table id=\"rate-organizations\"><tr><th>Organization</th><th>Budget now</th><th>In use (last minute)</th><th>Bucket</th><th>Waiting</th><th>Shares (last 5 minutes)</th><th>429s: proxy / Meraki</th></tr>");
-        let orgs = shaper.organizations();
+        let mut orgs = shaper.organizations();
+        // The busiest first (sent, then waiting); at most BUSIEST_ORGS of them.
+        orgs.sort_by(|a, b| {
+            (b.sent_5m, b.queued)
+                .cmp(&(a.sent_5m, a.queued))
+                .then_with(|| a.org.cmp(&b.org))
+        });
+        let more = orgs.len().saturating_sub(BUSIEST_ORGS);
+        orgs.truncate(BUSIEST_ORGS);
         if orgs.is_empty() {
             b.push_str("<tr><td colspan=\"7\">No request yet.</td></tr>");
         }
@@ -246,10 +444,13 @@ impl Admin {
                 org = escape(&o.org),
             );
         }
-        b.push_str("</table><table id=\"rate-clients\"><tr><th>Client</th><th>Weight</th><th>Requests (last 5 minutes)</th><th>Denied</th><th>Local 429s</th></tr>");
-        let activity = shaper.clients();
-        for c in &self.live.config().clients {
-            let a = activity.iter().find(|a| *a.client == *c.name);
+        b.push_str("</table>");
+        if more > 0 {
+            let _ = write!(b, "<p class=\"note\" id=\"rate-more\">The {BUSIEST_ORGS} busiest organizations of the last five minutes; {more} more not shown.</p>");
+        }
+        b.push_str("<table id=\"rate-clients\"><tr><th>Client</th><th>Weight</th><th>Requests (last 5 minutes)</th><th>Denied</th><th>Local 429s</th></tr>");
+        for c in clients {
+            let a = activity.get(c.name.as_str());
             let (requests, denied, throttled) =
                 a.map_or((0, 0, 0), |a| (a.requests_5m, a.denied_5m, a.throttled_5m));
             let _ = write!(

@@ -18,6 +18,8 @@ pub struct File {
     #[serde(default)]
     pub rate_limits: RateLimits,
     #[serde(default)]
+    pub metrics: Metrics,
+    #[serde(default)]
     pub integrations: Vec<Integration>,
     #[serde(default)]
     pub clients: Vec<Client>,
@@ -162,6 +164,20 @@ pub struct Tokens {
     pub rejected_grace_secs: Option<serde::de::IgnoredAny>,
     /// The longest wait between token calls after failures, seconds.
     pub refresh_backoff_max_secs: Option<u64>,
+}
+
+/// `[metrics]`: how much per-client and per-organization detail `/metrics` carries.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// `"top"` (default), `"on"` or `"off"`.
+    pub per_client: Option<String>,
+    /// `"top"` (default), `"on"` or `"off"`.
+    pub per_organization: Option<String>,
+    /// With `per_client = "top"`: how many clients keep their name (default 10).
+    pub top_clients: Option<usize>,
+    /// With `per_organization = "top"`: how many organizations keep their id (default 25).
+    pub top_organizations: Option<usize>,
 }
 
 /// `[rate_limits]`: the proxy's share of Meraki's rate limits (see `crate::shaping`).

@@ -5,7 +5,7 @@
 //! - `types`: the validated [`Config`] and its parts (upstream, listener TLS, integrations,
 //!   clients, rate limits), re-exported here.
 //! - `validate`: one validator per section (`server`, `upstream`, `tokens`, `store`, `audit`,
-//!   `rate_limits`, `integrations`, `clients`), run in a fixed order by `validate/mod.rs`.
+//!   `rate_limits`, `metrics`, `integrations`, `clients`), run in a fixed order by `validate/mod.rs`.
 //! - `summary`: the summary `check` prints (the `Display` of [`Config`]), without secrets.
 //!
 //! Certificate and key files are read by [`crate::tls`] (`CaBundle::load`, `ServerCert::load`,
@@ -22,8 +22,9 @@ mod validate;
 mod tests;
 
 pub use types::{
-    CertBinding, Client, ClientKey, ClientLimits, Config, InboundTls, Integration, OperationRule,
-    Operations, PublicOrigin, RateLimits, UnknownEndpoints, UpstreamConfig, MERAKI_API_DOMAINS,
+    CertBinding, Client, ClientKey, ClientLimits, Config, Detail, InboundTls, Integration,
+    MetricsConfig, OperationRule, Operations, PublicOrigin, RateLimits, UnknownEndpoints,
+    UpstreamConfig, MERAKI_API_DOMAINS,
 };
 pub use validate::valid_org_id;
 

@@ -158,6 +158,23 @@ impl fmt::Display for Config {
         } else {
             writeln!(f, "rate limits: off (requests are not shaped)")?;
         }
+        let m = &self.metrics;
+        writeln!(
+            f,
+            "metrics: per client {}{}, per organization {}{}",
+            m.per_client.as_str(),
+            if m.per_client == crate::config::Detail::Top {
+                format!(" ({})", m.top_clients)
+            } else {
+                String::new()
+            },
+            m.per_organization.as_str(),
+            if m.per_organization == crate::config::Detail::Top {
+                format!(" ({})", m.top_organizations)
+            } else {
+                String::new()
+            },
+        )?;
         writeln!(f, "clients ({}):", self.clients.len())?;
         let mut unserved = Unserved::default();
         for c in &self.clients {

@@ -664,3 +664,62 @@ fn check_lists_what_the_integrations_scopes_cannot_serve() {
     .to_string();
     assert!(none.contains("integration netops lists none"), "{none}");
 }
+fn metrics_detail_defaults_to_the_busiest_and_bad_values_name_the_key() {
+    use crate::config::{Detail, MetricsConfig};
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.metrics, MetricsConfig::default());
+    assert_eq!(
+        (c.metrics.per_client, c.metrics.per_organization),
+        (Detail::Top, Detail::Top)
+    );
+    assert_eq!(
+        (c.metrics.top_clients, c.metrics.top_organizations),
+        (10, 25)
+    );
+    assert!(
+        c.to_string()
+            .contains("metrics: per client top (10), per organization top (25)"),
+        "{c}"
+    );
+    let with = |section: &str| format!("{GOOD}\n[metrics]\n{section}\n");
+    let c = parse(&with(
+        "per_client = \"on\"\nper_organization = \"off\"\ntop_clients = 3\ntop_organizations = 7",
+    ))
+    .unwrap();
+    assert_eq!(
+        c.metrics,
+        MetricsConfig {
+            per_client: Detail::On,
+            per_organization: Detail::Off,
+            top_clients: 3,
+            top_organizations: 7,
+        }
+    );
+    assert!(
+        c.to_string()
+            .contains("metrics: per client on, per organization off"),
+        "{c}"
+    );
+    for (section, key, problem) in [
+        (
+            "per_client = \"some\"",
+            "metrics.per_client",
+            "\"top\", \"on\" or \"off\"",
+        ),
+        (
+            "per_organization = \"all\"",
+            "metrics.per_organization",
+            "\"top\", \"on\" or \"off\"",
+        ),
+        ("top_clients = 0", "metrics.top_clients", "1 to 1000"),
+        (
+            "top_organizations = 5000",
+            "metrics.top_organizations",
+            "1 to 1000",
+        ),
+        ("top = 3", "top", "unknown field"),
+    ] {
+        let e = parse(&with(section)).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains(problem), "{section}: {e}");
+    }
+}

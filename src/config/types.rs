@@ -66,6 +66,8 @@ pub struct Config {
     pub trusted_proxies: crate::source::Cidrs,
     /// `[server] proxy_protocol`: connections start with a PROXY protocol header.
     pub proxy_protocol: bool,
+    /// `[metrics]`: per-client and per-organization detail of `/metrics`.
+    pub metrics: MetricsConfig,
     pub integrations: Vec<Arc<Integration>>,
     pub clients: Vec<Arc<Client>>,
 }
@@ -102,6 +104,50 @@ impl Default for RateLimits {
             max_wait: Duration::from_millis(2000),
             queue_per_client: 64,
             source_shared: true,
+        }
+    }
+}
+
+/// How much detail one label of `/metrics` carries (`[metrics] per_client`, `per_organization`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    /// The busiest by traffic keep their name; the others count as `"other"` (the default).
+    Top,
+    /// Every one by name (series grow with the configuration).
+    On,
+    /// None by name: every one counts as `"other"`.
+    Off,
+}
+
+impl Detail {
+    /// The configuration's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Detail::Top => "top",
+            Detail::On => "on",
+            Detail::Off => "off",
+        }
+    }
+}
+
+/// `[metrics]`: bounded cardinality for proxies with thousands of clients and organizations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsConfig {
+    pub per_client: Detail,
+    pub per_organization: Detail,
+    /// With [`Detail::Top`]: how many clients keep their name.
+    pub top_clients: usize,
+    /// With [`Detail::Top`]: how many organizations keep their id.
+    pub top_organizations: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            per_client: Detail::Top,
+            per_organization: Detail::Top,
+            top_clients: 10,
+            top_organizations: 25,
         }
     }
 }

@@ -291,14 +291,21 @@ impl MerakiProxy {
         }
     }
 
-    /// What the answer teaches: the organization's rate budget (Meraki's 429s slow it), and
-    /// the refresh engine (a 2xx is evidence the token works).
+    /// What the answer teaches: the organization's rate budget (Meraki's 429s slow it), the
+    /// refresh engine (a 2xx is evidence the token works), and the grant's cached organization
+    /// listing (dropped on a 404 to `GET /organizations/{id}`).
     fn learn_from_answer(&self, session: &Session, ctx: &Ctx, status: u16) {
         if status == 429 {
             self.metrics.upstream_429(ctx.org());
         }
         if let Some(org) = &ctx.seen.org {
             self.shaper.upstream_answered(org, status);
+        }
+        // Meraki no longer knows an organization the grant's cached listing may still hold.
+        if let (404, Some(op), Some(f)) = (status, ctx.seen.operation, ctx.forward.as_ref()) {
+            if op.operation_id == "getOrganization" {
+                self.state.orgs.forget(f.grant.id);
+            }
         }
         if let (true, Some(f)) = ((200..300).contains(&status), ctx.forward.as_ref()) {
             let method = &session.req_header().method;

@@ -41,15 +41,19 @@ pub async fn write_refusal(
     session.as_mut().write_error_response(resp, body).await
 }
 
-/// Writes a JSON answer of the proxy's own.
+/// Writes a JSON answer of the proxy's own, with a `Link` header when it is a page.
 pub async fn write_json(
     session: &mut Session,
     request_id: RequestId,
     status: u16,
     body: Bytes,
+    link: Option<&str>,
 ) -> Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(4))?;
+    let mut resp = ResponseHeader::build(status, Some(5))?;
     resp.insert_header(CONTENT_TYPE, "application/json")?;
+    if let Some(link) = link {
+        resp.insert_header(http::header::LINK, link)?;
+    }
     resp.insert_header(REQUEST_ID_HEADER, request_id.hex().as_str())?;
     resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
     let head = session.req_header().method == http::Method::HEAD;

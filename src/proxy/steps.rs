@@ -36,7 +36,7 @@ impl MerakiProxy {
         Ok(true)
     }
 
-    /// Answers `GET /organizations` itself.
+    /// Answers `GET /organizations` itself ([`crate::orglist`]).
     pub(super) async fn list_organizations(
         &self,
         session: &mut Session,
@@ -45,11 +45,33 @@ impl MerakiProxy {
         let Some(client) = ctx.seen.client.clone() else {
             return Ok(false);
         };
-        let ua = admission::user_agent(session.req_header()).map(str::to_owned);
-        match admission::list_organizations(&self.state, &client, ua.as_deref()).await {
-            Ok(body) => {
+        let req = session.req_header();
+        let ua = admission::user_agent(req).map(str::to_owned);
+        let query = req.uri.query().map(str::to_owned);
+        let origin = {
+            let config = self.state.live.config();
+            let host = req
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok());
+            crate::forward::public_origin(&config.public_origins, host).map(str::to_owned)
+        };
+        let answer = self
+            .state
+            .orgs
+            .answer(
+                &self.state.api,
+                &self.state.grants,
+                &client,
+                query.as_deref(),
+                origin.as_deref(),
+                ua.as_deref(),
+            )
+            .await;
+        match answer {
+            Ok(a) => {
                 ctx.outcome.decision = Decision::Answered;
-                write_json(session, ctx.request_id, 200, body).await?;
+                write_json(session, ctx.request_id, 200, a.body, Some(&a.link)).await?;
                 Ok(true)
             }
             Err(r) => self.refuse(session, ctx, r).await,

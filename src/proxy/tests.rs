@@ -136,6 +136,7 @@ operations = ["getOrganization", "wireless:read"]
         .unwrap(),
         grants,
         upstream,
+        orgs: Default::default(),
     });
     Rig {
         proxy: MerakiProxy {

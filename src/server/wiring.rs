@@ -235,6 +235,7 @@ pub fn build(launch: Launch) -> Result<(Server, ShutdownBox), StartError> {
         grants: grants.clone(),
         upstream: upstream.clone(),
         api,
+        orgs: Default::default(),
     });
 
     let grace = config.shutdown_grace.as_secs();

@@ -8,6 +8,7 @@ use super::store::{Store, StoreError};
 use crate::config::Integration;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -26,6 +27,9 @@ pub struct GrantMap {
     events: Arc<dyn EventSink>,
     /// Single flight for reloads on a miss, and when the last one ran.
     reloading: tokio::sync::Mutex<Option<Instant>>,
+    /// Reloads that changed which grant serves which (integration, organization): caches of
+    /// what a grant sees compare it ([`GrantMap::changes`]).
+    changes: AtomicU64,
 }
 
 impl GrantMap {
@@ -41,6 +45,7 @@ impl GrantMap {
             store,
             events,
             reloading: tokio::sync::Mutex::new(None),
+            changes: AtomicU64::new(0),
         }
     }
 
@@ -110,8 +115,16 @@ impl GrantMap {
                     .insert(org.clone(), grant.clone());
             }
         }
+        if !same_assignment(&old, &map) {
+            self.changes.fetch_add(1, Ordering::Relaxed);
+        }
         self.map.store(Arc::new(map));
         Ok(())
+    }
+
+    /// How many reloads so far changed which grant serves which (integration, organization).
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
     }
 
     /// The grant for this integration and organization, from memory.
@@ -156,6 +169,19 @@ impl GrantMap {
         out.sort_by_key(|g| g.id);
         out
     }
+}
+
+/// Whether two maps give every (integration, organization) the same grant.
+fn same_assignment(a: &Map, b: &Map) -> bool {
+    a.len() == b.len()
+        && a.iter().all(|(it, orgs)| {
+            b.get(it).is_some_and(|other| {
+                orgs.len() == other.len()
+                    && orgs
+                        .iter()
+                        .all(|(org, g)| other.get(org).is_some_and(|h| h.id == g.id))
+            })
+        })
 }
 
 fn by_name(integrations: &[Arc<Integration>]) -> HashMap<String, Arc<Integration>> {

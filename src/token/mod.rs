@@ -178,6 +178,16 @@ impl Grants {
         self.map.all()
     }
 
+    /// The grant for this integration and organization, from memory (no store read).
+    pub fn lookup(&self, integration: &str, org: &str) -> Option<Arc<Grant>> {
+        self.map.lookup(integration, org)
+    }
+
+    /// How many reloads so far changed which grant serves which organization.
+    pub fn changes(&self) -> u64 {
+        self.map.changes()
+    }
+
     /// A usable access token of `grant` for a request on `org`; the grant is marked used.
     pub async fn token(&self, grant: &Grant, org: &str) -> Result<Arc<TokenState>, TokenError> {
         let st = self.refresher.token(grant, org).await?;

@@ -85,6 +85,13 @@ def getOrganizations(seen):
 
 
 @scenario
+def getOrganizations_all(seen):
+    d = dashboard(seen)
+    orgs = d.organizations.getOrganizations(total_pages="all", perPage=50)
+    return {"result": orgs, "base_url_after": d._session._base_url}
+
+
+@scenario
 def getOrganization(seen):
     d = dashboard(seen)
     return {"result": d.organizations.getOrganization(org_id()), "base_url_after": d._session._base_url}

@@ -124,6 +124,28 @@ pub fn sha256_hex(s: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// The SHA-256 digest of a key, computed in the test (for configurations of thousands of
+/// clients; [`sha256_hex`] runs the CLI).
+pub fn digest_hex(key: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(key.as_bytes()))
+}
+
+/// `n` `[[clients]]` blocks of the harness's integration: client `i` is named
+/// `{prefix}-{i:05}`, has the key `{prefix}-key-{i}` and the organizations `orgs_of(i)`.
+pub fn many_clients(prefix: &str, n: usize, orgs_of: impl Fn(usize) -> Vec<String>) -> String {
+    let mut out = String::new();
+    for i in 0..n {
+        let orgs: Vec<String> = orgs_of(i).iter().map(|o| format!("\"{o}\"")).collect();
+        out.push_str(&format!(
+            "[[clients]]\nname = \"{prefix}-{i:05}\"\nkey_sha256 = \"{}\"\nintegration = \"netops\"\norganizations = [{}]\n\n",
+            digest_hex(&format!("{prefix}-key-{i}")),
+            orgs.join(", ")
+        ));
+    }
+    out
+}
+
 /// The stand-in, seeded, plus a configuration for the proxy in a temporary directory.
 pub struct Scenario {
     pub standin: Standin,
@@ -342,6 +364,48 @@ methods = ["GET"]
             );
             std::fs::remove_file(file).unwrap();
         }
+    }
+
+    /// An MSP's grant: seeds `n` organizations in the stand-in (ids `first`, `first + 1`, …,
+    /// named "Customer <id>"), issues one grant of the integration over all of them, and
+    /// imports it through the real CLI (`--org` for each); their ids.
+    pub async fn import_many(&self, first: u64, n: usize) -> Vec<String> {
+        let ids: Vec<String> = (first..first + n as u64).map(|i| i.to_string()).collect();
+        for id in &ids {
+            self.standin.add_org(id, &format!("Customer {id}"));
+        }
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let token = self.standin.issue_grant(
+            CLIENT_ID,
+            &refs,
+            &[
+                "dashboard:general:config:read",
+                "dashboard:general:config:write",
+            ],
+        );
+        let file = self.dir.path().join(format!("rt-many-{first}"));
+        std::fs::write(&file, token).unwrap();
+        let mut args = vec![
+            "grants".to_owned(),
+            "import".to_owned(),
+            "--integration".to_owned(),
+            "netops".to_owned(),
+            "--refresh-token-file".to_owned(),
+            file.to_str().unwrap().to_owned(),
+        ];
+        for id in &ids {
+            args.push("--org".to_owned());
+            args.push(id.clone());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.run(&args).await;
+        assert!(
+            out.status.success(),
+            "import failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::remove_file(file).unwrap();
+        ids
     }
 
     /// Runs a CLI command to completion (off the async runtime, which serves the stand-in).

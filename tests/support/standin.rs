@@ -42,6 +42,8 @@ const MAX_API_BODY: usize = 256 << 20;
 const DEFAULT_PER_PAGE: u64 = 1000;
 const MIN_PER_PAGE: u64 = 3;
 const MAX_PER_PAGE: u64 = 100_000;
+/// `GET /organizations`: default and largest `perPage` (Meraki's documented 9,000).
+const ORGANIZATIONS_PER_PAGE: u64 = 9000;
 /// Cursors of the `first` and `last` links: like Meraki's, they sort before and after every id.
 const FIRST_CURSOR: &str = "0000000000000000";
 const LAST_CURSOR: &str = "zzzzzzzzzzzzzzzz";
@@ -418,6 +420,12 @@ impl Standin {
         self.lock().orgs.insert(org_id.to_owned(), name.to_owned());
     }
 
+    /// Removes an organization (as if deleted in the Dashboard): `GET /organizations/{id}`
+    /// answers 404 and the list leaves it out.
+    pub fn remove_org(&self, org_id: &str) {
+        self.lock().orgs.remove(org_id);
+    }
+
     /// Adds (or replaces) a network of `org_id`, with Meraki's default time zone and no tags.
     pub fn add_network(&self, org_id: &str, network_id: &str, name: &str) {
         self.lock().networks.insert(
@@ -635,7 +643,8 @@ impl Drop for Standin {
 
 struct Grant {
     client_id: String,
-    org_ids: Vec<String>,
+    /// A set: an MSP's grant covers thousands, looked up on every request.
+    org_ids: Arc<std::collections::HashSet<String>>,
     scopes: Vec<String>,
     /// The only refresh token of this grant that the token endpoint accepts.
     refresh_token: String,
@@ -818,7 +827,7 @@ impl Inner {
             id,
             Grant {
                 client_id: client_id.to_owned(),
-                org_ids,
+                org_ids: Arc::new(org_ids.into_iter().collect()),
                 scopes,
                 refresh_token: String::new(),
             },
@@ -872,7 +881,7 @@ impl Inner {
 
     /// The organizations an access token may see, or `None` if it is unknown, expired or its
     /// grant was revoked.
-    fn orgs_of_access_token(&self, token: &str) -> Option<Vec<String>> {
+    fn orgs_of_access_token(&self, token: &str) -> Option<Arc<std::collections::HashSet<String>>> {
         let access = self.access_tokens.get(token)?;
         if Instant::now() >= access.expires_at {
             return None;
@@ -941,8 +950,8 @@ impl Inner {
     }
 
     /// Whether `org_id` exists and the token's grant covers it.
-    fn org_visible(&self, orgs: &[String], org_id: &str) -> bool {
-        self.orgs.contains_key(org_id) && orgs.iter().any(|o| o == org_id)
+    fn org_visible(&self, orgs: &std::collections::HashSet<String>, org_id: &str) -> bool {
+        self.orgs.contains_key(org_id) && orgs.contains(org_id)
     }
 
     /// The organization an API path acts on, for the rate limit.
@@ -1472,13 +1481,20 @@ fn handle_api(
 
     match (segments.as_slice(), read) {
         (["organizations"], true) => {
-            let list: Vec<Value> = s
+            // Paginated like Meraki's: perPage 3 to 9,000, 9,000 by default.
+            let items = s
                 .orgs
                 .keys()
-                .filter(|id| orgs.contains(id))
-                .map(|id| s.org_json(id))
+                .filter(|id| orgs.contains(*id))
+                .map(|id| (id.clone(), s.org_json(id)))
                 .collect();
-            json_response(StatusCode::OK, &Value::Array(list))
+            paginated_with(
+                items,
+                query,
+                &self_url,
+                ORGANIZATIONS_PER_PAGE,
+                ORGANIZATIONS_PER_PAGE,
+            )
         }
         (["organizations", org_id], true) if s.org_visible(&orgs, org_id) => {
             json_response(StatusCode::OK, &s.org_json(org_id))
@@ -1695,8 +1711,19 @@ fn action_batch(s: &mut Inner, org_id: &str, body: &[u8]) -> Response {
 /// decoded or re-encoded on the way is refused); `first` and `last` use sentinel values. Query
 /// parameters other than the paging ones are echoed in the links exactly as received.
 fn paginated(items: Vec<(String, Value)>, query: Option<&str>, self_url: &str) -> Response {
+    paginated_with(items, query, self_url, DEFAULT_PER_PAGE, MAX_PER_PAGE)
+}
+
+/// [`paginated`] with an endpoint's own default and largest `perPage`.
+fn paginated_with(
+    items: Vec<(String, Value)>,
+    query: Option<&str>,
+    self_url: &str,
+    default_per_page: u64,
+    max_per_page: u64,
+) -> Response {
     let bad_request = |message: &str| api_error(StatusCode::BAD_REQUEST, message);
-    let mut per_page = DEFAULT_PER_PAGE;
+    let mut per_page = default_per_page;
     let mut starting_after = None;
     let mut ending_before = None;
     let mut echoed: Vec<&str> = Vec::new();
@@ -1708,10 +1735,10 @@ fn paginated(items: Vec<(String, Value)>, query: Option<&str>, self_url: &str) -
         let (key, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
         match key {
             "perPage" => match raw_value.parse::<u64>() {
-                Ok(n) if (MIN_PER_PAGE..=MAX_PER_PAGE).contains(&n) => per_page = n,
+                Ok(n) if (MIN_PER_PAGE..=max_per_page).contains(&n) => per_page = n,
                 _ => {
                     return bad_request(&format!(
-                        "'perPage' must be an integer between {MIN_PER_PAGE} and {MAX_PER_PAGE}"
+                        "'perPage' must be an integer between {MIN_PER_PAGE} and {max_per_page}"
                     ))
                 }
             },

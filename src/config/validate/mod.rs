@@ -5,6 +5,7 @@ mod access;
 mod audit;
 mod clients;
 pub(super) mod integrations;
+mod metrics;
 mod rate_limits;
 mod server;
 mod store;
@@ -86,6 +87,7 @@ impl Validator<'_> {
         let tokens = self.tokens(&raw.tokens)?;
         let admin = self.admin(&raw.server, server.admin_listen)?;
         let rate_limits = self.rate_limits(&raw.rate_limits)?;
+        let metrics = self.metrics(&raw.metrics)?;
         let client_limits = self.client_limits(&raw.server)?;
         let (trusted_proxies, proxy_protocol) = self.access(&raw.server)?;
         let store = self.store(&raw.store)?;
@@ -125,6 +127,7 @@ impl Validator<'_> {
             client_limits,
             trusted_proxies,
             proxy_protocol,
+            metrics,
             integrations,
             clients,
         })
