@@ -664,6 +664,8 @@ fn check_lists_what_the_integrations_scopes_cannot_serve() {
     .to_string();
     assert!(none.contains("integration netops lists none"), "{none}");
 }
+
+#[test]
 fn metrics_detail_defaults_to_the_busiest_and_bad_values_name_the_key() {
     use crate::config::{Detail, MetricsConfig};
     let c = parse(GOOD).unwrap();
