@@ -4,8 +4,8 @@
 mod support;
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::Duration;
+use support::browser::dump_dom;
 use support::harness::*;
 
 fn no_redirects() -> reqwest::Client {
@@ -302,41 +302,6 @@ async fn the_store_holds_no_token_in_clear_and_a_wrong_key_is_refused() {
         .unwrap()
         .status
         .success());
-}
-
-fn chromium() -> String {
-    std::env::var("CHROMIUM").unwrap_or_else(|_| "chromium".into())
-}
-
-/// Loads `url` in headless Chromium and returns the DOM after load (redirects followed).
-async fn dump_dom(url: String, profile: std::path::PathBuf) -> String {
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new(chromium())
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-dev-shm-usage",
-            ])
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .args(["--virtual-time-budget=5000", "--dump-dom"])
-            .arg(url)
-            .output()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run {} ({e}): install Debian's chromium (.ci/run does)",
-                    chromium()
-                )
-            });
-        String::from_utf8_lossy(&out.stdout).to_string()
-    })
-    .await
-    .unwrap()
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::process::Command;
+use support::browser::dump_dom;
 use support::harness::*;
 
 /// The upstream listings the stand-in saw (`GET /api/v1/organizations`, any query).
@@ -192,41 +192,6 @@ async fn a_listing_is_cached_until_meraki_answers_404_for_one_of_its_organizatio
     let (ids, _) = page(&s, "/api/v1/organizations", key).await;
     assert_eq!(ids, ["400000", "400002"]);
     assert_eq!(listings(&s), 2);
-}
-
-fn chromium() -> String {
-    std::env::var("CHROMIUM").unwrap_or_else(|_| "chromium".into())
-}
-
-/// Loads `url` in headless Chromium and returns the DOM after load.
-async fn dump_dom(url: String, profile: std::path::PathBuf) -> String {
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new(chromium())
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-dev-shm-usage",
-            ])
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .args(["--virtual-time-budget=5000", "--dump-dom"])
-            .arg(url)
-            .output()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run {} ({e}): install Debian's chromium (.ci/run does)",
-                    chromium()
-                )
-            });
-        String::from_utf8_lossy(&out.stdout).to_string()
-    })
-    .await
-    .unwrap()
 }
 
 /// The `data-client` values of the clients table in a DOM.

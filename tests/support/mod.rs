@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests. Each test binary uses a subset, hence the allow.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod chaos;
 pub mod connect;
 pub mod harness;
