@@ -662,25 +662,7 @@ async fn merakis_scope_outranks_the_configuration_and_check_lists_what_cannot_be
         .standin
         .issue_grant(CLIENT_ID, &["333"], &["dashboard:general:config:read"]);
     s.import().await;
-    let file = s.dir.path().join("rt-333");
-    std::fs::write(&file, refresh).unwrap();
-    let out = s
-        .run(&[
-            "grants",
-            "import",
-            "--integration",
-            "netops",
-            "--org",
-            "333",
-            "--refresh-token-file",
-            file.to_str().unwrap(),
-        ])
-        .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.import_grant(&refresh, &["333"]).await;
     let p = s.start().await;
     let put = |key: &'static str, net: &'static str| {
         s.script(reqwest::Method::PUT, &format!("/networks/{net}"), key)

@@ -59,19 +59,7 @@ async fn fleet(pg: &PgCluster, carol_weight: u32, dave_weight: u32) -> Scenario 
     let token = s
         .standin
         .issue_grant(CLIENT_ID, &refs, &["dashboard:general:config:read"]);
-    let file = s.dir.path().join("rt-walked");
-    std::fs::write(&file, token).unwrap();
-    let mut args = vec!["grants", "import", "--integration", "netops"];
-    for o in &refs {
-        args.extend(["--org", o]);
-    }
-    args.extend(["--refresh-token-file", file.to_str().unwrap()]);
-    let out = s.run(&args).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.import_grant(&token, &refs).await;
     s.standin.enforce_rate_limit(RPS, BURST);
     s
 }

@@ -943,25 +943,7 @@ async fn split_horizon_meraki_client_and_the_sdk_default_base_url_go_through_the
     ));
     std::fs::write(&s.config, text).unwrap();
     s.import().await;
-    let file = s.dir.path().join("rt-333");
-    std::fs::write(&file, carol).unwrap();
-    let out = s
-        .run(&[
-            "grants",
-            "import",
-            "--integration",
-            "netops",
-            "--org",
-            "333",
-            "--refresh-token-file",
-            file.to_str().unwrap(),
-        ])
-        .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.import_grant(&carol, &["333"]).await;
     let p = s.start().await;
     let split = format!("api.meraki.com,api.meraki.ca=127.0.0.1:{}", s.port);
     let py = python();

@@ -339,31 +339,36 @@ methods = ["GET"]
 
     /// `grants import` for both organizations, through the real CLI.
     pub async fn import(&self) {
-        for (org, token) in [
-            ("111", &self.initial_refresh[0]),
-            ("222", &self.initial_refresh[1]),
-        ] {
-            let file = self.dir.path().join(format!("rt-{org}"));
-            std::fs::write(&file, token).unwrap();
-            let out = self
-                .run(&[
-                    "grants",
-                    "import",
-                    "--integration",
-                    "netops",
-                    "--org",
-                    org,
-                    "--refresh-token-file",
-                    file.to_str().unwrap(),
-                ])
-                .await;
-            assert!(
-                out.status.success(),
-                "import failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::fs::remove_file(file).unwrap();
+        self.import_grant(&self.initial_refresh[0], &["111"]).await;
+        self.import_grant(&self.initial_refresh[1], &["222"]).await;
+    }
+
+    /// `grants import` of one refresh token for `orgs`, through the real CLI (the token in a
+    /// file of the scenario's directory, removed afterwards); fails the test if it fails.
+    pub async fn import_grant(&self, refresh_token: &str, orgs: &[&str]) {
+        let file = self
+            .dir
+            .path()
+            .join(format!("rt-{}", orgs.first().unwrap_or(&"none")));
+        std::fs::write(&file, refresh_token).unwrap();
+        let mut args = vec![
+            "grants",
+            "import",
+            "--integration",
+            "netops",
+            "--refresh-token-file",
+            file.to_str().unwrap(),
+        ];
+        for org in orgs {
+            args.extend(["--org", org]);
         }
+        let out = self.run(&args).await;
+        assert!(
+            out.status.success(),
+            "import failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::remove_file(file).unwrap();
     }
 
     /// An MSP's grant: seeds `n` organizations in the stand-in (ids `first`, `first + 1`, …,
@@ -383,28 +388,7 @@ methods = ["GET"]
                 "dashboard:general:config:write",
             ],
         );
-        let file = self.dir.path().join(format!("rt-many-{first}"));
-        std::fs::write(&file, token).unwrap();
-        let mut args = vec![
-            "grants".to_owned(),
-            "import".to_owned(),
-            "--integration".to_owned(),
-            "netops".to_owned(),
-            "--refresh-token-file".to_owned(),
-            file.to_str().unwrap().to_owned(),
-        ];
-        for id in &ids {
-            args.push("--org".to_owned());
-            args.push(id.clone());
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = self.run(&args).await;
-        assert!(
-            out.status.success(),
-            "import failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::fs::remove_file(file).unwrap();
+        self.import_grant(&token, &refs).await;
         ids
     }
 
