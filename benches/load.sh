@@ -9,6 +9,12 @@
 #   bash benches/load.sh callgrind  # instructions per request of (c) and (d) under callgrind, by
 #                                   # layer: counts, not seconds, so a busy machine does not move
 #                                   # them (CG_REQUESTS requests on one keep-alive connection, 2000)
+#   bash benches/load.sh cpu        # CPU per request only (user and system, saturating load) of
+#                                   # (c) and (d), and of (d0) BASELINE_BIN (another build of the
+#                                   # proxy) when set: a before/after from one run (ROUNDS, 3);
+#                                   # PERF=1 adds a flat native profile of each (perf, no call graph)
+#   bash benches/load.sh knobs      # Pingora's knobs one by one on the pass-through, beside (b)
+#                                   # nginx and (d) the proxy: CPU per request and throughput
 #
 # Settings (environment): DURATION (s, default 10; QUICK: 2), ROUNDS (default 2 in compare mode,
 # 1 in scaling mode; QUICK: 1), CONNS (default 32), PACE_MS (compare mode's paced runs: each
@@ -28,13 +34,13 @@ export PATH="$PATH:/usr/sbin:/sbin"
 
 MODE=${1:-compare}
 case "$MODE" in
-compare | scaling | callgrind) ;;
+compare | scaling | callgrind | cpu | knobs) ;;
 -h | --help)
-  sed -n '2,22p' "$0"
+  sed -n '2,30p' "$0"
   exit 0
   ;;
 *)
-  echo "usage: bash benches/load.sh [compare|scaling|callgrind]" >&2
+  echo "usage: bash benches/load.sh [compare|scaling|callgrind|cpu|knobs]" >&2
   exit 2
   ;;
 esac
@@ -44,7 +50,11 @@ if [ "$QUICK" = 1 ]; then
   ROUNDS=${ROUNDS:-1}
 fi
 DURATION=${DURATION:-10}
-if [ "$MODE" = scaling ]; then ROUNDS=${ROUNDS:-1}; else ROUNDS=${ROUNDS:-2}; fi
+case "$MODE" in
+scaling) ROUNDS=${ROUNDS:-1} ;;
+cpu | knobs) ROUNDS=${ROUNDS:-3} ;;
+*) ROUNDS=${ROUNDS:-2} ;;
+esac
 CONNS=${CONNS:-32}
 PACE_MS=${PACE_MS:-16}
 WORKERS=${WORKERS:-1}
@@ -67,9 +77,11 @@ fi
 
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 echo "== building release binaries"
-cargo build --release --quiet --bin meraki-oauth-proxy --example passthrough --example meraki_standin
+cargo build --release --quiet --bin meraki-oauth-proxy --example passthrough --example meraki_standin \
+  --example passthrough_jemalloc
 PROXY_BIN="$TARGET_DIR/release/meraki-oauth-proxy"
 PASS_BIN="$TARGET_DIR/release/examples/passthrough"
+PASS_JEMALLOC_BIN="$TARGET_DIR/release/examples/passthrough_jemalloc"
 STANDIN_BIN="$TARGET_DIR/release/examples/meraki_standin"
 
 # ---------------------------------------------------------------------------------------------
@@ -354,12 +366,12 @@ import_grant() {
   }
 }
 
-# start_proxy DIR [PATH]: starts the proxy and checks PATH answers 200 with the key and 401
+# start_proxy DIR [PATH] [BINARY]: starts the proxy and checks PATH answers 200 with the key and 401
 # without; sets PROXY_PID (PROXY_PORT/ADMIN_PORT come from proxy_config).
 start_proxy() {
-  local name check_path=${2:-$URL_PATH}
+  local name check_path=${2:-$URL_PATH} bin=${3:-$PROXY_BIN}
   name="proxy-$(basename "$1")"
-  spawn "$name" env RUST_LOG=warn "$PROXY_BIN" --config "$1/proxy.toml" run
+  spawn "$name" env RUST_LOG=warn "$bin" --config "$1/proxy.toml" run
   PROXY_PID=$SPAWNED
   wait_port "$PROXY_PORT" "$PROXY_PID" "$name"
   local code
@@ -877,4 +889,147 @@ LAYERS
   fail_if_any
 }
 
-"$MODE"
+# =============================================================================================
+# cpu_rounds CONFIG...: ROUNDS rounds of saturating load on each configuration (URL[c], PIDS[c],
+# NAME[c]), in alternating order, then the table of requests/s and CPU per request (user and
+# system apart) of each. PERF=1 adds a flat native profile (perf, no call graph) of each.
+declare -A URL PIDS NAME
+cpu_rounds() {
+  local configs=("$@") c r order out u0 s0 u1 s1
+  for c in "${configs[@]}"; do warm "${URL[$c]}"; done
+  echo "== CPU per request: wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s, $ROUNDS round(s), order alternating"
+  for ((r = 1; r <= ROUNDS; r++)); do
+    order=("${configs[@]}")
+    ((r % 2)) || order=($(printf '%s\n' "${configs[@]}" | tac))
+    for c in "${order[@]}"; do
+      out="$WORK/results/cpu-$c.$r"
+      read -r u0 s0 < <(cpu_split "${PIDS[$c]}")
+      run_wrk "$out" "${URL[$c]}" "$CONNS"
+      read -r u1 s1 < <(cpu_split "${PIDS[$c]}")
+      echo "$((u1 - u0)) $((s1 - s0))" >"$out.us"
+      check "$out" "${NAME[$c]} round $r"
+    done
+  done
+  if [ "${PERF:-0}" = 1 ]; then
+    local perf_dir=${PERF_DIR:-$TARGET_DIR/load-perf} perf_pid
+    mkdir -p "$perf_dir"
+    for c in "${configs[@]}"; do
+      perf record -q -F 999 -p "${PIDS[$c]}" -o "$perf_dir/flat-$c.data" -- sleep "$DURATION" >"$WORK/perf-$c.log" 2>&1 &
+      perf_pid=$!
+      STARTED+=("$perf_pid")
+      run_wrk "$WORK/perf-$c.wrk" "${URL[$c]}" "$CONNS"
+      wait "$perf_pid" || true
+      perf report -i "$perf_dir/flat-$c.data" --no-children --stdio --sort dso,symbol 2>/dev/null |
+        grep -v '^#' | grep '%' | sed 's/  */ /g' | head -n 80 >"$perf_dir/flat-$c.txt" || true
+      echo "   flat profile of ${NAME[$c]}: $perf_dir/flat-$c.txt"
+    done
+  fi
+  echo
+  echo "CPU per request (median over $ROUNDS round(s); wrk -c$CONNS -d${DURATION}s; $WORKERS worker(s))"
+  printf '%-40s %12s %10s %10s %10s\n' configuration requests/s "user us" "sys us" "total us"
+  for c in "${configs[@]}"; do
+    printf '%-40s %12.0f %10s %10s %10s\n' "${NAME[$c]}" "$(med "cpu-$c" 1)" "$(per_req "$c" 1)" "$(per_req "$c" 2)" "$(per_req "$c" 3)"
+  done
+}
+
+# cpu_split PID...: user and system CPU ticks of the processes and their children (nginx workers).
+cpu_split() {
+  local p u=0 s=0 a b
+  for p in "$@" $(for p in "$@"; do pgrep -P "$p" 2>/dev/null || true; done); do
+    read -r a b < <(awk '{ print $14, $15 }' "/proc/$p/stat" 2>/dev/null || echo "0 0")
+    u=$((u + a))
+    s=$((s + b))
+  done
+  echo "$u $s"
+}
+
+# per_req CONFIG FIELD: median over the rounds of FIELD (1 user, 2 system, 3 both), us/request.
+per_req() {
+  local f n
+  for f in "$WORK"/results/cpu-"$1".*[0-9]; do
+    n=$(parse_wrk "$f" | awk '{ print $4 }')
+    awk -v n="$n" -v k="$2" -v hz="$CLK_TCK" '{ t = (k == 3 ? $1 + $2 : $k); printf "%.2f\n", (n > 0 ? t * 1e6 / hz / n : 0) }' "$f.us"
+  done | median
+}
+
+# start_pass KEY NAME BINARY [ENV...]: a pass-through (c) variant.
+start_pass() {
+  local key=$1 label=$2 bin=$3
+  shift 3
+  pick_port
+  spawn "pass-$key" env "$@" "$bin" "127.0.0.1:$PORT" "127.0.0.1:$UP_PORT" "$WORKERS"
+  wait_port "$PORT" "$SPAWNED" "pass-$key"
+  URL[$key]="http://127.0.0.1:$PORT$URL_PATH"
+  PIDS[$key]=$SPAWNED
+  NAME[$key]=$label
+}
+
+# start_main_proxy KEY NAME [BINARY]: a proxy (d) on a copy of the first one's store.
+start_main_proxy() {
+  local key=$1 label=$2 bin=${3:-$PROXY_BIN} dir="$WORK/proxy-$1"
+  proxy_config "$dir" 1 "\"$ORG\""
+  if [ -z "${FIRST_STORE:-}" ]; then
+    printf %s "$DEMO_REFRESH" | import_grant "$dir" "$ORG"
+    FIRST_STORE=$dir
+  else
+    cp "$FIRST_STORE/tokens.db" "$dir/tokens.db"
+    [ -e "$FIRST_STORE/tokens.db-wal" ] && cp "$FIRST_STORE/tokens.db-wal" "$dir/tokens.db-wal"
+  fi
+  start_proxy "$dir" "$URL_PATH" "$bin"
+  URL[$key]="http://127.0.0.1:$PROXY_PORT$URL_PATH"
+  PIDS[$key]=$PROXY_PID
+  NAME[$key]=$label
+}
+
+# =============================================================================================
+# cpu: CPU per request of (c) and (d) at saturation, and of (d0), another build of the proxy, when
+# BASELINE_BIN names one: a before/after from one run, in a few minutes.
+cpu_mode() {
+  local configs=(c d)
+  start_pass c "(c) Pingora pass-through" "$PASS_BIN"
+  start_main_proxy d "(d) meraki-oauth-proxy"
+  if [ -n "${BASELINE_BIN:-}" ]; then
+    start_main_proxy d0 "(d0) baseline build" "$BASELINE_BIN"
+    configs+=(d0)
+  fi
+  cpu_rounds "${configs[@]}"
+  awk -v c="$(per_req c 3)" -v d="$(per_req d 3)" -v cu="$(per_req c 1)" -v du="$(per_req d 1)" 'BEGIN {
+    printf "CPU per request (c)/(d):         %.2fx   (bar: >= 0.9x)\n", (d > 0 ? c / d : 0)
+    printf "user CPU per request (c)/(d):    %.2fx\n", (du > 0 ? cu / du : 0)
+  }'
+  if [ -n "${BASELINE_BIN:-}" ]; then
+    awk -v c="$(per_req c 3)" -v d0="$(per_req d0 3)" -v d="$(per_req d 3)" 'BEGIN {
+      printf "CPU per request (c)/(d0):        %.2fx   (the baseline build)\n", (d0 > 0 ? c / d0 : 0)
+      printf "(d) - (d0):                      %+.2f us per request\n", d - d0
+    }'
+  fi
+  fail_if_any
+}
+
+# =============================================================================================
+# knobs: Pingora's knobs one by one on the bare pass-through, against (b) nginx injecting a static
+# header: the work stealing runtime or one runtime per thread, the upstream keep-alive pool, accept
+# tasks, the allocator; and the proxy (d) beside them.
+knobs() {
+  start_nginx nginx-proxy "$NGINX_PORT"
+  URL[b]="http://127.0.0.1:$NGINX_PORT$URL_PATH"
+  PIDS[b]=$SPAWNED
+  NAME[b]="(b) nginx + static bearer"
+  start_pass c "(c) pass-through, Pingora defaults" "$PASS_BIN"
+  start_pass c-nosteal "(c) work_stealing = false" "$PASS_BIN" PASSTHROUGH_WORK_STEALING=false
+  start_pass c-pool "(c) upstream pool 1024 (128)" "$PASS_BIN" PASSTHROUGH_POOL=1024
+  start_pass c-accept "(c) listener tasks 2 (1)" "$PASS_BIN" PASSTHROUGH_LISTENER_TASKS=2
+  start_pass c-jemalloc "(c) jemalloc (glibc)" "$PASS_JEMALLOC_BIN"
+  start_pass c-best "(c) jemalloc, work_stealing = false" "$PASS_JEMALLOC_BIN" PASSTHROUGH_WORK_STEALING=false
+  start_main_proxy d "(d) meraki-oauth-proxy"
+  cpu_rounds b c c-nosteal c-pool c-accept c-jemalloc c-best d
+  echo
+  local c
+  for c in c c-nosteal c-pool c-accept c-jemalloc c-best d; do
+    awk -v b="$(per_req b 3)" -v x="$(per_req "$c" 3)" -v rb="$(med cpu-b 1)" -v rx="$(med "cpu-$c" 1)" -v n="${NAME[$c]}" 'BEGIN {
+      printf "%-40s CPU per request (b)/(x) %.2fx; throughput (x)/(b) %.2fx\n", n, (x > 0 ? b / x : 0), (rb > 0 ? rx / rb : 0)
+    }'
+  done
+  fail_if_any
+}
+if [ "$MODE" = cpu ]; then cpu_mode; else "$MODE"; fi

@@ -4,6 +4,11 @@
 //! ```text
 //! passthrough [LISTEN [UPSTREAM [THREADS]]]   (or PASSTHROUGH_LISTEN, _UPSTREAM, _THREADS)
 //! ```
+//!
+//! Pingora's knobs, for `bash benches/load.sh knobs` (defaults: Pingora's):
+//! `PASSTHROUGH_WORK_STEALING` (`true`), `PASSTHROUGH_POOL` (upstream keep-alive pool size, 128),
+//! `PASSTHROUGH_LISTENER_TASKS` (accept tasks per listening socket, 1). The allocator is the
+//! system's; `passthrough_jemalloc` is the same program on jemalloc, as the proxy ships.
 
 use async_trait::async_trait;
 use pingora::prelude::*;
@@ -26,17 +31,30 @@ fn arg(i: usize, env: &str, default: &str) -> String {
     std::env::args().nth(i).unwrap_or(env)
 }
 
-fn main() {
+fn knob<T: std::str::FromStr>(env: &str, default: T) -> T {
+    match std::env::var(format!("PASSTHROUGH_{env}")) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("PASSTHROUGH_{env}: not a valid value: {v}")),
+        Err(_) => default,
+    }
+}
+
+pub fn main() {
     let listen = arg(1, "LISTEN", "127.0.0.1:8081");
     let upstream = arg(2, "UPSTREAM", "127.0.0.1:9400")
         .parse()
         .expect("UPSTREAM: IP:PORT");
     let threads = arg(3, "THREADS", "1").parse().expect("THREADS: a number");
+    let defaults = ServerConf::default();
     let mut server = Server::new_with_opt_and_conf(
         None,
         ServerConf {
             threads,
-            ..Default::default()
+            work_stealing: knob("WORK_STEALING", defaults.work_stealing),
+            upstream_keepalive_pool_size: knob("POOL", defaults.upstream_keepalive_pool_size),
+            listener_tasks_per_fd: knob("LISTENER_TASKS", defaults.listener_tasks_per_fd),
+            ..defaults
         },
     );
     server.bootstrap();

@@ -76,27 +76,17 @@ pub fn prepare_request(
     authority: &str,
     path: &str,
 ) -> pingora::Result<()> {
-    req.remove_header(&API_KEY_HEADER);
-    for h in &HOP_BY_HOP {
-        req.remove_header(h);
+    // One pass over the client's header names finds what must go: the credential, hop-by-hop
+    // headers, and names that fold (case, `_` for `-`) into a credential or a method override
+    // (another server could read them as the client's key or as another method). A request
+    // usually carries only its key, so this is cheaper than a lookup per forbidden name.
+    let mut drop: Vec<HeaderName> = Vec::new();
+    for name in req.headers.keys() {
+        if dropped_upstream(name) && !drop.contains(name) {
+            drop.push(name.clone());
+        }
     }
-    // Names that fold (case, `_` for `-`) into a credential or a method override: another
-    // server could read them as the client's key or as another method.
-    let folded: Vec<HeaderName> = req
-        .headers
-        .keys()
-        .filter(|name| {
-            let n = name.as_str();
-            if n.contains('_') {
-                let f = n.replace('_', "-");
-                CREDENTIALS.contains(&f.as_str()) || METHOD_OVERRIDES.contains(&f.as_str())
-            } else {
-                METHOD_OVERRIDES.contains(&n)
-            }
-        })
-        .cloned()
-        .collect();
-    for name in &folded {
+    for name in &drop {
         req.remove_header(name);
     }
     req.insert_header(AUTHORIZATION, bearer.clone())?;
@@ -111,6 +101,21 @@ pub fn prepare_request(
     let ua = user_agent(req.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()));
     req.insert_header(USER_AGENT, ua)?;
     Ok(())
+}
+
+/// Whether a client's header never reaches Meraki (see [`prepare_request`]); `Authorization`
+/// is replaced, not dropped.
+fn dropped_upstream(name: &HeaderName) -> bool {
+    if *name == API_KEY_HEADER || HOP_BY_HOP.contains(name) {
+        return true;
+    }
+    let n = name.as_str();
+    if n.contains('_') {
+        let f = n.replace('_', "-");
+        CREDENTIALS.contains(&f.as_str()) || METHOD_OVERRIDES.contains(&f.as_str())
+    } else {
+        METHOD_OVERRIDES.contains(&n)
+    }
 }
 
 /// Turns Meraki's response header into the client's: hop-by-hop headers removed, `Link`
@@ -130,8 +135,16 @@ pub fn prepare_response_for(
     upstream_base_path: &str,
     public_origin: Option<&str>,
 ) -> pingora::Result<()> {
-    for h in HOP_BY_HOP.iter().chain([&TRAILER]) {
-        resp.remove_header(h);
+    // One pass over Meraki's header names (it sends none of these as a rule), then a removal
+    // for each one found.
+    let mut drop: Vec<HeaderName> = Vec::new();
+    for name in resp.headers.keys() {
+        if (*name == TRAILER || HOP_BY_HOP.contains(name)) && !drop.contains(name) {
+            drop.push(name.clone());
+        }
+    }
+    for name in &drop {
+        resp.remove_header(name);
     }
     if let Some(link) = resp.headers.get(LINK).and_then(|v| v.to_str().ok()) {
         match rewrite_link_to(link, upstream_base_path, public_origin) {
@@ -203,7 +216,7 @@ pub fn rewrite_link_to(
             break;
         }
         rest = tail.get(end + 1..).unwrap_or("");
-        if let Some(rewritten) = rewrite_target(target, upstream_base_path) {
+        if let Some(below) = target_below(target, upstream_base_path) {
             if !out.is_empty() {
                 out.push_str(", ");
             }
@@ -211,7 +224,8 @@ pub fn rewrite_link_to(
             if let Some(origin) = public_origin {
                 out.push_str(origin);
             }
-            out.push_str(&rewritten);
+            out.push_str("/api/v1");
+            out.push_str(below);
             out.push('>');
             out.push_str(params);
         }
@@ -219,7 +233,9 @@ pub fn rewrite_link_to(
     (!out.is_empty()).then_some(out)
 }
 
-fn rewrite_target(target: &str, base_path: &str) -> Option<String> {
+/// What a `Link` target leads to below the upstream base path (the path's rest and the query,
+/// as sent), when it leads there: the proxy's target is `/api/v1` followed by it.
+fn target_below<'a>(target: &'a str, base_path: &str) -> Option<&'a str> {
     let path_and_query = if let Some(after_scheme) = target
         .strip_prefix("https://")
         .or_else(|| target.strip_prefix("http://"))
@@ -237,7 +253,7 @@ fn rewrite_target(target: &str, base_path: &str) -> Option<String> {
     if !(below.is_empty() || below.starts_with(['/', '?'])) {
         return None;
     }
-    Some(format!("/api/v1{below}"))
+    Some(below)
 }
 
 /// The public origin a client used: the one whose authority is the request's `Host` (the

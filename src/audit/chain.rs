@@ -107,12 +107,12 @@ impl Position {
     }
 
     fn head(&self, out: &mut Vec<u8>) {
-        let _ = write!(
-            out,
-            "{{\"seq\":{},\"prev\":\"{}\"",
-            self.next_seq,
-            hex::encode(self.prev)
-        );
+        let mut prev = [0u8; 64];
+        // 32 bytes always fit 64 digits.
+        let _ = hex::encode_to_slice(self.prev, &mut prev);
+        let _ = write!(out, "{{\"seq\":{},\"prev\":\"", self.next_seq);
+        out.extend_from_slice(&prev);
+        out.push(b'"');
     }
 
     /// Hashes the line just written (without its newline), then ends it.

@@ -51,7 +51,8 @@ pub struct Route {
 
 /// Normalizes a request path (without query) and finds its target.
 pub fn parse(raw_path: &str, method: &http::Method) -> Result<Route, RouteError> {
-    let mut segments: Vec<String> = Vec::new();
+    // Meraki's paths have a dozen segments at most (with `/api/v1`): one allocation.
+    let mut segments: Vec<String> = Vec::with_capacity(12);
     for raw in raw_path.split('/') {
         if raw.is_empty() {
             continue;
