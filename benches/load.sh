@@ -59,6 +59,19 @@ CONNS=${CONNS:-32}
 PACE_MS=${PACE_MS:-16}
 WORKERS=${WORKERS:-1}
 WRK_THREADS=${WRK_THREADS:-1}
+# CPU placement (PIN=1, the default with one worker on 2 or more CPUs): the configuration measured on the last CPU,
+# the load generator, the upstream and the token endpoint on the others. Unpinned, how the kernel
+# happened to share the cores between wrk, the upstream and the proxy moved the CPU per request
+# of one unchanged configuration by a quarter from one run to the next (it changes how many
+# requests each wake-up finds); pinned, each configuration owns its core like a deployment's.
+NCPU=$(nproc)
+PIN=${PIN:-$([ "$NCPU" -ge 2 ] && [ "$WORKERS" = 1 ] && echo 1 || echo 0)}
+SUT=()
+LOAD=()
+if [ "$PIN" = 1 ]; then
+  SUT=(taskset -c "$((NCPU - 1))")
+  LOAD=(taskset -c "0-$((NCPU - 2))")
+fi
 KEY=${KEY:-load-bench-client-key-5c9a1f}
 ORG=111111 # the organization the stand-in's demo grant serves
 STATIC_BEARER="Bearer static-0123456789abcdef0123456789abcdef01234567"
@@ -208,10 +221,11 @@ $3
 EOF
 }
 
-start_nginx() { # start_nginx NAME PORT; sets SPAWNED
-  local dir="$WORK/$1"
-  spawn "$1" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log"
-  wait_port "$2" "$SPAWNED" "$1"
+start_nginx() { # start_nginx NAME PORT [PIN...]; sets SPAWNED
+  local dir="$WORK/$1" name=$1 port=$2
+  shift 2
+  spawn "$name" "$@" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log"
+  wait_port "$port" "$SPAWNED" "$name"
 }
 
 # A Meraki-like page of networks (~1.5 KB) with Meraki's pagination Link header.
@@ -265,7 +279,7 @@ nginx_conf nginx-proxy "$WORKERS" "
   }"
 
 echo "== starting the upstream (nginx, $UPSTREAM_WORKERS worker) and the token endpoint (stand-in)"
-start_nginx upstream "$UP_PORT"
+start_nginx upstream "$UP_PORT" "${LOAD[@]}"
 UPSTREAM_PID=$SPAWNED
 URL_PATH="/api/v1/organizations/$ORG/networks"
 curl -fsS -o /dev/null "http://127.0.0.1:$UP_PORT$URL_PATH" || {
@@ -275,7 +289,7 @@ curl -fsS -o /dev/null "http://127.0.0.1:$UP_PORT$URL_PATH" || {
 
 pick_port
 STANDIN_PORT=$PORT
-spawn standin "$STANDIN_BIN" --listen "127.0.0.1:$STANDIN_PORT"
+spawn standin "${LOAD[@]}" "$STANDIN_BIN" --listen "127.0.0.1:$STANDIN_PORT"
 STANDIN_PID=$SPAWNED
 for _ in $(seq 100); do
   grep -q '^refresh_token=' "$WORK/standin.log" && break
@@ -371,7 +385,7 @@ import_grant() {
 start_proxy() {
   local name check_path=${2:-$URL_PATH} bin=${3:-$PROXY_BIN}
   name="proxy-$(basename "$1")"
-  spawn "$name" env RUST_LOG=warn "$bin" --config "$1/proxy.toml" run
+  spawn "$name" "${SUT[@]}" env RUST_LOG=warn "$bin" --config "$1/proxy.toml" run
   PROXY_PID=$SPAWNED
   wait_port "$PROXY_PORT" "$PROXY_PID" "$name"
   local code
@@ -398,7 +412,7 @@ run_wrk() {
   [ "$conns" -lt "$threads" ] && threads=$conns
   local args=(-t"$threads" -c"$conns" -d"${DURATION}s" --latency -H "X-Cisco-Meraki-API-Key: $KEY")
   [ -n "$lua" ] && args+=(-s "$lua")
-  wrk "${args[@]}" "$url" >"$out" 2>&1 || {
+  "${LOAD[@]}" wrk "${args[@]}" "$url" >"$out" 2>&1 || {
     echo "load.sh: wrk failed on $url:" >&2
     cat "$out" >&2
     exit 1
@@ -409,7 +423,7 @@ run_wrk() {
 warm() {
   local args=(-t1 -c"$CONNS" -d1s -H "X-Cisco-Meraki-API-Key: $KEY")
   [ -n "${2:-}" ] && args+=(-s "$2")
-  wrk "${args[@]}" "$1" >/dev/null 2>&1 || true
+  "${LOAD[@]}" wrk "${args[@]}" "$1" >/dev/null 2>&1 || true
 }
 
 # parse_wrk FILE: "requests_per_s p50_ms p99_ms requests non2xx socket_errors"
@@ -495,11 +509,11 @@ mkdir -p "$WORK/results"
 # =============================================================================================
 compare() {
   echo "== starting (b) nginx proxy, (c) Pingora pass-through, (d) meraki-oauth-proxy, (e) the same with shaping off; $WORKERS worker(s) each"
-  start_nginx nginx-proxy "$NGINX_PORT"
+  start_nginx nginx-proxy "$NGINX_PORT" "${SUT[@]}"
   local nginx_pid=$SPAWNED
   pick_port
   local pass_port=$PORT
-  spawn passthrough "$PASS_BIN" "127.0.0.1:$pass_port" "127.0.0.1:$UP_PORT" "$WORKERS"
+  spawn passthrough "${SUT[@]}" "$PASS_BIN" "127.0.0.1:$pass_port" "127.0.0.1:$UP_PORT" "$WORKERS"
   local pass_pid=$SPAWNED
   wait_port "$pass_port" "$pass_pid" passthrough
 
@@ -660,7 +674,7 @@ scaling() {
   mkdir -p "$sdir"
   pick_port
   local pass_port=$PORT
-  spawn passthrough "$PASS_BIN" "127.0.0.1:$pass_port" "127.0.0.1:$UP_PORT" "$WORKERS"
+  spawn passthrough "${SUT[@]}" "$PASS_BIN" "127.0.0.1:$pass_port" "127.0.0.1:$UP_PORT" "$WORKERS"
   local pass_pid=$SPAWNED
   wait_port "$pass_port" "$pass_pid" passthrough
 
@@ -890,45 +904,45 @@ LAYERS
 }
 
 # =============================================================================================
-# cpu_rounds CONFIG...: ROUNDS rounds of saturating load on each configuration (URL[c], PIDS[c],
-# NAME[c]), in alternating order, then the table of requests/s and CPU per request (user and
+# cpu_rounds CONFIG...: ROUNDS rounds of saturating load on each configuration (CFG_URL[c], CFG_PID[c],
+# CFG_NAME[c]), in alternating order, then the table of requests/s and CPU per request (user and
 # system apart) of each. PERF=1 adds a flat native profile (perf, no call graph) of each.
-declare -A URL PIDS NAME
+declare -A CFG_URL CFG_PID CFG_NAME
 cpu_rounds() {
   local configs=("$@") c r order out u0 s0 u1 s1
-  for c in "${configs[@]}"; do warm "${URL[$c]}"; done
+  for c in "${configs[@]}"; do warm "${CFG_URL[$c]}"; done
   echo "== CPU per request: wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s, $ROUNDS round(s), order alternating"
   for ((r = 1; r <= ROUNDS; r++)); do
     order=("${configs[@]}")
     ((r % 2)) || order=($(printf '%s\n' "${configs[@]}" | tac))
     for c in "${order[@]}"; do
       out="$WORK/results/cpu-$c.$r"
-      read -r u0 s0 < <(cpu_split "${PIDS[$c]}")
-      run_wrk "$out" "${URL[$c]}" "$CONNS"
-      read -r u1 s1 < <(cpu_split "${PIDS[$c]}")
+      read -r u0 s0 < <(cpu_split "${CFG_PID[$c]}")
+      run_wrk "$out" "${CFG_URL[$c]}" "$CONNS"
+      read -r u1 s1 < <(cpu_split "${CFG_PID[$c]}")
       echo "$((u1 - u0)) $((s1 - s0))" >"$out.us"
-      check "$out" "${NAME[$c]} round $r"
+      check "$out" "${CFG_NAME[$c]} round $r"
     done
   done
   if [ "${PERF:-0}" = 1 ]; then
     local perf_dir=${PERF_DIR:-$TARGET_DIR/load-perf} perf_pid
     mkdir -p "$perf_dir"
     for c in "${configs[@]}"; do
-      perf record -q -F 999 -p "${PIDS[$c]}" -o "$perf_dir/flat-$c.data" -- sleep "$DURATION" >"$WORK/perf-$c.log" 2>&1 &
+      perf record -q -F 999 -p "${CFG_PID[$c]}" -o "$perf_dir/flat-$c.data" -- sleep "$DURATION" >"$WORK/perf-$c.log" 2>&1 &
       perf_pid=$!
       STARTED+=("$perf_pid")
-      run_wrk "$WORK/perf-$c.wrk" "${URL[$c]}" "$CONNS"
+      run_wrk "$WORK/perf-$c.wrk" "${CFG_URL[$c]}" "$CONNS"
       wait "$perf_pid" || true
       perf report -i "$perf_dir/flat-$c.data" --no-children --stdio --sort dso,symbol 2>/dev/null |
         grep -v '^#' | grep '%' | sed 's/  */ /g' | head -n 80 >"$perf_dir/flat-$c.txt" || true
-      echo "   flat profile of ${NAME[$c]}: $perf_dir/flat-$c.txt"
+      echo "   flat profile of ${CFG_NAME[$c]}: $perf_dir/flat-$c.txt"
     done
   fi
   echo
   echo "CPU per request (median over $ROUNDS round(s); wrk -c$CONNS -d${DURATION}s; $WORKERS worker(s))"
   printf '%-40s %12s %10s %10s %10s\n' configuration requests/s "user us" "sys us" "total us"
   for c in "${configs[@]}"; do
-    printf '%-40s %12.0f %10s %10s %10s\n' "${NAME[$c]}" "$(med "cpu-$c" 1)" "$(per_req "$c" 1)" "$(per_req "$c" 2)" "$(per_req "$c" 3)"
+    printf '%-40s %12.0f %10s %10s %10s\n' "${CFG_NAME[$c]}" "$(med "cpu-$c" 1)" "$(per_req "$c" 1)" "$(per_req "$c" 2)" "$(per_req "$c" 3)"
   done
 }
 
@@ -957,11 +971,11 @@ start_pass() {
   local key=$1 label=$2 bin=$3
   shift 3
   pick_port
-  spawn "pass-$key" env "$@" "$bin" "127.0.0.1:$PORT" "127.0.0.1:$UP_PORT" "$WORKERS"
+  spawn "pass-$key" "${SUT[@]}" env "$@" "$bin" "127.0.0.1:$PORT" "127.0.0.1:$UP_PORT" "$WORKERS"
   wait_port "$PORT" "$SPAWNED" "pass-$key"
-  URL[$key]="http://127.0.0.1:$PORT$URL_PATH"
-  PIDS[$key]=$SPAWNED
-  NAME[$key]=$label
+  CFG_URL[$key]="http://127.0.0.1:$PORT$URL_PATH"
+  CFG_PID[$key]=$SPAWNED
+  CFG_NAME[$key]=$label
 }
 
 # start_main_proxy KEY NAME [BINARY]: a proxy (d) on a copy of the first one's store.
@@ -976,9 +990,9 @@ start_main_proxy() {
     [ -e "$FIRST_STORE/tokens.db-wal" ] && cp "$FIRST_STORE/tokens.db-wal" "$dir/tokens.db-wal"
   fi
   start_proxy "$dir" "$URL_PATH" "$bin"
-  URL[$key]="http://127.0.0.1:$PROXY_PORT$URL_PATH"
-  PIDS[$key]=$PROXY_PID
-  NAME[$key]=$label
+  CFG_URL[$key]="http://127.0.0.1:$PROXY_PORT$URL_PATH"
+  CFG_PID[$key]=$PROXY_PID
+  CFG_NAME[$key]=$label
 }
 
 # =============================================================================================
@@ -1011,10 +1025,10 @@ cpu_mode() {
 # header: the work stealing runtime or one runtime per thread, the upstream keep-alive pool, accept
 # tasks, the allocator; and the proxy (d) beside them.
 knobs() {
-  start_nginx nginx-proxy "$NGINX_PORT"
-  URL[b]="http://127.0.0.1:$NGINX_PORT$URL_PATH"
-  PIDS[b]=$SPAWNED
-  NAME[b]="(b) nginx + static bearer"
+  start_nginx nginx-proxy "$NGINX_PORT" "${SUT[@]}"
+  CFG_URL[b]="http://127.0.0.1:$NGINX_PORT$URL_PATH"
+  CFG_PID[b]=$SPAWNED
+  CFG_NAME[b]="(b) nginx + static bearer"
   start_pass c "(c) pass-through, Pingora defaults" "$PASS_BIN"
   start_pass c-nosteal "(c) work_stealing = false" "$PASS_BIN" PASSTHROUGH_WORK_STEALING=false
   start_pass c-pool "(c) upstream pool 1024 (128)" "$PASS_BIN" PASSTHROUGH_POOL=1024
@@ -1026,7 +1040,7 @@ knobs() {
   echo
   local c
   for c in c c-nosteal c-pool c-accept c-jemalloc c-best d; do
-    awk -v b="$(per_req b 3)" -v x="$(per_req "$c" 3)" -v rb="$(med cpu-b 1)" -v rx="$(med "cpu-$c" 1)" -v n="${NAME[$c]}" 'BEGIN {
+    awk -v b="$(per_req b 3)" -v x="$(per_req "$c" 3)" -v rb="$(med cpu-b 1)" -v rx="$(med "cpu-$c" 1)" -v n="${CFG_NAME[$c]}" 'BEGIN {
       printf "%-40s CPU per request (b)/(x) %.2fx; throughput (x)/(b) %.2fx\n", n, (x > 0 ? b / x : 0), (rb > 0 ? rx / rb : 0)
     }'
   done

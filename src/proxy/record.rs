@@ -19,15 +19,17 @@ impl MerakiProxy {
             .map(|r| r.status.as_u16())
             .or_else(|| ctx.outcome.refusal.as_ref().map(|r| r.status))
             .unwrap_or(0);
-        self.count(session, ctx, status);
-        self.audit.request(entry(session, ctx, status));
+        // One clock read for the metrics and the record.
+        let elapsed = ctx.start.elapsed();
+        self.count(session, ctx, status, elapsed);
+        self.audit.request(entry(session, ctx, status, elapsed));
         if ctx.counted_in_flight {
             self.metrics.in_flight().dec();
         }
     }
 
     /// The shaper's per-client activity and the request metrics.
-    fn count(&self, session: &Session, ctx: &Ctx, status: u16) {
+    fn count(&self, session: &Session, ctx: &Ctx, status: u16, elapsed: std::time::Duration) {
         let refusal = ctx.outcome.refusal.as_ref();
         if refusal.is_some_and(|r| r.reason == refusal::TIMED_OUT) {
             self.metrics
@@ -55,14 +57,19 @@ impl MerakiProxy {
             ctx.org(),
             &session.req_header().method,
             status,
-            ctx.start.elapsed(),
+            elapsed,
         );
     }
 }
 
 /// The audit record of a request: what admission learnt, the forward, the exchange with
 /// Meraki and the outcome.
-fn entry(session: &Session, ctx: &mut Ctx, status: u16) -> RequestEntry {
+fn entry(
+    session: &Session,
+    ctx: &mut Ctx,
+    status: u16,
+    elapsed: std::time::Duration,
+) -> RequestEntry {
     let req = session.req_header();
     let path = ctx.seen.path.take().unwrap_or_else(|| {
         req.uri
@@ -96,7 +103,7 @@ fn entry(session: &Session, ctx: &mut Ctx, status: u16) -> RequestEntry {
             .forward
             .as_ref()
             .and_then(|f| f.token.fingerprint().cloned()),
-        duration: ctx.start.elapsed(),
+        duration: elapsed,
         upstream_duration: ctx.upstream.elapsed,
         queue_wait: ctx.queue_wait,
         bytes_in: session.body_bytes_read() as u64,
