@@ -3,7 +3,8 @@
 # the same upstream reached directly, through nginx injecting a static bearer, and through a
 # minimal Pingora pass-through, with the same worker count and the same load generator.
 #
-#   bash benches/load.sh            # compare (a) upstream, (b) nginx, (c) pass-through, (d) proxy
+#   bash benches/load.sh            # compare (a) upstream, (b) nginx, (c) pass-through (and (j)
+#                                   # on jemalloc), (d) proxy, (e) proxy without shaping
 #   bash benches/load.sh scaling    # (d) at 1/32/256 connections, 10/10,000 clients, 1/1,000 grants
 #   QUICK=1 bash benches/load.sh    # CI: 2-second runs, one round; checks every config answers
 #   bash benches/load.sh callgrind  # instructions per request of (c) and (d) under callgrind, by
@@ -18,7 +19,7 @@
 #
 # Settings (environment): DURATION (s, default 10; QUICK: 2), ROUNDS (default 2 in compare mode,
 # 1 in scaling mode; QUICK: 1), CONNS (default 32), PACE_MS (compare mode's paced runs: each
-# connection's mean pause between requests, default 16 ms, about 2,000 req/s in all), WORKERS
+# connection's mean pause between requests, default 32 ms, about 1,000 req/s in all), WORKERS
 # (nginx worker_processes and Pingora threads, default 1), WRK_THREADS (default 1), KEEP=1 keeps
 # the work directory, PERF=1 profiles one extra run each of (c) and (d) with perf (compare mode;
 # reports in PERF_DIR, default target/load-perf), IMPORT_JOBS (parallel `grants import` runs in
@@ -36,7 +37,7 @@ MODE=${1:-compare}
 case "$MODE" in
 compare | scaling | callgrind | cpu | knobs) ;;
 -h | --help)
-  sed -n '2,30p' "$0"
+  sed -n '2,/or nothing at all.$/p' "$0"
   exit 0
   ;;
 *)
@@ -56,7 +57,7 @@ cpu | knobs) ROUNDS=${ROUNDS:-3} ;;
 *) ROUNDS=${ROUNDS:-2} ;;
 esac
 CONNS=${CONNS:-32}
-PACE_MS=${PACE_MS:-16}
+PACE_MS=${PACE_MS:-32}
 WORKERS=${WORKERS:-1}
 WRK_THREADS=${WRK_THREADS:-1}
 # CPU placement (PIN=1, the default with one worker on 2 or more CPUs): the configuration measured on the last CPU,
@@ -508,7 +509,7 @@ mkdir -p "$WORK/results"
 
 # =============================================================================================
 compare() {
-  echo "== starting (b) nginx proxy, (c) Pingora pass-through, (d) meraki-oauth-proxy, (e) the same with shaping off; $WORKERS worker(s) each"
+  echo "== starting (b) nginx proxy, (c) Pingora pass-through, (j) the same on jemalloc, (d) meraki-oauth-proxy, (e) the same with shaping off; $WORKERS worker(s) each"
   start_nginx nginx-proxy "$NGINX_PORT" "${SUT[@]}"
   local nginx_pid=$SPAWNED
   pick_port
@@ -516,6 +517,11 @@ compare() {
   spawn passthrough "${SUT[@]}" "$PASS_BIN" "127.0.0.1:$pass_port" "127.0.0.1:$UP_PORT" "$WORKERS"
   local pass_pid=$SPAWNED
   wait_port "$pass_port" "$pass_pid" passthrough
+  pick_port
+  local jem_port=$PORT
+  spawn passthrough-jemalloc "${SUT[@]}" "$PASS_JEMALLOC_BIN" "127.0.0.1:$jem_port" "127.0.0.1:$UP_PORT" "$WORKERS"
+  local jem_pid=$SPAWNED
+  wait_port "$jem_port" "$jem_pid" passthrough-jemalloc
 
   local dir="$WORK/proxy-main"
   proxy_config "$dir" 1 "\"$ORG\""
@@ -536,6 +542,7 @@ compare() {
     [a]="http://127.0.0.1:$UP_PORT$URL_PATH"
     [b]="http://127.0.0.1:$NGINX_PORT$URL_PATH"
     [c]="http://127.0.0.1:$pass_port$URL_PATH"
+    [j]="http://127.0.0.1:$jem_port$URL_PATH"
     [d]="http://127.0.0.1:$PROXY_PORT$URL_PATH"
     [e]="http://127.0.0.1:$noshape_port$URL_PATH"
   )
@@ -543,6 +550,7 @@ compare() {
     [a]="$UPSTREAM_PID"
     [b]="$nginx_pid"
     [c]="$pass_pid"
+    [j]="$jem_pid"
     [d]="$proxy_pid"
     [e]="$noshape_pid"
   )
@@ -550,12 +558,13 @@ compare() {
     [a]="(a) upstream direct (nginx)"
     [b]="(b) nginx + static bearer"
     [c]="(c) Pingora pass-through"
+    [j]="(j) pass-through, jemalloc"
     [d]="(d) meraki-oauth-proxy"
     [e]="(e) proxy, shaping off"
   )
   # What each configuration answers, head and size, kept with the work directory (KEEP=1): a
   # difference in framing or headers would explain a difference in cost.
-  for c in a b c d e; do
+  for c in a b c j d e; do
     curl -sS -D "$WORK/headers-$c.txt" -o /dev/null -w 'body bytes: %{size_download}\n' \
       -H "X-Cisco-Meraki-API-Key: $KEY" "${url[$c]}" >>"$WORK/headers-$c.txt"
   done
@@ -565,7 +574,7 @@ compare() {
   rounds() {
     local r c order t0 out
     for ((r = 1; r <= ROUNDS; r++)); do
-      if ((r % 2)); then order="a b c d e"; else order="e d c b a"; fi
+      if ((r % 2)); then order="a b c j d e"; else order="e d j c b a"; fi
       for c in $order; do
         out="$WORK/results/$1$c.$r"
         t0=$(cpu_ticks ${pids[$c]})
@@ -580,12 +589,12 @@ compare() {
   table() {
     local c
     printf '%-32s %12s %10s %10s %14s\n' "configuration" "requests/s" "p50 ms" "p99 ms" "CPU us/request"
-    for c in a b c d e; do
+    for c in a b c j d e; do
       printf '%-32s %12.0f %10.3f %10.3f %14.1f\n' "${name[$c]}" "$(med "$1$c" 1)" "$(med "$1$c" 2)" "$(med "$1$c" 3)" "$(cpu_us "$1$c")"
     done
   }
 
-  for c in a b c d e; do warm "${url[$c]}"; done
+  for c in a b c j d e; do warm "${url[$c]}"; done
   echo "== measuring: wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s, $ROUNDS round(s), order alternating"
   rounds ""
 
@@ -640,9 +649,12 @@ compare() {
     printf "throughput (d)/(c) pass-through: %.2fx   (bar: >= 0.9x)\n", (c > 0 ? d / c : 0)
     printf "throughput (c)/(b):              %.2fx\n", (b > 0 ? c / b : 0)
   }'
-  awk -v c="$(cpu_us c)" -v d="$(cpu_us d)" -v b="$(cpu_us b)" 'BEGIN {
-    printf "CPU per request (c)/(d):         %.2fx   (the throughput ratio one core each would give)\n", (d > 0 ? c / d : 0)
-    printf "CPU per request (b)/(d):         %.2fx\n", (d > 0 ? b / d : 0)
+  awk -v c="$(cpu_us c)" -v d="$(cpu_us d)" -v b="$(cpu_us b)" -v j="$(cpu_us j)" 'BEGIN {
+    printf "CPU per request (c)/(d):         %.2fx   (bar: >= 0.9x; the throughput ratio one core each would give)\n", (d > 0 ? c / d : 0)
+    printf "CPU per request (j)/(d):         %.2fx   (both on jemalloc: the work of the proxy alone)\n", (d > 0 ? j / d : 0)
+    printf "CPU per request (b)/(d):         %.2fx   (aim: >= 1.0x nginx)\n", (d > 0 ? b / d : 0)
+    printf "CPU per request (b)/(c):         %.2fx   (bare Pingora against nginx)\n", (c > 0 ? b / c : 0)
+    printf "CPU per request (b)/(j):         %.2fx   (bare Pingora on jemalloc against nginx)\n", (j > 0 ? b / j : 0)
   }'
   awk -v a="$p99_a" -v c="$p99_c" -v d="$p99_d" 'BEGIN {
     printf "saturated p99 (d) - (a):         %.3f ms (queueing: about CONNS / throughput)\n", d - a
@@ -655,14 +667,14 @@ compare() {
   echo "Paced: $CONNS connections, ${PACE_MS} ms mean pause per connection between requests; median over $ROUNDS round(s)"
   table paced-
   awk -v a="$(med paced-a 3)" -v c="$(med paced-c 3)" -v d="$(med paced-d 3)" 'BEGIN {
-    printf "added p99 (d) - (a) upstream:    %.3f ms (bar: < 1 ms at 32 connections; a difference of percentiles)\n", d - a
+    printf "added p99 (d) - (a) upstream:    %.3f ms (bar: < 1 ms; a difference of percentiles)\n", d - a
     printf "added p99 (d) - (c) pass-through: %.3f ms\n", d - c
   }'
   echo
   printf 'peak RSS (VmHWM) (d) proxy:      %s MiB (bar: < 50 MiB); now %s MiB\n' \
     "$(mib "$(hwm_kib "$proxy_pid")")" "$(mib "$(rss_kib "$proxy_pid")")"
-  printf 'peak RSS (VmHWM) (c) pass-through: %s MiB; (b) nginx worker: %s MiB\n' \
-    "$(mib "$(hwm_kib "$pass_pid")")" "$(mib "$(hwm_kib "$(pgrep -P "$nginx_pid" | head -n 1)")")"
+  printf 'peak RSS (VmHWM) (c) pass-through: %s MiB; (j) on jemalloc: %s MiB; (b) nginx worker: %s MiB\n' \
+    "$(mib "$(hwm_kib "$pass_pid")")" "$(mib "$(hwm_kib "$jem_pid")")" "$(mib "$(hwm_kib "$(pgrep -P "$nginx_pid" | head -n 1)")")"
   echo "audit records written by (d): $audited; 2xx responses in its metrics: $forwarded (both include warm-up)"
   fail_if_any
 }
@@ -835,6 +847,12 @@ PY
     "$PASS_BIN" "127.0.0.1:$pass_port" "127.0.0.1:$UP_PORT" 1
   local pass_pid=$SPAWNED
   WAIT_TRIES=600 wait_port "$pass_port" "$pass_pid" passthrough
+  pick_port
+  local jem_port=$PORT
+  spawn passthrough-jemalloc "${vg[@]}" --callgrind-out-file="$WORK/cg-j.out" \
+    "$PASS_JEMALLOC_BIN" "127.0.0.1:$jem_port" "127.0.0.1:$UP_PORT" 1
+  local jem_pid=$SPAWNED
+  WAIT_TRIES=600 wait_port "$jem_port" "$jem_pid" passthrough-jemalloc
   local dir="$WORK/proxy-cg"
   WORKERS=1 proxy_config "$dir" 1 "\"$ORG\""
   printf %s "$DEMO_REFRESH" | import_grant "$dir" "$ORG"
@@ -843,8 +861,12 @@ PY
   local proxy_pid=$SPAWNED
   WAIT_TRIES=600 wait_port "$PROXY_PORT" "$proxy_pid" proxy-cg
   local c pid port key ok
-  for c in c d; do
-    if [ "$c" = c ]; then pid=$pass_pid port=$pass_port key=""; else pid=$proxy_pid port=$PROXY_PORT key=$KEY; fi
+  for c in c j d; do
+    case $c in
+    c) pid=$pass_pid port=$pass_port key="" ;;
+    j) pid=$jem_pid port=$jem_port key="" ;;
+    d) pid=$proxy_pid port=$PROXY_PORT key=$KEY ;;
+    esac
     python3 "$WORK/client.py" "$port" "$URL_PATH" 200 "$key" >/dev/null # warm-up, not counted
     callgrind_control -i on "$pid" >/dev/null
     ok=$(python3 "$WORK/client.py" "$port" "$URL_PATH" "$n" "$key")
@@ -854,29 +876,31 @@ PY
     [ "$ok" = "$n" ] || FAILURES+=("($c) answered $ok of $n requests 200")
   done
   # The dumps (callgrind_control -d writes FILE.1; the file without a suffix is the exit's).
-  local fc="$WORK/cg-c.out.1" fd="$WORK/cg-d.out.1"
-  callgrind_annotate --inclusive=yes --threshold=100 "$fd" 2>/dev/null >"$WORK/cg-d.txt"
-  callgrind_annotate --inclusive=yes --threshold=100 "$fc" 2>/dev/null >"$WORK/cg-c.txt"
-  cp "$WORK/cg-d.txt" "$TARGET_DIR/callgrind-d.txt"
-  cp "$WORK/cg-c.txt" "$TARGET_DIR/callgrind-c.txt"
+  for c in c j d; do
+    callgrind_annotate --inclusive=yes --threshold=100 "$WORK/cg-$c.out.1" 2>/dev/null >"$WORK/cg-$c.txt"
+    cp "$WORK/cg-$c.txt" "$TARGET_DIR/callgrind-$c.txt"
+  done
   # inclusive FILE PATTERN: the largest inclusive count of a function matching PATTERN, per request.
   inclusive() {
     awk -v n="$n" -v pat="$2" '
       /^ *[0-9,]+ \([ 0-9.]+%\)  / && $0 ~ pat && $0 !~ /=>/ { v = $1; gsub(",", "", v); if (v + 0 > best) best = v + 0 }
       END { printf "%.0f", best / n }' "$1"
   }
-  local ic id sha
+  local ic ij id sha
   ic=$(awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }' "$WORK/cg-c.txt")
+  ij=$(awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }' "$WORK/cg-j.txt")
   id=$(awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }' "$WORK/cg-d.txt")
   sha=$(inclusive "$WORK/cg-d.txt" 'sha2::sha256::compress256( \\[[^]]*\\])? *$')
   echo
   echo "Instructions per request (callgrind, user space only; $n sequential requests on one keep-alive connection)"
-  awk -v c="$ic" -v d="$id" -v n="$n" -v sha="$sha" 'BEGIN {
+  awk -v c="$ic" -v j="$ij" -v d="$id" -v n="$n" -v sha="$sha" 'BEGIN {
     printf "(c) Pingora pass-through                          %8.0f\n", c / n
+    printf "(j) the same on jemalloc                          %8.0f\n", j / n
     printf "(d) meraki-oauth-proxy                            %8.0f\n", d / n
     printf "    of which SHA-256 (software under valgrind, SHA-NI natively) %8.0f\n", sha
     printf "(c)/(d)                                           %8.2fx\n", (d > 0 ? c / d : 0)
     printf "(c)/(d) leaving SHA-256 out                       %8.2fx\n", (d > 0 ? c / (d - sha * n) : 0)
+    printf "(j)/(d) leaving SHA-256 out                       %8.2fx\n", (d > 0 ? j / (d - sha * n) : 0)
   }'
   echo
   echo "(d) by layer: inclusive instructions per request (indented rows are part of the row above)"
@@ -890,6 +914,7 @@ request_filter (identity, admission, route, shaping, token)|ProxyHttp>::request_
 upstream_request_filter (bearer, Host, path)|ProxyHttp>::upstream_request_filter::\{\{closure\}\}( \\[[^]]*\\])? *$
 upstream_response_filter (answer, Link, request id)|ProxyHttp>::upstream_response_filter::\{\{closure\}\}( \\[[^]]*\\])? *$
   Link rewrite|forward::rewrite_link_to( \\[[^]]*\\])? *$
+Pingora's per-I/O timeouts: making each timer (read, write, idle)|FastOrTokioTimeout as pingora_timeout::ToTimeout>::timeout( \\[[^]]*\\])? *$
 logging (metrics, activity, audit entry)|ProxyHttp>::logging::\{\{closure\}\}( \\[[^]]*\\])? *$
 audit writer thread (JSON, hash chain, write)|audit::writer::Writer::run( \\[[^]]*\\])? *$
   hash chain (SHA-256 of each record)|audit::chain::Position::frame( \\[[^]]*\\])? *$
@@ -898,8 +923,8 @@ allocator: free|_rjem_sdallocx( \\[[^]]*\\])? *$
 allocator: realloc|_rjem_realloc( \\[[^]]*\\])? *$
 the whole connection task (Pingora's path and the hooks)|connections::Gate<A> as pingora_core::apps::ServerApp>::process_new::\{\{closure\}\}( \\[[^]]*\\])? *$
 LAYERS
-  echo "  (the pass-through's whole connection task: $(inclusive "$WORK/cg-c.txt" 'process_new::\{\{closure\}\}( \\[[^]]*\\])? *$'))"
-  echo "  full reports: $TARGET_DIR/callgrind-d.txt, $TARGET_DIR/callgrind-c.txt"
+  echo "  (the pass-through's whole connection task: $(inclusive "$WORK/cg-c.txt" 'process_new::\{\{closure\}\}( \\[[^]]*\\])? *$'); on jemalloc: $(inclusive "$WORK/cg-j.txt" 'process_new::\{\{closure\}\}( \\[[^]]*\\])? *$'))"
+  echo "  full reports: $TARGET_DIR/callgrind-{c,j,d}.txt"
   fail_if_any
 }
 

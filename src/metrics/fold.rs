@@ -11,7 +11,10 @@
 
 use crate::config::Detail;
 use arc_swap::ArcSwap;
-use std::collections::{HashMap, HashSet};
+// The request path looks up two names per request here: foldhash, seeded per process, instead
+// of SipHash (the names are the configuration's, not the client's).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -51,9 +54,9 @@ impl Chooser {
         Chooser {
             detail: AtomicU8::new(code(detail)),
             top: AtomicUsize::new(top),
-            counts: ArcSwap::from_pointee(HashMap::new()),
-            chosen: ArcSwap::from_pointee(HashSet::new()),
-            scores: Mutex::new(HashMap::new()),
+            counts: ArcSwap::from_pointee(HashMap::default()),
+            chosen: ArcSwap::from_pointee(HashSet::default()),
+            scores: Mutex::new(HashMap::default()),
         }
     }
 
@@ -72,7 +75,7 @@ impl Chooser {
     /// counts of names kept carry over. Others still get a free place, but are not counted.
     pub fn know<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
         let old = self.counts.load();
-        let mut map = HashMap::new();
+        let mut map = HashMap::default();
         for name in names {
             if !map.contains_key(name) {
                 let n = old.get(name).map_or(0, |c| c.load(Ordering::Relaxed));
