@@ -60,13 +60,15 @@ CONNS=${CONNS:-32}
 PACE_MS=${PACE_MS:-32}
 WORKERS=${WORKERS:-1}
 WRK_THREADS=${WRK_THREADS:-1}
-# CPU placement (PIN=1, the default with one worker on 2 or more CPUs): the configuration measured on the last CPU,
-# the load generator, the upstream and the token endpoint on the others. Unpinned, how the kernel
-# happened to share the cores between wrk, the upstream and the proxy moved the CPU per request
-# of one unchanged configuration by a quarter from one run to the next (it changes how many
-# requests each wake-up finds); pinned, each configuration owns its core like a deployment's.
+# CPU placement: PIN=1 puts the configuration measured on the last CPU and the load generator,
+# the upstream and the token endpoint on the others. Off by default: on this project's 2-vCPU
+# VMs pinning made every hop of a request a wake-up of the other vCPU (an IPI to a halted vCPU,
+# a VM exit), which raised nginx's CPU per request from 16 to 27 us and the paced p99 of every
+# configuration to several ms. Unpinned, CPU per request of one unchanged configuration moves by
+# up to a fifth between runs (how the kernel shares the cores changes how many requests each
+# wake-up finds): compare within a run, over several rounds, and prefer `callgrind` counts.
 NCPU=$(nproc)
-PIN=${PIN:-$([ "$NCPU" -ge 2 ] && [ "$WORKERS" = 1 ] && echo 1 || echo 0)}
+PIN=${PIN:-0}
 SUT=()
 LOAD=()
 if [ "$PIN" = 1 ]; then
@@ -511,57 +513,21 @@ mkdir -p "$WORK/results"
 compare() {
   echo "== starting (b) nginx proxy, (c) Pingora pass-through, (j) the same on jemalloc, (d) meraki-oauth-proxy, (e) the same with shaping off; $WORKERS worker(s) each"
   start_nginx nginx-proxy "$NGINX_PORT" "${SUT[@]}"
-  local nginx_pid=$SPAWNED
-  pick_port
-  local pass_port=$PORT
-  spawn passthrough "${SUT[@]}" "$PASS_BIN" "127.0.0.1:$pass_port" "127.0.0.1:$UP_PORT" "$WORKERS"
-  local pass_pid=$SPAWNED
-  wait_port "$pass_port" "$pass_pid" passthrough
-  pick_port
-  local jem_port=$PORT
-  spawn passthrough-jemalloc "${SUT[@]}" "$PASS_JEMALLOC_BIN" "127.0.0.1:$jem_port" "127.0.0.1:$UP_PORT" "$WORKERS"
-  local jem_pid=$SPAWNED
-  wait_port "$jem_port" "$jem_pid" passthrough-jemalloc
-
-  local dir="$WORK/proxy-main"
-  proxy_config "$dir" 1 "\"$ORG\""
-  printf %s "$DEMO_REFRESH" | import_grant "$dir" "$ORG"
-  # (e): the same proxy with [rate_limits] enabled = false, on a copy of the store (the import
-  # rotated the demo refresh token).
-  local edir="$WORK/proxy-noshape"
-  RATE_LIMITS='enabled = false' proxy_config "$edir" 1 "\"$ORG\""
-  cp "$dir/tokens.db" "$edir/tokens.db"
-  [ -e "$dir/tokens.db-wal" ] && cp "$dir/tokens.db-wal" "$edir/tokens.db-wal"
-  start_proxy "$edir"
-  local noshape_pid=$PROXY_PID noshape_port=$PROXY_PORT
-  proxy_config "$dir" 1 "\"$ORG\""
-  start_proxy "$dir"
-  local proxy_pid=$PROXY_PID
-
-  declare -A url=(
-    [a]="http://127.0.0.1:$UP_PORT$URL_PATH"
-    [b]="http://127.0.0.1:$NGINX_PORT$URL_PATH"
-    [c]="http://127.0.0.1:$pass_port$URL_PATH"
-    [j]="http://127.0.0.1:$jem_port$URL_PATH"
-    [d]="http://127.0.0.1:$PROXY_PORT$URL_PATH"
-    [e]="http://127.0.0.1:$noshape_port$URL_PATH"
-  )
-  declare -A pids=(
-    [a]="$UPSTREAM_PID"
-    [b]="$nginx_pid"
-    [c]="$pass_pid"
-    [j]="$jem_pid"
-    [d]="$proxy_pid"
-    [e]="$noshape_pid"
-  )
-  declare -A name=(
-    [a]="(a) upstream direct (nginx)"
-    [b]="(b) nginx + static bearer"
-    [c]="(c) Pingora pass-through"
-    [j]="(j) pass-through, jemalloc"
-    [d]="(d) meraki-oauth-proxy"
-    [e]="(e) proxy, shaping off"
-  )
+  CFG_URL[b]="http://127.0.0.1:$NGINX_PORT$URL_PATH"
+  CFG_PID[b]=$SPAWNED
+  CFG_NAME[b]="(b) nginx + static bearer"
+  start_pass c "(c) Pingora pass-through" "$PASS_BIN"
+  start_pass j "(j) pass-through, jemalloc" "$PASS_JEMALLOC_BIN"
+  # (e): the same proxy with [rate_limits] enabled = false. (d) last: its admin port and audit
+  # log are read at the end.
+  RATE_LIMITS='enabled = false' start_main_proxy e "(e) proxy, shaping off"
+  start_main_proxy d "(d) meraki-oauth-proxy"
+  CFG_URL[a]="http://127.0.0.1:$UP_PORT$URL_PATH"
+  CFG_PID[a]=$UPSTREAM_PID
+  CFG_NAME[a]="(a) upstream direct (nginx)"
+  local dir="$WORK/proxy-d" nginx_pid=${CFG_PID[b]} pass_pid=${CFG_PID[c]} jem_pid=${CFG_PID[j]}
+  local proxy_pid=${CFG_PID[d]}
+  local -n url=CFG_URL pids=CFG_PID name=CFG_NAME
   # What each configuration answers, head and size, kept with the work directory (KEEP=1): a
   # difference in framing or headers would explain a difference in cost.
   for c in a b c j d e; do

@@ -197,12 +197,14 @@ pub fn rewrite_link_to(
         let target = &after[..close];
         let tail = &after[close + 1..];
         // Parameters run to the next comma outside a quoted string.
+        // Bytes, not chars: both delimiters are ASCII, which no byte of a multi-byte UTF-8
+        // character equals, so `end` is always a character boundary.
         let mut in_quotes = false;
         let mut end = tail.len();
-        for (i, c) in tail.char_indices() {
-            match c {
-                '"' => in_quotes = !in_quotes,
-                ',' if !in_quotes => {
+        for (i, b) in tail.bytes().enumerate() {
+            match b {
+                b'"' => in_quotes = !in_quotes,
+                b',' if !in_quotes => {
                     end = i;
                     break;
                 }
