@@ -16,6 +16,7 @@
 #                                   # PERF=1 adds a flat native profile of each (perf, no call graph)
 #   bash benches/load.sh knobs      # Pingora's knobs one by one on the pass-through, beside (b)
 #                                   # nginx and (d) the proxy: CPU per request and throughput
+#                                   # (KNOBS="c c-accept" compares only those, beside (b))
 #
 # Settings (environment): DURATION (s, default 10; QUICK: 2), ROUNDS (default 2 in compare mode,
 # 1 in scaling mode; QUICK: 1), CONNS (default 32), PACE_MS (compare mode's paced runs: each
@@ -1027,10 +1028,12 @@ knobs() {
   start_pass c-jemalloc "(c) jemalloc (glibc)" "$PASS_JEMALLOC_BIN"
   start_pass c-best "(c) jemalloc, work_stealing = false" "$PASS_JEMALLOC_BIN" PASSTHROUGH_WORK_STEALING=false
   start_main_proxy d "(d) meraki-oauth-proxy"
-  cpu_rounds b c c-nosteal c-pool c-accept c-jemalloc c-best d
+  # KNOBS="c c-accept": only these (and (b)), for more rounds of one comparison.
+  local picked=(${KNOBS:-c c-nosteal c-pool c-accept c-jemalloc c-best d})
+  cpu_rounds b "${picked[@]}"
   echo
   local c
-  for c in c c-nosteal c-pool c-accept c-jemalloc c-best d; do
+  for c in "${picked[@]}"; do
     awk -v b="$(per_req b 3)" -v x="$(per_req "$c" 3)" -v rb="$(med cpu-b 1)" -v rx="$(med "cpu-$c" 1)" -v n="${CFG_NAME[$c]}" 'BEGIN {
       printf "%-40s CPU per request (b)/(x) %.2fx; throughput (x)/(b) %.2fx\n", n, (x > 0 ? b / x : 0), (rb > 0 ? rx / rb : 0)
     }'
