@@ -13,7 +13,8 @@
 #   bash benches/load.sh cpu        # CPU per request only (user and system, saturating load) of
 #                                   # (c) and (d), and of (d0) BASELINE_BIN (another build of the
 #                                   # proxy) when set: a before/after from one run (ROUNDS, 3);
-#                                   # PERF=1 adds a flat native profile of each (perf, no call graph)
+#                                   # PERF=1 adds a flat native profile of each (perf, no call graph),
+#                                   # FLAMEGRAPH=1 call graphs, inclusive shares and flame graphs
 #   bash benches/load.sh knobs      # Pingora's knobs one by one on the pass-through, beside (b)
 #                                   # nginx and (d) the proxy: CPU per request and throughput
 #                                   # (KNOBS="c c-accept" compares only those, beside (b))
@@ -916,18 +917,35 @@ cpu_rounds() {
       check "$out" "${CFG_NAME[$c]} round $r"
     done
   done
-  if [ "${PERF:-0}" = 1 ]; then
-    local perf_dir=${PERF_DIR:-$TARGET_DIR/load-perf} perf_pid
+  if [ "${PERF:-0}" = 1 ] || [ "${FLAMEGRAPH:-0}" = 1 ]; then
+    # PERF=1: a flat profile (no call graph: cheap, native costs). FLAMEGRAPH=1: call graphs
+    # (DWARF), inclusive shares per function, and a flame graph with inferno when installed
+    # (`cargo install inferno`).
+    local perf_dir=${PERF_DIR:-$TARGET_DIR/load-perf} perf_pid graph=()
+    [ "${FLAMEGRAPH:-0}" = 1 ] && graph=(--call-graph dwarf,16384)
     mkdir -p "$perf_dir"
     for c in "${configs[@]}"; do
-      perf record -q -F 999 -p "${CFG_PID[$c]}" -o "$perf_dir/flat-$c.data" -- sleep "$DURATION" >"$WORK/perf-$c.log" 2>&1 &
+      perf record -q -F "${PERF_FREQ:-499}" "${graph[@]}" -p "${CFG_PID[$c]}" -o "$perf_dir/perf-$c.data" \
+        -- sleep "$DURATION" >"$WORK/perf-$c.log" 2>&1 &
       perf_pid=$!
       STARTED+=("$perf_pid")
       run_wrk "$WORK/perf-$c.wrk" "${CFG_URL[$c]}" "$CONNS"
       wait "$perf_pid" || true
-      perf report -i "$perf_dir/flat-$c.data" --no-children --stdio --sort dso,symbol 2>/dev/null |
+      perf report -i "$perf_dir/perf-$c.data" --no-children --stdio --sort dso,symbol -g none 2>/dev/null |
         grep -v '^#' | grep '%' | sed 's/  */ /g' | head -n 80 >"$perf_dir/flat-$c.txt" || true
       echo "   flat profile of ${CFG_NAME[$c]}: $perf_dir/flat-$c.txt"
+      if [ "${FLAMEGRAPH:-0}" = 1 ]; then
+        perf report -i "$perf_dir/perf-$c.data" --children --stdio --sort symbol -g none 2>/dev/null |
+          grep -v '^#' | grep '%' | sed 's/  */ /g' | head -n 200 >"$perf_dir/inclusive-$c.txt" || true
+        echo "   inclusive shares: $perf_dir/inclusive-$c.txt"
+        if command -v inferno-collapse-perf >/dev/null && command -v inferno-flamegraph >/dev/null; then
+          perf script -i "$perf_dir/perf-$c.data" 2>/dev/null | inferno-collapse-perf |
+            inferno-flamegraph --title "${CFG_NAME[$c]}" >"$perf_dir/flame-$c.svg" || true
+          echo "   flame graph: $perf_dir/flame-$c.svg"
+        else
+          echo "   (no flame graph: cargo install inferno)"
+        fi
+      fi
     done
   fi
   echo
