@@ -575,25 +575,8 @@ compare() {
   echo "== paced: wrk -c$CONNS, each connection pausing ${PACE_MS} ms on average between requests (about $((CONNS * 1000 / PACE_MS)) req/s in all)"
   rounds paced- "$WORK/paced.lua"
 
-  if [ "${PERF:-0}" = 1 ]; then
-    # One more run each of (c) and (d), profiled; not part of the table.
-    local perf_dir=${PERF_DIR:-$TARGET_DIR/load-perf} perf_pid
-    mkdir -p "$perf_dir"
-    for c in c d; do
-      echo "== profiling ($c) with perf for ${DURATION}s: $perf_dir/perf-$c.data"
-      perf record -q -F 499 --call-graph dwarf,32768 -p "${pids[$c]}" -o "$perf_dir/perf-$c.data" \
-        -- sleep "$DURATION" >"$WORK/perf-$c.log" 2>&1 &
-      perf_pid=$!
-      STARTED+=("$perf_pid")
-      run_wrk "$WORK/perf-$c.wrk" "${url[$c]}" "$CONNS"
-      wait "$perf_pid" || true
-      perf report -i "$perf_dir/perf-$c.data" --no-children --stdio --sort dso,symbol -g none 2>/dev/null |
-        grep -v '^#' | grep '%' | head -n 60 >"$perf_dir/top-$c.txt" || true
-      perf report -i "$perf_dir/perf-$c.data" --no-children --stdio --sort dso -g none 2>/dev/null |
-        grep -v '^#' | grep '%' >"$perf_dir/dso-$c.txt" || true
-      echo "   flat profile: $perf_dir/top-$c.txt; by library: $perf_dir/dso-$c.txt"
-    done
-  fi
+  # One more run each of (c) and (d), profiled (PERF=1, FLAMEGRAPH=1); not part of the table.
+  profile c d
 
   sleep 1 # the audit writer flushes in batches
   local audited forwarded
@@ -917,42 +900,47 @@ cpu_rounds() {
       check "$out" "${CFG_NAME[$c]} round $r"
     done
   done
-  if [ "${PERF:-0}" = 1 ] || [ "${FLAMEGRAPH:-0}" = 1 ]; then
-    # PERF=1: a flat profile (no call graph: cheap, native costs). FLAMEGRAPH=1: call graphs
-    # (DWARF), inclusive shares per function, and a flame graph with inferno when installed
-    # (`cargo install inferno`).
-    local perf_dir=${PERF_DIR:-$TARGET_DIR/load-perf} perf_pid graph=()
-    [ "${FLAMEGRAPH:-0}" = 1 ] && graph=(--call-graph dwarf,16384)
-    mkdir -p "$perf_dir"
-    for c in "${configs[@]}"; do
-      perf record -q -F "${PERF_FREQ:-499}" "${graph[@]}" -p "${CFG_PID[$c]}" -o "$perf_dir/perf-$c.data" \
-        -- sleep "$DURATION" >"$WORK/perf-$c.log" 2>&1 &
-      perf_pid=$!
-      STARTED+=("$perf_pid")
-      run_wrk "$WORK/perf-$c.wrk" "${CFG_URL[$c]}" "$CONNS"
-      wait "$perf_pid" || true
-      perf report -i "$perf_dir/perf-$c.data" --no-children --stdio --sort dso,symbol -g none 2>/dev/null |
-        grep -v '^#' | grep '%' | sed 's/  */ /g' | head -n 80 >"$perf_dir/flat-$c.txt" || true
-      echo "   flat profile of ${CFG_NAME[$c]}: $perf_dir/flat-$c.txt"
-      if [ "${FLAMEGRAPH:-0}" = 1 ]; then
-        perf report -i "$perf_dir/perf-$c.data" --children --stdio --sort symbol -g none 2>/dev/null |
-          grep -v '^#' | grep '%' | sed 's/  */ /g' | head -n 200 >"$perf_dir/inclusive-$c.txt" || true
-        echo "   inclusive shares: $perf_dir/inclusive-$c.txt"
-        if command -v inferno-collapse-perf >/dev/null && command -v inferno-flamegraph >/dev/null; then
-          perf script -i "$perf_dir/perf-$c.data" 2>/dev/null | inferno-collapse-perf |
-            inferno-flamegraph --title "${CFG_NAME[$c]}" >"$perf_dir/flame-$c.svg" || true
-          echo "   flame graph: $perf_dir/flame-$c.svg"
-        else
-          echo "   (no flame graph: cargo install inferno)"
-        fi
-      fi
-    done
-  fi
+  profile "${configs[@]}"
   echo
   echo "CPU per request (median over $ROUNDS round(s); wrk -c$CONNS -d${DURATION}s; $WORKERS worker(s))"
   printf '%-40s %12s %10s %10s %10s\n' configuration requests/s "user us" "sys us" "total us"
   for c in "${configs[@]}"; do
     printf '%-40s %12.0f %10s %10s %10s\n' "${CFG_NAME[$c]}" "$(med "cpu-$c" 1)" "$(per_req "$c" 1)" "$(per_req "$c" 2)" "$(per_req "$c" 3)"
+  done
+}
+
+# profile CONFIG...: with PERF=1, a flat profile (no call graph: cheap, native costs) of one more
+# saturating run of each configuration; with FLAMEGRAPH=1, call graphs (DWARF), inclusive shares
+# per function, and a flame graph with inferno when installed (`cargo install inferno`). Reports in
+# PERF_DIR (default target/load-perf).
+profile() {
+  [ "${PERF:-0}" = 1 ] || [ "${FLAMEGRAPH:-0}" = 1 ] || return 0
+  local configs=("$@") c
+  local perf_dir=${PERF_DIR:-$TARGET_DIR/load-perf} perf_pid graph=()
+  [ "${FLAMEGRAPH:-0}" = 1 ] && graph=(--call-graph dwarf,16384)
+  mkdir -p "$perf_dir"
+  for c in "${configs[@]}"; do
+    perf record -q -F "${PERF_FREQ:-499}" "${graph[@]}" -p "${CFG_PID[$c]}" -o "$perf_dir/perf-$c.data" \
+      -- sleep "$DURATION" >"$WORK/perf-$c.log" 2>&1 &
+    perf_pid=$!
+    STARTED+=("$perf_pid")
+    run_wrk "$WORK/perf-$c.wrk" "${CFG_URL[$c]}" "$CONNS"
+    wait "$perf_pid" || true
+    perf report -i "$perf_dir/perf-$c.data" --no-children --stdio --sort dso,symbol -g none 2>/dev/null |
+      grep -v '^#' | grep '%' | sed 's/  */ /g' | head -n 80 >"$perf_dir/flat-$c.txt" || true
+    echo "   flat profile of ${CFG_NAME[$c]}: $perf_dir/flat-$c.txt"
+    if [ "${FLAMEGRAPH:-0}" = 1 ]; then
+      perf report -i "$perf_dir/perf-$c.data" --children --stdio --sort symbol -g none 2>/dev/null |
+        grep -v '^#' | grep '%' | sed 's/  */ /g' | head -n 200 >"$perf_dir/inclusive-$c.txt" || true
+      echo "   inclusive shares: $perf_dir/inclusive-$c.txt"
+      if command -v inferno-collapse-perf >/dev/null && command -v inferno-flamegraph >/dev/null; then
+        perf script -i "$perf_dir/perf-$c.data" 2>/dev/null | inferno-collapse-perf |
+          inferno-flamegraph --title "${CFG_NAME[$c]}" >"$perf_dir/flame-$c.svg" || true
+        echo "   flame graph: $perf_dir/flame-$c.svg"
+      else
+        echo "   (no flame graph: cargo install inferno)"
+      fi
+    fi
   done
 }
 
