@@ -349,8 +349,7 @@ async fn metrics_keep_the_busiest_clients_by_name_and_fold_the_rest() {
     for i in 10..15 {
         hit(i, 1).await;
     }
-    let (text, third) =
-        scrape_until(|n| (10..15).all(|i| n.contains(&format!("m-{i:05}")))).await;
+    let (text, third) = scrape_until(|n| (10..15).all(|i| n.contains(&format!("m-{i:05}")))).await;
     assert!(third.len() <= 11, "at most ten names and other: {third:?}");
     for i in 10..15 {
         assert!(third.contains(&format!("m-{i:05}")), "{third:?}");
