@@ -476,16 +476,13 @@ med() {
 }
 
 # cpu_ticks PID...: user + system CPU of the processes and their children (nginx workers), in
-# clock ticks. CPU per request is each configuration's own cost, whatever share of the 2 cores
-# wrk and the upstream took during its run.
+# clock ticks (see cpu_split). CPU per request is each configuration's own cost, whatever share of
+# the 2 cores wrk and the upstream took during its run.
 CLK_TCK=$(getconf CLK_TCK)
 cpu_ticks() {
-  local p t=0 v
-  for p in "$@" $(for p in "$@"; do pgrep -P "$p" 2>/dev/null || true; done); do
-    v=$(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0)
-    t=$((t + v))
-  done
-  echo "$t"
+  local u s
+  read -r u s < <(cpu_split "$@")
+  echo $((u + s))
 }
 # cpu_us FILE-PREFIX: median CPU microseconds per request over the rounds of FILE-PREFIX.
 cpu_us() {
@@ -514,10 +511,7 @@ mkdir -p "$WORK/results"
 # =============================================================================================
 compare() {
   echo "== starting (b) nginx proxy, (c) Pingora pass-through, (j) the same on jemalloc, (d) meraki-oauth-proxy, (e) the same with shaping off; $WORKERS worker(s) each"
-  start_nginx nginx-proxy "$NGINX_PORT" "${SUT[@]}"
-  CFG_URL[b]="http://127.0.0.1:$NGINX_PORT$URL_PATH"
-  CFG_PID[b]=$SPAWNED
-  CFG_NAME[b]="(b) nginx + static bearer"
+  start_nginx_proxy
   start_pass c "(c) Pingora pass-through" "$PASS_BIN"
   start_pass j "(j) pass-through, jemalloc" "$PASS_JEMALLOC_BIN"
   # (e): the same proxy with [rate_limits] enabled = false. (d) last: its admin port and audit
@@ -882,7 +876,7 @@ LAYERS
 # =============================================================================================
 # cpu_rounds CONFIG...: ROUNDS rounds of saturating load on each configuration (CFG_URL[c], CFG_PID[c],
 # CFG_NAME[c]), in alternating order, then the table of requests/s and CPU per request (user and
-# system apart) of each. PERF=1 adds a flat native profile (perf, no call graph) of each.
+# system apart) of each; `profile` of each with PERF=1 or FLAMEGRAPH=1.
 declare -A CFG_URL CFG_PID CFG_NAME
 cpu_rounds() {
   local configs=("$@") c r order out u0 s0 u1 s1
@@ -964,6 +958,14 @@ per_req() {
   done | median
 }
 
+# start_nginx_proxy: (b), nginx injecting the static bearer.
+start_nginx_proxy() {
+  start_nginx nginx-proxy "$NGINX_PORT" "${SUT[@]}"
+  CFG_URL[b]="http://127.0.0.1:$NGINX_PORT$URL_PATH"
+  CFG_PID[b]=$SPAWNED
+  CFG_NAME[b]="(b) nginx + static bearer"
+}
+
 # start_pass KEY NAME BINARY [ENV...]: a pass-through (c) variant.
 start_pass() {
   local key=$1 label=$2 bin=$3
@@ -996,7 +998,7 @@ start_main_proxy() {
 # =============================================================================================
 # cpu: CPU per request of (c) and (d) at saturation, and of (d0), another build of the proxy, when
 # BASELINE_BIN names one: a before/after from one run, in a few minutes.
-cpu_mode() {
+cpu() {
   local configs=(c d)
   start_pass c "(c) Pingora pass-through" "$PASS_BIN"
   start_main_proxy d "(d) meraki-oauth-proxy"
@@ -1023,10 +1025,7 @@ cpu_mode() {
 # header: the work stealing runtime or one runtime per thread, the upstream keep-alive pool, accept
 # tasks, the allocator; and the proxy (d) beside them.
 knobs() {
-  start_nginx nginx-proxy "$NGINX_PORT" "${SUT[@]}"
-  CFG_URL[b]="http://127.0.0.1:$NGINX_PORT$URL_PATH"
-  CFG_PID[b]=$SPAWNED
-  CFG_NAME[b]="(b) nginx + static bearer"
+  start_nginx_proxy
   start_pass c "(c) pass-through, Pingora defaults" "$PASS_BIN"
   start_pass c-nosteal "(c) work_stealing = false" "$PASS_BIN" PASSTHROUGH_WORK_STEALING=false
   start_pass c-pool "(c) upstream pool 1024 (128)" "$PASS_BIN" PASSTHROUGH_POOL=1024
@@ -1046,4 +1045,4 @@ knobs() {
   done
   fail_if_any
 }
-if [ "$MODE" = cpu ]; then cpu_mode; else "$MODE"; fi
+"$MODE"

@@ -6,7 +6,7 @@
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[export_name = "_rjem_malloc_conf"]
-pub static MALLOC_CONF: Option<&'static u8> = Some(&b"tcache_max:65536\0"[0]);
+pub static MALLOC_CONF: Option<&'static u8> = Some(&meraki_oauth_proxy::JEMALLOC_CONF[0]);
 
 #[path = "passthrough.rs"]
 mod passthrough;

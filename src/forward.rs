@@ -76,18 +76,11 @@ pub fn prepare_request(
     authority: &str,
     path: &str,
 ) -> pingora::Result<()> {
-    // One pass over the client's header names finds what must go: the credential, hop-by-hop
-    // headers, and names that fold (case, `_` for `-`) into a credential or a method override
-    // (another server could read them as the client's key or as another method). A request
-    // usually carries only its key, so this is cheaper than a lookup per forbidden name.
-    let mut drop: Vec<HeaderName> = Vec::new();
-    for name in req.headers.keys() {
-        if dropped_upstream(name) && !drop.contains(name) {
-            drop.push(name.clone());
-        }
-    }
-    for name in &drop {
-        req.remove_header(name);
+    // The credential, hop-by-hop headers, and names that fold (case, `_` for `-`) into a
+    // credential or a method override: another server could read them as the client's key or
+    // as another method.
+    for name in names_where(&req.headers, dropped_upstream) {
+        req.remove_header(&name);
     }
     req.insert_header(AUTHORIZATION, bearer.clone())?;
     req.insert_header(HOST, authority)?;
@@ -101,6 +94,13 @@ pub fn prepare_request(
     let ua = user_agent(req.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()));
     req.insert_header(USER_AGENT, ua)?;
     Ok(())
+}
+
+/// The header names of `headers` that `drop` picks: one pass over the names present (a
+/// request usually carries only its key), cheaper than a lookup and removal attempt for each
+/// forbidden name. `keys()` yields each name once, whatever its number of values.
+fn names_where(headers: &http::HeaderMap, drop: impl Fn(&HeaderName) -> bool) -> Vec<HeaderName> {
+    headers.keys().filter(|n| drop(n)).cloned().collect()
 }
 
 /// Whether a client's header never reaches Meraki (see [`prepare_request`]); `Authorization`
@@ -135,16 +135,8 @@ pub fn prepare_response_for(
     upstream_base_path: &str,
     public_origin: Option<&str>,
 ) -> pingora::Result<()> {
-    // One pass over Meraki's header names (it sends none of these as a rule), then a removal
-    // for each one found.
-    let mut drop: Vec<HeaderName> = Vec::new();
-    for name in resp.headers.keys() {
-        if (*name == TRAILER || HOP_BY_HOP.contains(name)) && !drop.contains(name) {
-            drop.push(name.clone());
-        }
-    }
-    for name in &drop {
-        resp.remove_header(name);
+    for name in names_where(&resp.headers, |n| *n == TRAILER || HOP_BY_HOP.contains(n)) {
+        resp.remove_header(&name);
     }
     if let Some(link) = resp.headers.get(LINK).and_then(|v| v.to_str().ok()) {
         match rewrite_link_to(link, upstream_base_path, public_origin) {

@@ -93,5 +93,12 @@ pub mod upstream;
 #[cfg(test)]
 mod testing;
 
+/// jemalloc's options for the binary (`src/main.rs`), NUL-terminated as jemalloc reads them.
+/// `tcache_max:65536`: Pingora takes a 64 KiB buffer for every response body it reads; above
+/// jemalloc's default thread-cache limit (32 KiB) each one went through the arena's extent
+/// bookkeeping (about 1,300 instructions a request, `bash benches/load.sh callgrind`); cached per
+/// thread it costs a few dozen. The environment (`_RJEM_MALLOC_CONF`) still overrides.
+pub const JEMALLOC_CONF: &[u8] = b"tcache_max:65536\0";
+
 /// The proxy's product token, appended to the client's User-Agent and sent to the AS.
 pub const PRODUCT: &str = concat!("meraki-oauth-proxy/", env!("CARGO_PKG_VERSION"));
