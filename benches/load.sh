@@ -879,7 +879,7 @@ LAYERS
 # system apart) of each; `profile` of each with PERF=1 or FLAMEGRAPH=1.
 declare -A CFG_URL CFG_PID CFG_NAME
 cpu_rounds() {
-  local configs=("$@") c r order out u0 s0 u1 s1
+  local configs=("$@") c r order out u0 s0 u1 s1 w0
   for c in "${configs[@]}"; do warm "${CFG_URL[$c]}"; done
   echo "== CPU per request: wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s, $ROUNDS round(s), order alternating"
   for ((r = 1; r <= ROUNDS; r++)); do
@@ -888,18 +888,29 @@ cpu_rounds() {
     for c in "${order[@]}"; do
       out="$WORK/results/cpu-$c.$r"
       read -r u0 s0 < <(cpu_split "${CFG_PID[$c]}")
+      w0=$(switches "${CFG_PID[$c]}")
       run_wrk "$out" "${CFG_URL[$c]}" "$CONNS"
       read -r u1 s1 < <(cpu_split "${CFG_PID[$c]}")
-      echo "$((u1 - u0)) $((s1 - s0))" >"$out.us"
+      echo "$((u1 - u0)) $((s1 - s0)) $(($(switches "${CFG_PID[$c]}") - w0))" >"$out.us"
       check "$out" "${CFG_NAME[$c]} round $r"
     done
   done
   profile "${configs[@]}"
   echo
-  echo "CPU per request (median over $ROUNDS round(s); wrk -c$CONNS -d${DURATION}s; $WORKERS worker(s))"
-  printf '%-40s %12s %10s %10s %10s\n' configuration requests/s "user us" "sys us" "total us"
+  echo "CPU by thread since start (name: user/system ticks, context switches, threads)"
   for c in "${configs[@]}"; do
-    printf '%-40s %12.0f %10s %10s %10s\n' "${CFG_NAME[$c]}" "$(med "cpu-$c" 1)" "$(per_req "$c" 1)" "$(per_req "$c" 2)" "$(per_req "$c" 3)"
+    printf '  %s:' "${CFG_NAME[$c]}"
+    for t in /proc/"${CFG_PID[$c]}"/task/*; do
+      awk '{ n = $0; sub(/^[^(]*\(/, "", n); sub(/\) .*/, "", n); gsub(/ /, "_", n)
+             rest = $0; sub(/^.*\) /, "", rest); split(rest, v, " "); printf "%s %d %d ", n, v[12], v[13] }' "$t/stat"
+      awk '/ctxt_switches:/ { s += $2 } END { print s }' "$t/status"
+    done | awk '{ u[$1] += $2; s[$1] += $3; w[$1] += $4; k[$1]++ } END { for (n in u) printf "  %s %d/%d %d (%d)", n, u[n], s[n], w[n], k[n]; printf "\n" }'
+  done
+  echo
+  echo "CPU per request (median over $ROUNDS round(s); wrk -c$CONNS -d${DURATION}s; $WORKERS worker(s))"
+  printf '%-40s %12s %10s %10s %10s %12s\n' configuration requests/s "user us" "sys us" "total us" "switches"
+  for c in "${configs[@]}"; do
+    printf '%-40s %12.0f %10s %10s %10s %12s\n' "${CFG_NAME[$c]}" "$(med "cpu-$c" 1)" "$(per_req "$c" 1)" "$(per_req "$c" 2)" "$(per_req "$c" 3)" "$(per_req "$c" 4)"
   done
 }
 
@@ -949,12 +960,20 @@ cpu_split() {
   echo "$u $s"
 }
 
-# per_req CONFIG FIELD: median over the rounds of FIELD (1 user, 2 system, 3 both), us/request.
+# switches PID: context switches (voluntary and not) of all the process's threads so far.
+switches() {
+  cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches:/ { s += $2 } END { printf "%d", s }'
+}
+
+# per_req CONFIG FIELD: median over the rounds of FIELD (1 user, 2 system, 3 both: us/request; 4
+# context switches per request).
 per_req() {
   local f n
   for f in "$WORK"/results/cpu-"$1".*[0-9]; do
     n=$(parse_wrk "$f" | awk '{ print $4 }')
-    awk -v n="$n" -v k="$2" -v hz="$CLK_TCK" '{ t = (k == 3 ? $1 + $2 : $k); printf "%.2f\n", (n > 0 ? t * 1e6 / hz / n : 0) }' "$f.us"
+    awk -v n="$n" -v k="$2" -v hz="$CLK_TCK" '{
+      if (k == 4) { printf "%.3f\n", (n > 0 ? $3 / n : 0); next }
+      t = (k == 3 ? $1 + $2 : $k); printf "%.2f\n", (n > 0 ? t * 1e6 / hz / n : 0) }' "$f.us"
   done | median
 }
 
@@ -999,8 +1018,9 @@ start_main_proxy() {
 # cpu: CPU per request of (c) and (d) at saturation, and of (d0), another build of the proxy, when
 # BASELINE_BIN names one: a before/after from one run, in a few minutes.
 cpu() {
-  local configs=(c d)
+  local configs=(c j d)
   start_pass c "(c) Pingora pass-through" "$PASS_BIN"
+  start_pass j "(j) pass-through on jemalloc" "$PASS_JEMALLOC_BIN"
   start_main_proxy d "(d) meraki-oauth-proxy"
   if [ -n "${BASELINE_BIN:-}" ]; then
     start_main_proxy d0 "(d0) baseline build" "$BASELINE_BIN"

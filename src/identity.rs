@@ -3,7 +3,6 @@
 
 use crate::config::Client;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
@@ -127,7 +126,7 @@ impl IdentityError {
 
 /// The clients, indexed for lookup by key digest.
 pub struct Identities {
-    clients: HashMap<[u8; 32], (Arc<Client>, Option<i64>)>,
+    clients: crate::FastMap<[u8; 32], (Arc<Client>, Option<i64>)>,
     /// Clients with a certificate binding (mutual TLS): few, searched in order.
     by_cert: Vec<Arc<Client>>,
 }

@@ -98,6 +98,11 @@ mod testing;
 /// jemalloc's default thread-cache limit (32 KiB) each one went through the arena's extent
 /// bookkeeping (about 1,300 instructions a request, `bash benches/load.sh callgrind`); cached per
 /// thread it costs a few dozen. The environment (`_RJEM_MALLOC_CONF`) still overrides.
+/// A hash map for lookups on the request path (identities by key digest, the shaper's lanes and
+/// organizations): foldhash, seeded per process, instead of SipHash. Keys are digests or names
+/// from the configuration, not chosen by clients.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 pub const JEMALLOC_CONF: &[u8] = b"tcache_max:65536\0";
 
 /// The proxy's product token, appended to the client's User-Agent and sent to the AS.

@@ -438,11 +438,11 @@ impl Audit {
 
     /// The refusal for a new request while the log cannot be written (`on_failure = "refuse"`):
     /// nothing is forwarded that could not be recorded.
-    pub fn refusal(&self) -> Option<Refusal> {
+    pub fn refusal(&self, now: std::time::Instant) -> Option<Refusal> {
         if self.on_failure != OnFailure::Refuse {
             return None;
         }
-        let failing = self.lanes.iter().find(|l| l.health.problem().is_some())?;
+        let failing = self.lanes.iter().find(|l| l.health.blocked(now))?;
         failing.health.refused.inc();
         Some(Refusal {
             status: 503,

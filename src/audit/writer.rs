@@ -17,6 +17,12 @@ use std::time::{Duration, Instant};
 /// How often the writer thread wakes to write what was queued. A sleeping writer is never woken
 /// by a request (no futex, no context switch per record), and a batch costs one `write()`.
 pub const BATCH_INTERVAL: Duration = Duration::from_millis(20);
+/// A batch buffer larger than this after a write is not kept for the next batch (after a long
+/// failure episode the held records are written at once).
+const BATCH_KEEP: usize = 4 << 20;
+/// A record's JSON body is serialized into this much room at first: a typical request record is
+/// 600-700 bytes, so it is written without growing.
+const BODY_CAPACITY: usize = 1024;
 /// While the sink fails, how often one record is tried.
 const RETRY_INTERVAL: Duration = Duration::from_millis(250);
 /// A writer that has not come round its loop for this long is stuck (a hung disk).
@@ -130,6 +136,18 @@ impl Health {
         (age > STALL).then(|| format!("the writer has not written for {} s", age.as_secs()))
     }
 
+    /// Whether the sink cannot write now (what [`Health::problem`] says, without making the
+    /// message): for the request path, at `now` (the request's start: no clock read of its own).
+    pub fn blocked(&self, now: Instant) -> bool {
+        if self.failing.load(Ordering::Acquire) {
+            return true;
+        }
+        let beat = Duration::from_millis(self.beat.load(Ordering::Relaxed));
+        now.saturating_duration_since(self.epoch)
+            .saturating_sub(beat)
+            > STALL
+    }
+
     /// Since when (unix seconds) the sink fails, if it does.
     pub fn failing_since(&self) -> Option<i64> {
         if !self.failing.load(Ordering::Acquire) {
@@ -204,6 +222,10 @@ pub struct Writer {
     last_sync: Instant,
     /// The last line written is a shutdown checkpoint: the next record starts a new run.
     sealed: bool,
+    /// The batch buffer and its marks, kept from one batch to the next (no allocation, and no
+    /// page faults, per batch).
+    batch: Vec<u8>,
+    marks: Vec<Mark>,
 }
 
 impl Writer {
@@ -255,6 +277,8 @@ impl Writer {
             unsynced: false,
             last_sync: now,
             sealed: false,
+            batch: Vec::new(),
+            marks: Vec::new(),
         })
     }
 
@@ -279,7 +303,7 @@ impl Writer {
                     Ok(Msg::Line(line)) => self.admit(line.as_bytes().to_vec(), false),
                     Ok(Msg::Request(entry)) => {
                         let refused = entry.reason == Some(super::AUDIT_UNAVAILABLE);
-                        let mut body = Vec::with_capacity(512);
+                        let mut body = Vec::with_capacity(BODY_CAPACITY);
                         match entry.write_json(&mut body) {
                             Ok(()) => self.admit(body, refused),
                             Err(e) => {
@@ -389,9 +413,13 @@ impl Writer {
                 self.pending.len()
             };
             let mut position = self.position;
-            let mut buf = Vec::with_capacity(take * 600);
+            let mut buf = std::mem::take(&mut self.batch);
+            buf.clear();
+            buf.reserve(take * 800);
             // After each line: what is written if the sink delivered the batch up to there.
-            let mut marks: Vec<Mark> = Vec::with_capacity(take + 1);
+            let mut marks = std::mem::take(&mut self.marks);
+            marks.clear();
+            marks.reserve(take + 1);
             let (mut records, mut refused) = (0u64, 0usize);
             let key = self.config.hmac_key.as_ref();
             let time = super::now_rfc3339();
@@ -430,6 +458,10 @@ impl Writer {
                 self.health.records_held.set(self.pending.len() as i64);
                 self.health.written.fetch_add(m.records, Ordering::Release);
                 self.unsynced = true;
+            }
+            if buf.capacity() <= BATCH_KEEP {
+                self.batch = buf;
+                self.marks = marks;
             }
             match result {
                 Ok(()) => {

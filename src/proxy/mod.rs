@@ -95,7 +95,7 @@ impl ProxyHttp for MerakiProxy {
         self.metrics.in_flight().inc();
         ctx.counted_in_flight = true;
         // Nothing is forwarded while its audit record cannot be written ([audit] on_failure).
-        if let Some(r) = self.audit.refusal() {
+        if let Some(r) = self.audit.refusal(ctx.start) {
             return self.refuse(session, ctx, r).await;
         }
         if connections::over_peer_limit() {

@@ -102,7 +102,7 @@ pub(super) struct Org {
     pub(super) last_decrease: Option<Instant>,
     /// The tag of the request served last.
     pub(super) vtime: f64,
-    pub(super) lanes: HashMap<Arc<str>, Lane>,
+    pub(super) lanes: crate::FastMap<Arc<str>, Lane>,
     pub(super) queued: usize,
     pub(super) granted: Window,
     pub(super) granted_total: u64,
@@ -115,7 +115,7 @@ pub(super) struct Inner {
     /// The share of organizations the fleet's division does not name, and of new ones.
     pub(super) share: f64,
     /// The fleet's division per organization (empty alone).
-    pub(super) shares: HashMap<Arc<str>, f64>,
+    pub(super) shares: crate::FastMap<Arc<str>, f64>,
     pub(super) source_share: f64,
     /// Demand on the source budget, per exchange cycle.
     pub(super) source_cycle: Cycle,
@@ -126,7 +126,7 @@ pub(super) struct Inner {
     pub(super) fleet_demand: HashMap<String, (f64, f64)>,
     pub(super) instances: usize,
     pub(super) source: Bucket,
-    pub(super) orgs: HashMap<Arc<str>, Org>,
+    pub(super) orgs: crate::FastMap<Arc<str>, Org>,
     pub(super) queued: usize,
     pub(super) next_id: u64,
     /// The running dispatcher's id, if one runs.
@@ -170,7 +170,7 @@ impl Inner {
                     factor: 1.0,
                     last_decrease: None,
                     vtime: 0.0,
-                    lanes: HashMap::new(),
+                    lanes: crate::FastMap::default(),
                     queued: 0,
                     granted: Window::default(),
                     granted_total: 0,

@@ -111,7 +111,7 @@ struct Shared {
     kick: Notify,
     /// Organizations slowed by upstream 429s: while none is, successes need no lock.
     slowed: AtomicUsize,
-    activity: Mutex<HashMap<Arc<str>, Activity>>,
+    activity: Mutex<crate::FastMap<Arc<str>, Activity>>,
     epoch: Instant,
 }
 
@@ -199,14 +199,14 @@ impl Shaper {
         let mut inner = Inner {
             limits,
             share: 1.0,
-            shares: HashMap::new(),
+            shares: crate::FastMap::default(),
             source_share: 1.0,
             source_cycle: fair_queue::Cycle::default(),
             rolled: VecDeque::from([now; 4]),
             fleet_demand: HashMap::new(),
             instances: 1,
             source: Bucket::full(1.0, 1.0, now),
-            orgs: HashMap::new(),
+            orgs: crate::FastMap::default(),
             queued: 0,
             next_id: 0,
             dispatcher: None,
@@ -220,7 +220,7 @@ impl Shaper {
                 inner: Mutex::new(inner),
                 kick: Notify::new(),
                 slowed: AtomicUsize::new(0),
-                activity: Mutex::new(HashMap::new()),
+                activity: Mutex::new(crate::FastMap::default()),
                 epoch: now,
             }),
         }

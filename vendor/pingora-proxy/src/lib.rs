@@ -334,8 +334,13 @@ where
         let header_timeout = self.inner.request_header_timeout(&downstream_session);
         let read = async {
             match header_timeout {
-                Some(t) => match time::timeout(t, downstream_session.read_request())
-                    .await
+                // Pingora's timer wheel, as its per-read timeouts: cheaper than a Tokio
+                // timer for a deadline nearly always cancelled (see PATCH.md, "Cost").
+                Some(t) => match pingora_timeout::fast_timeout::fast_timeout(
+                    t,
+                    downstream_session.read_request(),
+                )
+                .await
                 {
                     Ok(res) => res,
                     Err(_) => Error::e_explain(
