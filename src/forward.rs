@@ -73,7 +73,7 @@ const TRAILER: HeaderName = http::header::TRAILER;
 pub fn prepare_request(
     req: &mut RequestHeader,
     bearer: &HeaderValue,
-    authority: &str,
+    authority: &HeaderValue,
     path: &str,
 ) -> pingora::Result<()> {
     // The credential, hop-by-hop headers, and names that fold (case, `_` for `-`) into a
@@ -83,7 +83,7 @@ pub fn prepare_request(
         req.remove_header(&name);
     }
     req.insert_header(AUTHORIZATION, bearer.clone())?;
-    req.insert_header(HOST, authority)?;
+    req.insert_header(HOST, authority.clone())?;
     let uri = path.parse::<http::Uri>().map_err(|_| {
         pingora::Error::explain(
             pingora::ErrorType::InternalError,
@@ -91,7 +91,7 @@ pub fn prepare_request(
         )
     })?;
     req.set_uri(uri);
-    let ua = user_agent(req.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()));
+    let ua = user_agent_value(req.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()));
     req.insert_header(USER_AGENT, ua)?;
     Ok(())
 }
@@ -152,9 +152,26 @@ pub fn prepare_response_for(
 /// The User-Agent sent upstream: the script's, with the proxy's product token appended (Meraki's
 /// `ApplicationName/Version VendorName` convention), so Meraki's API request log shows both.
 pub fn user_agent(inbound: Option<&str>) -> String {
-    match inbound {
-        Some(ua) if !ua.trim().is_empty() => format!("{} {}", ua.trim(), crate::PRODUCT),
+    match inbound.map(str::trim) {
+        Some(ua) if !ua.is_empty() => {
+            let mut s = String::with_capacity(ua.len() + 1 + crate::PRODUCT.len());
+            s.push_str(ua);
+            s.push(' ');
+            s.push_str(crate::PRODUCT);
+            s
+        }
         _ => crate::PRODUCT.to_owned(),
+    }
+}
+
+/// [`user_agent`] as the header value forwarded: the product alone (most scripts send none)
+/// without an allocation.
+fn user_agent_value(inbound: Option<&str>) -> HeaderValue {
+    const ALONE: HeaderValue = HeaderValue::from_static(crate::PRODUCT);
+    match inbound.map(str::trim) {
+        // A header value that was valid text is valid with a suffix of visible ASCII.
+        Some(ua) if !ua.is_empty() => HeaderValue::try_from(user_agent(Some(ua))).unwrap_or(ALONE),
+        _ => ALONE,
     }
 }
 
@@ -204,7 +221,7 @@ pub fn rewrite_link_to(
             }
         }
         let params = tail[..end].trim_end();
-        if in_quotes || params.contains(['<', '>']) {
+        if in_quotes || params.bytes().any(|b| b == b'<' || b == b'>') {
             // A malformed value (found by fuzzing: an unterminated quoted string swallowed the
             // next link, which a lenient client would then follow around the proxy): keep the
             // well-formed links before it, drop the rest.
@@ -235,8 +252,10 @@ fn target_below<'a>(target: &'a str, base_path: &str) -> Option<&'a str> {
         .strip_prefix("https://")
         .or_else(|| target.strip_prefix("http://"))
     {
+        // Bytes: the delimiters are ASCII, so the position is a character boundary.
         let start = after_scheme
-            .find(['/', '?', '#'])
+            .bytes()
+            .position(|b| matches!(b, b'/' | b'?' | b'#'))
             .unwrap_or(after_scheme.len());
         &after_scheme[start..]
     } else if target.starts_with('/') && !target.starts_with("//") {
@@ -422,7 +441,7 @@ mod tests {
         prepare_request(
             &mut req,
             &bearer,
-            "api.meraki.com",
+            &HeaderValue::from_static("api.meraki.com"),
             "/api/v1/networks/N_1?x=1",
         )
         .unwrap();

@@ -29,6 +29,8 @@ pub struct Upstream {
     pub base_path: String,
     /// The `Host` header to send.
     pub host_header: String,
+    /// `host_header` as the `Host` header value forwarded (made once).
+    pub host_value: http::HeaderValue,
     /// Where connections to the API host go: its address, or the egress proxy's.
     addr: ArcSwap<SocketAddr>,
     /// The egress proxy's address, when there is one.
@@ -74,6 +76,9 @@ impl Upstream {
             host,
             port,
             tls,
+            // A parsed URL's host is ASCII (IDNA): always a header value.
+            host_value: http::HeaderValue::from_str(&host_header)
+                .map_err(|_| UpstreamError::NoHost(api_base.to_string()))?,
             host_header,
             addr: ArcSwap::from_pointee(SocketAddr::from(([0, 0, 0, 0], 0))),
             egress_addr,

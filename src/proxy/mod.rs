@@ -152,12 +152,18 @@ impl ProxyHttp for MerakiProxy {
                 "no access token for an admitted request",
             );
         };
+        let redirected;
         let (authority, path) = match &ctx.upstream.redirect {
-            Some(t) => (t.authority.as_str(), t.path_and_query.as_str()),
-            None => (
-                self.state.upstream.host_header.as_str(),
-                f.upstream_path.as_str(),
-            ),
+            Some(t) => {
+                redirected = http::HeaderValue::from_str(&t.authority).map_err(|_| {
+                    Error::explain(
+                        ErrorType::InternalError,
+                        "redirect authority is not a header value",
+                    )
+                })?;
+                (&redirected, t.path_and_query.as_str())
+            }
+            None => (&self.state.upstream.host_value, f.upstream_path.as_str()),
         };
         crate::forward::prepare_request(req, bearer, authority, path)?;
         ctx.upstream.sent = Some(Instant::now());
