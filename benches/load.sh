@@ -11,8 +11,10 @@
 #                                   # layer: counts, not seconds, so a busy machine does not move
 #                                   # them (CG_REQUESTS requests on one keep-alive connection, 2000)
 #   bash benches/load.sh cpu        # CPU per request only (user and system, saturating load) of
-#                                   # (c) and (d), and of (d0) BASELINE_BIN (another build of the
-#                                   # proxy) when set: a before/after from one run (ROUNDS, 3);
+#                                   # (c), (j) and (d), and of (d0) BASELINE_BIN and (d1)
+#                                   # BASELINE2_BIN (other builds of the proxy) when set: a
+#                                   # before/after from one run (ROUNDS, 3); context switches per
+#                                   # request, and CPU by thread;
 #                                   # PERF=1 adds a flat native profile of each (perf, no call graph),
 #                                   # FLAMEGRAPH=1 call graphs, inclusive shares and flame graphs
 #   bash benches/load.sh knobs      # Pingora's knobs one by one on the pass-through, beside (b)
@@ -1015,8 +1017,8 @@ start_main_proxy() {
 }
 
 # =============================================================================================
-# cpu: CPU per request of (c) and (d) at saturation, and of (d0), another build of the proxy, when
-# BASELINE_BIN names one: a before/after from one run, in a few minutes.
+# cpu: CPU per request of (c), (j) and (d) at saturation, and of (d0) and (d1), other builds of the
+# proxy, when BASELINE_BIN and BASELINE2_BIN name them: a before/after from one run, in minutes.
 cpu() {
   local configs=(c j d)
   start_pass c "(c) Pingora pass-through" "$PASS_BIN"
@@ -1025,6 +1027,10 @@ cpu() {
   if [ -n "${BASELINE_BIN:-}" ]; then
     start_main_proxy d0 "(d0) baseline build" "$BASELINE_BIN"
     configs+=(d0)
+  fi
+  if [ -n "${BASELINE2_BIN:-}" ]; then
+    start_main_proxy d1 "(d1) second baseline build" "$BASELINE2_BIN"
+    configs+=(d1)
   fi
   cpu_rounds "${configs[@]}"
   awk -v c="$(per_req c 3)" -v d="$(per_req d 3)" -v cu="$(per_req c 1)" -v du="$(per_req d 1)" 'BEGIN {
@@ -1035,6 +1041,12 @@ cpu() {
     awk -v c="$(per_req c 3)" -v d0="$(per_req d0 3)" -v d="$(per_req d 3)" 'BEGIN {
       printf "CPU per request (c)/(d0):        %.2fx   (the baseline build)\n", (d0 > 0 ? c / d0 : 0)
       printf "(d) - (d0):                      %+.2f us per request\n", d - d0
+    }'
+  fi
+  if [ -n "${BASELINE2_BIN:-}" ]; then
+    awk -v c="$(per_req c 3)" -v d1="$(per_req d1 3)" -v d="$(per_req d 3)" 'BEGIN {
+      printf "CPU per request (c)/(d1):        %.2fx   (the second baseline build)\n", (d1 > 0 ? c / d1 : 0)
+      printf "(d) - (d1):                      %+.2f us per request\n", d - d1
     }'
   fi
   fail_if_any

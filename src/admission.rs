@@ -329,11 +329,21 @@ async fn decide(
         client: &client,
         user_agent: user_agent(req),
     };
-    let org = match state
-        .resolver
-        .organization_of(&r.target, &client.organizations, &lookup)
-        .await
-    {
+    // An organization's own path names it; a network's or a device's is looked up (a cache,
+    // and rarely Meraki), boxed so that its state does not enlarge every request's future
+    // (Pingora boxes and copies `request_filter`'s for each request; issue 26).
+    let resolved = match &r.target {
+        Target::Organization(id) => Ok(Arc::from(id.as_str())),
+        target => {
+            Box::pin(
+                state
+                    .resolver
+                    .organization_of(target, &client.organizations, &lookup),
+            )
+            .await
+        }
+    };
+    let org = match resolved {
         Ok(org) => org,
         Err(e) => return Err(Refusal::from(&e)),
     };

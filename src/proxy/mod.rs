@@ -95,8 +95,11 @@ impl ProxyHttp for MerakiProxy {
         self.metrics.in_flight().inc();
         ctx.counted_in_flight = true;
         // Nothing is forwarded while its audit record cannot be written ([audit] on_failure).
+        // The rare paths below (refusals, the organization list) are boxed: inline, their
+        // state would make this hook's future, boxed and copied by `async_trait` for every
+        // request, kilobytes larger (issue 26).
         if let Some(r) = self.audit.refusal(ctx.start) {
-            return self.refuse(session, ctx, r).await;
+            return Box::pin(self.refuse(session, ctx, r)).await;
         }
         if connections::over_peer_limit() {
             let limit = self
@@ -105,9 +108,7 @@ impl ProxyHttp for MerakiProxy {
                 .config()
                 .client_limits
                 .max_connections_per_peer;
-            return self
-                .refuse(session, ctx, connections::peer_refusal(limit))
-                .await;
+            return Box::pin(self.refuse(session, ctx, connections::peer_refusal(limit))).await;
         }
         let cert = crate::tls::peer_cert(session.digest());
         ctx.client_cert = cert.map(|c| c.subject.clone());
@@ -119,8 +120,8 @@ impl ProxyHttp for MerakiProxy {
             admission::admit(&self.state, session.req_header(), peer, cert).await;
         ctx.seen = seen;
         match verdict {
-            Err(r) => self.refuse(session, ctx, r).await,
-            Ok(Action::ListOrganizations) => self.list_organizations(session, ctx).await,
+            Err(r) => Box::pin(self.refuse(session, ctx, r)).await,
+            Ok(Action::ListOrganizations) => Box::pin(self.list_organizations(session, ctx)).await,
             Ok(Action::Forward(f)) => self.prepare_forward(session, ctx, f).await,
         }
     }
@@ -187,7 +188,9 @@ impl ProxyHttp for MerakiProxy {
         if ctx.upstream.retried_401 {
             self.after_retry(session, resp, ctx)?;
         } else if status == 401 {
-            self.after_401(session, resp, ctx).await?;
+            // Boxed: a refresh and a retry, rare; inline they would enlarge every answer's
+            // future (see `request_filter`).
+            Box::pin(self.after_401(session, resp, ctx)).await?;
         }
         self.prepare_response(session, resp, ctx)
     }

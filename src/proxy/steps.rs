@@ -2,13 +2,13 @@
 //! `GET /organizations`, check an action batch's body, wait the request's turn in its
 //! organization's rate budget.
 
-use super::ctx::Ctx;
+use super::ctx::{Ctx, Outcome};
 use super::respond::{read_body, write_json, write_refusal};
 use super::MerakiProxy;
 use crate::admission::{self, Forward};
 use crate::refusal::{self, Decision, Refusal};
 use crate::route;
-use crate::shaping::Ticket;
+use crate::shaping::{Throttled, Ticket, Turn, Waiting};
 use pingora::prelude::*;
 use pingora::ErrorType;
 
@@ -88,13 +88,14 @@ impl MerakiProxy {
     ) -> Result<bool> {
         let batch = f.action_batch;
         ctx.forward = Some(f);
+        // The rare paths are boxed (see `request_filter`): an action batch's check, a refusal.
         if batch {
-            if let Err(r) = self.check_batch(session, ctx).await {
-                return self.refuse(session, ctx, r).await;
+            if let Err(r) = Box::pin(self.check_batch(session, ctx)).await {
+                return Box::pin(self.refuse(session, ctx, r)).await;
             }
         }
         if let Some(r) = self.wait_turn(session, ctx).await? {
-            return self.refuse(session, ctx, r).await;
+            return Box::pin(self.refuse(session, ctx, r)).await;
         }
         Ok(false)
     }
@@ -122,25 +123,11 @@ impl MerakiProxy {
             Ticket::Refused(e) => Err(e),
             // Only a request whose body is read (or empty) can watch its connection: reading
             // more would consume the body.
+            // Boxed (see `request_filter`): at the default budgets a request rarely waits.
             Ticket::Wait(w) if session.as_mut().is_body_done() => {
-                tokio::select! {
-                    biased;
-                    turn = w.wait() => turn,
-                    gone = session.as_mut().read_body_or_idle(true) => {
-                        // Recorded as such; nothing is written to a closed connection.
-                        ctx.outcome.decision = Decision::Failed;
-                        ctx.outcome.refusal = Some(Refusal::new(
-                            499,
-                            "client_closed",
-                            "the client closed the connection while its request waited for its turn",
-                        ));
-                        return Err(gone.err().unwrap_or_else(|| {
-                            Error::explain(ErrorType::ConnectionClosed, "client left while its request waited")
-                        }).into_down());
-                    }
-                }
+                Box::pin(wait_watching(session, &mut ctx.outcome, w)).await?
             }
-            Ticket::Wait(w) => w.wait().await,
+            Ticket::Wait(w) => Box::pin(w.wait()).await,
         };
         match turn {
             Ok(turn) => {
@@ -149,6 +136,30 @@ impl MerakiProxy {
                 Ok(None)
             }
             Err(e) => Ok(Some(Refusal::from(&e))),
+        }
+    }
+}
+
+/// Waits for a turn while watching the connection: a client that goes away while its request
+/// waits gives its place up (recorded as such; nothing is written to a closed connection).
+async fn wait_watching(
+    session: &mut Session,
+    outcome: &mut Outcome,
+    w: Waiting,
+) -> Result<Result<Turn, Throttled>> {
+    tokio::select! {
+        biased;
+        turn = w.wait() => Ok(turn),
+        gone = session.as_mut().read_body_or_idle(true) => {
+            outcome.decision = Decision::Failed;
+            outcome.refusal = Some(Refusal::new(
+                499,
+                "client_closed",
+                "the client closed the connection while its request waited for its turn",
+            ));
+            Err(gone.err().unwrap_or_else(|| {
+                Error::explain(ErrorType::ConnectionClosed, "client left while its request waited")
+            }).into_down())
         }
     }
 }

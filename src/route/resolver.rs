@@ -94,13 +94,14 @@ impl Resolver {
             return Ok(org);
         }
         let path = format!("/networks/{}", utf8_percent_encode(id, SEGMENT));
-        let org = self
-            .find(&path, orgs, lookup, "network", id, |v| {
-                v.get("organizationId")
-                    .and_then(|o| o.as_str())
-                    .map(str::to_owned)
-            })
-            .await?;
+        // Boxed: a lookup is rare (the cache answers), and its state inline would enlarge the
+        // future of every request's `request_filter`, which is boxed and copied (issue 26).
+        let org = Box::pin(self.find(&path, orgs, lookup, "network", id, |v| {
+            v.get("organizationId")
+                .and_then(|o| o.as_str())
+                .map(str::to_owned)
+        }))
+        .await?;
         let org: Arc<str> = Arc::from(org);
         self.networks.insert(id.to_owned(), org.clone()).await;
         Ok(org)
@@ -117,13 +118,13 @@ impl Resolver {
             return Ok(org);
         }
         let path = format!("/devices/{}", utf8_percent_encode(serial, SEGMENT));
-        let network = self
-            .find(&path, orgs, lookup, "device", serial, |v| {
-                v.get("networkId")
-                    .and_then(|o| o.as_str())
-                    .map(str::to_owned)
-            })
-            .await?;
+        // Boxed, as in `network_org`.
+        let network = Box::pin(self.find(&path, orgs, lookup, "device", serial, |v| {
+            v.get("networkId")
+                .and_then(|o| o.as_str())
+                .map(str::to_owned)
+        }))
+        .await?;
         let org = self
             .network_org(&network, orgs, lookup)
             .await

@@ -138,8 +138,9 @@ impl Refresher {
         if st.usable(self.clock.now(), self.policy.refresh_ahead) {
             return Ok(st);
         }
-        self.refresh(grant, Some(org), Need::Fresh, RefreshCause::Expiring)
-            .await
+        // Boxed: the refresh (a token endpoint call) is rare, and its state inline would make
+        // every request's future, which Pingora boxes and copies per hook, kilobytes larger.
+        Box::pin(self.refresh(grant, Some(org), Need::Fresh, RefreshCause::Expiring)).await
     }
 
     /// After Meraki answered 401 to `used` at `operation` (an operationId, or a path template):
