@@ -20,8 +20,10 @@ impl MerakiProxy {
             .or_else(|| ctx.outcome.refusal.as_ref().map(|r| r.status))
             .unwrap_or(0);
         // One clock read for the metrics and the record.
-        let elapsed = ctx.start.elapsed();
-        self.count(session, ctx, status, elapsed);
+        // One clock read for the request's end: its duration, the metrics, the activity.
+        let end = std::time::Instant::now();
+        let elapsed = end.saturating_duration_since(ctx.start);
+        self.count(session, ctx, status, elapsed, end);
         self.audit.request(entry(session, ctx, status, elapsed));
         if ctx.counted_in_flight {
             self.metrics.in_flight().dec();
@@ -29,7 +31,14 @@ impl MerakiProxy {
     }
 
     /// The shaper's per-client activity and the request metrics.
-    fn count(&self, session: &Session, ctx: &Ctx, status: u16, elapsed: std::time::Duration) {
+    fn count(
+        &self,
+        session: &Session,
+        ctx: &Ctx,
+        status: u16,
+        elapsed: std::time::Duration,
+        end: std::time::Instant,
+    ) {
         let refusal = ctx.outcome.refusal.as_ref();
         if refusal.is_some_and(|r| r.reason == refusal::TIMED_OUT) {
             self.metrics
@@ -43,6 +52,7 @@ impl MerakiProxy {
                     Some(_) if ctx.outcome.decision == Decision::Denied => Outcome::Denied,
                     _ => Outcome::Served,
                 },
+                tokio::time::Instant::from_std(end),
             );
             // Uses of a key until its expiry; a refused expired key is not one.
             if ctx.seen.key_expires_at.is_some()

@@ -91,9 +91,9 @@ pub(super) struct Activity {
 }
 
 impl Shaper {
-    /// Records how a client's request ended, for the status page.
-    pub fn record(&self, client: &str, outcome: Outcome) {
-        let slot = self.shared.slot(Instant::now());
+    /// Records how a client's request ended `at`, for the status page.
+    pub fn record(&self, client: &str, outcome: Outcome, at: Instant) {
+        let slot = self.shared.slot(at);
         let mut a = self
             .shared
             .activity

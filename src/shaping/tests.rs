@@ -435,10 +435,10 @@ fn windows_count_the_last_slots_only() {
 #[tokio::test(start_paused = true)]
 async fn activity_is_recorded_per_client() {
     let s = shaper();
-    s.record("a", Outcome::Served);
-    s.record("a", Outcome::Denied);
-    s.record("a", Outcome::Throttled);
-    s.record("b", Outcome::Served);
+    s.record("a", Outcome::Served, Instant::now());
+    s.record("a", Outcome::Denied, Instant::now());
+    s.record("a", Outcome::Throttled, Instant::now());
+    s.record("b", Outcome::Served, Instant::now());
     let c = s.clients();
     assert_eq!(c.len(), 2);
     assert_eq!(

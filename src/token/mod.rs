@@ -190,8 +190,10 @@ impl Grants {
 
     /// A usable access token of `grant` for a request on `org`; the grant is marked used.
     pub async fn token(&self, grant: &Grant, org: &str) -> Result<Arc<TokenState>, TokenError> {
-        let st = self.refresher.token(grant, org).await?;
-        grant.set_last_used(self.clock.now());
+        // One clock read for both: whether the token is still usable, and the grant's use.
+        let now = self.clock.now();
+        let st = self.refresher.token(grant, org, now).await?;
+        grant.set_last_used(now);
         Ok(st)
     }
 

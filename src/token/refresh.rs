@@ -131,11 +131,17 @@ impl Refresher {
         let _ = self.probe.set(probe);
     }
 
-    /// A usable access token of `grant`, refreshed first if it is past its refresh point.
-    /// `org` is the requesting organization (for events).
-    pub async fn token(&self, grant: &Grant, org: &str) -> Result<Arc<TokenState>, TokenError> {
+    /// A usable access token of `grant`, refreshed first if it is past its refresh point at
+    /// `now` (unix seconds, the caller's clock read). `org` is the requesting organization (for
+    /// events).
+    pub async fn token(
+        &self,
+        grant: &Grant,
+        org: &str,
+        now: i64,
+    ) -> Result<Arc<TokenState>, TokenError> {
         let st = grant.state();
-        if st.usable(self.clock.now(), self.policy.refresh_ahead) {
+        if st.usable(now, self.policy.refresh_ahead) {
             return Ok(st);
         }
         // Boxed: the refresh (a token endpoint call) is rare, and its state inline would make
