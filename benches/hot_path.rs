@@ -208,14 +208,14 @@ fn headers(c: &mut Criterion) {
     let bearer = HeaderValue::from_static("Bearer at-0123456789abcdef0123456789abcdef0123456789");
     let template = client_request();
     let path = "/api/v1/organizations/111111/networks?perPage=1000";
+    let host = HeaderValue::from_static("api.meraki.com");
     let mut g = c.benchmark_group("forward");
     // The clone is part of the measurement; `clone_only` gives its share.
     g.bench_function("clone_only", |b| b.iter(|| black_box(&template).clone()));
     g.bench_function("prepare_request", |b| {
         b.iter(|| {
             let mut req = template.clone();
-            forward::prepare_request(&mut req, &bearer, "api.meraki.com", black_box(path))
-                .expect("prepare");
+            forward::prepare_request(&mut req, &bearer, &host, black_box(path)).expect("prepare");
             req
         })
     });
@@ -355,7 +355,11 @@ fn shaping(c: &mut Criterion) {
                     _ => panic!("the budget is never taken here"),
                 };
                 shaper.upstream_answered(org, 200);
-                shaper.record("inventory-script", Outcome::Served);
+                shaper.record(
+                    "inventory-script",
+                    Outcome::Served,
+                    tokio::time::Instant::now(),
+                );
             })
         });
     }
