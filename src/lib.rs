@@ -99,7 +99,7 @@ mod testing;
 /// bookkeeping (about 1,300 instructions a request, `bash benches/load.sh callgrind`); cached per
 /// thread it costs a few dozen. The environment (`_RJEM_MALLOC_CONF`) still overrides.
 /// A hash map for lookups on the request path (identities by key digest, the shaper's lanes and
-/// organizations): foldhash, seeded per process, instead of SipHash. Keys are digests or names
+/// organizations, the metrics' folded names): foldhash, seeded per process, instead of SipHash. Keys are digests or names
 /// from the configuration, not chosen by clients.
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 

@@ -131,21 +131,21 @@ impl Health {
             let p = self.problem.lock().map(|p| p.clone()).unwrap_or_default();
             return Some(p.map_or_else(|| "write failed".into(), |(e, _)| e));
         }
-        let beat = Duration::from_millis(self.beat.load(Ordering::Relaxed));
-        let age = self.epoch.elapsed().saturating_sub(beat);
+        let age = self.since_beat(Instant::now());
         (age > STALL).then(|| format!("the writer has not written for {} s", age.as_secs()))
     }
 
     /// Whether the sink cannot write now (what [`Health::problem`] says, without making the
     /// message): for the request path, at `now` (the request's start: no clock read of its own).
     pub fn blocked(&self, now: Instant) -> bool {
-        if self.failing.load(Ordering::Acquire) {
-            return true;
-        }
+        self.failing.load(Ordering::Acquire) || self.since_beat(now) > STALL
+    }
+
+    /// How long before `now` the writer last came round its loop.
+    fn since_beat(&self, now: Instant) -> Duration {
         let beat = Duration::from_millis(self.beat.load(Ordering::Relaxed));
         now.saturating_duration_since(self.epoch)
             .saturating_sub(beat)
-            > STALL
     }
 
     /// Since when (unix seconds) the sink fails, if it does.

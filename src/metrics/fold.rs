@@ -11,9 +11,9 @@
 
 use crate::config::Detail;
 use arc_swap::ArcSwap;
-// The request path looks up two names per request here: foldhash, seeded per process, instead
-// of SipHash (the names are the configuration's, not the client's).
-type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+// The request path looks up two names per request here: [`crate::FastMap`] (the names are the
+// configuration's, not the client's).
+use crate::FastMap as HashMap;
 type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};

@@ -153,20 +153,8 @@ impl ProxyHttp for MerakiProxy {
                 "no access token for an admitted request",
             );
         };
-        let redirected;
-        let (authority, path) = match &ctx.upstream.redirect {
-            Some(t) => {
-                redirected = http::HeaderValue::from_str(&t.authority).map_err(|_| {
-                    Error::explain(
-                        ErrorType::InternalError,
-                        "redirect authority is not a header value",
-                    )
-                })?;
-                (&redirected, t.path_and_query.as_str())
-            }
-            None => (&self.state.upstream.host_value, f.upstream_path.as_str()),
-        };
-        crate::forward::prepare_request(req, bearer, authority, path)?;
+        let (authority, path) = self.destination(ctx, f)?;
+        crate::forward::prepare_request(req, bearer, &authority, path)?;
         ctx.upstream.sent = Some(Instant::now());
         Ok(())
     }
@@ -288,6 +276,29 @@ impl ProxyHttp for MerakiProxy {
 }
 
 impl MerakiProxy {
+    /// Where the request goes: Meraki's host (its `Host` value made once) and the admitted
+    /// path, or the target of a redirect being followed.
+    fn destination<'a>(
+        &'a self,
+        ctx: &'a Ctx,
+        f: &'a admission::Forward,
+    ) -> Result<(std::borrow::Cow<'a, http::HeaderValue>, &'a str)> {
+        let Some(t) = &ctx.upstream.redirect else {
+            let host = &self.state.upstream.host_value;
+            return Ok((std::borrow::Cow::Borrowed(host), f.upstream_path.as_str()));
+        };
+        let authority = http::HeaderValue::from_str(&t.authority).map_err(|_| {
+            Error::explain(
+                ErrorType::InternalError,
+                "redirect authority is not a header value",
+            )
+        })?;
+        Ok((
+            std::borrow::Cow::Owned(authority),
+            t.path_and_query.as_str(),
+        ))
+    }
+
     /// Notes Meraki's answer: status, time, request id; the upstream latency metric.
     fn note_answer(&self, resp: &ResponseHeader, ctx: &mut Ctx) {
         ctx.upstream.status = Some(resp.status.as_u16());
